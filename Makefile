@@ -1,0 +1,43 @@
+# crl-exp developer commands. `make test` is what CI runs (.ci/run) and works on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PIP_FLAGS := --quiet --disable-pip-version-check
+MLFLOW_DB ?= mlflow.db
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-unit test-integration ui train-sae steer clean
+
+# The venv is rebuilt only when pyproject.toml changes. torch is pinned and installed first so that
+# no dependency pulls a (multi-GB) CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install $(PIP_FLAGS) --upgrade pip
+	$(PIP) install $(PIP_FLAGS) torch==2.13.0
+	$(PIP) install $(PIP_FLAGS) -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q --durations=15
+
+test-unit: install
+	$(PY) -m pytest -q -m "not integration"
+
+test-integration: install
+	$(PY) -m pytest -q -m integration
+
+# Opens the MLflow UI on localhost over the same SQLite store every command logs to.
+ui: install
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(MLFLOW_DB)) --host 127.0.0.1 --port 5000
+
+train-sae: install
+	$(PY) -m crl_exp mode=train_sae
+
+steer: install
+	$(PY) -m crl_exp mode=steer
+
+clean:
+	rm -rf outputs multirun .pytest_cache

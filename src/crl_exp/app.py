@@ -1,0 +1,83 @@
+"""Mode dispatch: validate the config cheaply, then load what the mode needs and run it inside an MLflow run.
+
+Every mode follows the same order: pre-flight checks that need no weights (layer range, SAE width/hook for
+local SAEs, writable cache), then model, then SAE, then work. Bad input therefore fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from crl_exp.errors import CRLConfigError
+from crl_exp.paths import default_cache_dir, default_data_dir, ensure_writable_dir
+from crl_exp.saes.loading import preflight_sae, validate_layer
+from crl_exp.tracking import RunTracker, start_tracked_run
+
+log = logging.getLogger(__name__)
+
+
+def _mode_steer(cfg: DictConfig, tracker: RunTracker) -> None:
+    from crl_exp.steering.static import run_static_steering
+
+    run_static_steering(cfg, tracker)
+
+
+def _mode_train_sae(cfg: DictConfig, tracker: RunTracker) -> None:
+    from crl_exp.runtime import load_model_and_sae
+
+    lm, sae = load_model_and_sae(cfg, tracker)
+    print(f"SAE for {lm.name} layer {sae.layer} ({sae.source})")
+    for key, value in sae.metrics.items():
+        print(f"  {key:>20}: {value:.4f}")
+
+
+MODES: dict[str, Callable[[DictConfig, RunTracker], None]] = {
+    "steer": _mode_steer,
+    "train_sae": _mode_train_sae,
+}
+
+
+def preflight(cfg: DictConfig) -> None:
+    """All checks that need no weights."""
+    if cfg.mode not in MODES:
+        raise CRLConfigError(f"Unknown mode {cfg.mode!r}; valid modes: {', '.join(MODES)}")
+    n_layers = peek_n_layers(cfg.model)
+    validate_layer(cfg.sae.layer, n_layers)
+    preflight_sae(cfg.sae, cfg.model.get("d_model"))
+    ensure_writable_dir(cfg.cache_dir or default_cache_dir(), "cache")
+    if cfg.model.source == "gguf_package":
+        from crl_exp.models.loading import _import_package
+
+        _import_package(cfg.model.package)
+
+
+def peek_n_layers(model_cfg: DictConfig) -> int | None:
+    """Layer count from the config, or from the model's config.json (no weights) for arbitrary HF models."""
+    if model_cfg.get("n_layers"):
+        return int(model_cfg.n_layers)
+    if model_cfg.source == "hf" and model_cfg.get("path"):
+        from transformers import AutoConfig
+
+        try:
+            hf_cfg = AutoConfig.from_pretrained(str(model_cfg.path))
+        except (OSError, ValueError) as exc:
+            raise CRLConfigError(f"Cannot read the config of model {model_cfg.path!r}: {exc}") from exc
+        text_cfg = getattr(hf_cfg, "text_config", None) or hf_cfg
+        return int(text_cfg.num_hidden_layers)
+    return None
+
+
+def run(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
+    torch.manual_seed(int(cfg.seed))
+    preflight(cfg)
+    output_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
+    tags = {"model": cfg.model.name, "layer": cfg.sae.layer, "sae_source": cfg.sae.source}
+    with start_tracked_run(cfg, output_dir=output_dir, tags=tags) as tracker:
+        MODES[cfg.mode](cfg, tracker)

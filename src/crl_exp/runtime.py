@@ -1,0 +1,38 @@
+"""Load the model and SAE a config names, logging what was loaded (and any SAE trained on the way)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from crl_exp.models import LoadedModel, load_language_model
+from crl_exp.paths import default_data_dir
+from crl_exp.saes import LoadedSAE, load_sae
+from crl_exp.tracking import RunTracker
+
+
+def load_model_and_sae(cfg: DictConfig, tracker: RunTracker | None = None) -> tuple[LoadedModel, LoadedSAE]:
+    model_cfg = cfg.model.copy()
+    if cfg.get("cache_dir"):
+        model_cfg.cache_dir = cfg.cache_dir
+    lm = load_language_model(model_cfg)
+    if tracker is not None:
+        tracker.log_metrics({"model_load_seconds": lm.load_seconds})
+        tracker.set_tags({"model_path": lm.source, "model_converted_now": lm.info.get("converted", False)})
+
+    def log_sae_training(loaded: LoadedSAE) -> None:
+        if tracker is None:
+            return
+        child = tracker.child(f"sae-{lm.name}-L{loaded.layer}", tags={"kind": "sae_training", "layer": loaded.layer})
+        child.log_params({f"sae.training.{k}": v for k, v in loaded.info["settings"].items()})
+        child.log_params({"sae.corpus": loaded.info["corpus"], "model": lm.name, "layer": loaded.layer})
+        child.log_metrics({f"sae/{k}": v for k, v in loaded.metrics.items()})
+        child.log_metrics({"sae/train_seconds": loaded.info["train_seconds"]})
+        child.log_artifact(loaded.info["cache_dir"], "sae")
+        child.finish()
+
+    sae = load_sae(cfg.sae, lm, data_dir=cfg.get("data_dir") or default_data_dir(), cache_dir=cfg.get("cache_dir"),
+                   device=str(lm.device), on_trained=log_sae_training)
+    if tracker is not None:
+        tracker.log_metrics({f"sae/{k}": v for k, v in sae.metrics.items()})
+        tracker.set_tags({"sae": sae.source, "sae_hook": sae.hook_name, "d_sae": sae.d_sae})
+    return lm, sae

@@ -1,0 +1,59 @@
+"""Offline text for SAE training: the *training* splits of the benchmark files (no hub, no test text).
+
+GSM8K train (~1.5M tokens) and the MMLU dev rows hold a few million tokens between them, far more than a
+CPU SAE run consumes. Texts are interleaved so every source is represented even when the token budget is
+small. Test splits are never read here, so an SAE never sees held-out questions.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from itertools import zip_longest
+from pathlib import Path
+
+from crl_exp.errors import CRLConfigError
+
+_CALC = re.compile(r"<<[^>]*>>")
+
+
+def _gsm8k_train(root: Path) -> Iterator[str]:
+    with (root / "gsm8k" / "train.jsonl").open() as fh:
+        for line in fh:
+            if line.strip():
+                row = json.loads(line)
+                yield f"Question: {row['question']}\nAnswer: {_CALC.sub('', row['answer'])}"
+
+
+def _mmlu_dev(root: Path) -> Iterator[str]:
+    for path in sorted((root / "mmlu" / "dev").glob("*_dev.csv")):
+        subject = path.stem.removesuffix("_dev").replace("_", " ")
+        with path.open(newline="") as fh:
+            for row in csv.reader(fh):
+                if len(row) >= 6:
+                    q, a, b, c, d, ans = row[:6]
+                    yield (f"The following is a question about {subject}.\n{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\n"
+                           f"Answer: {ans}")
+
+
+SOURCES = {"gsm8k_train": _gsm8k_train, "mmlu_dev": _mmlu_dev}
+
+
+def benchmark_corpus(data_dir: str | Path, sources: list[str]) -> Iterator[str]:
+    """Interleave the named sources' texts (round-robin), reading the files in place."""
+    root = Path(data_dir)
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown:
+        raise CRLConfigError(f"Unknown corpus source(s) {unknown}; valid: {sorted(SOURCES)}")
+    if not root.is_dir():
+        raise CRLConfigError(
+            f"Benchmark data folder {str(root)!r} not found. Point CRL_DATA_DIR (or data_dir=...) at the folder "
+            f"holding gsm8k/, mmlu/, ... (by default ../shared/benchmarks beside the checkout)."
+        )
+    iters = [SOURCES[s](root) for s in sources]
+    for group in zip_longest(*iters):
+        for text in group:
+            if text is not None:
+                yield text

