@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from crl_exp.errors import CRLConfigError
-from crl_exp.paths import default_cache_dir, default_data_dir, ensure_writable_dir
+from crl_exp.paths import default_cache_dir, ensure_writable_dir
 from crl_exp.saes.loading import preflight_sae, validate_layer
 from crl_exp.tracking import RunTracker, start_tracked_run
 

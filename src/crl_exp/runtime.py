@@ -11,10 +11,7 @@ from crl_exp.tracking import RunTracker
 
 
 def load_model_and_sae(cfg: DictConfig, tracker: RunTracker | None = None) -> tuple[LoadedModel, LoadedSAE]:
-    model_cfg = cfg.model.copy()
-    if cfg.get("cache_dir"):
-        model_cfg.cache_dir = cfg.cache_dir
-    lm = load_language_model(model_cfg)
+    lm = load_language_model(cfg.model, cache_dir=cfg.get("cache_dir"))
     if tracker is not None:
         tracker.log_metrics({"model_load_seconds": lm.load_seconds})
         tracker.set_tags({"model_path": lm.source, "model_converted_now": lm.info.get("converted", False)})

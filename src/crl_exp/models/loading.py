@@ -67,14 +67,17 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def load_language_model(cfg: Any) -> LoadedModel:
-    """Load the model described by a ``model/`` config node (see ``conf/model/*.yaml``)."""
+def load_language_model(cfg: Any, cache_dir: str | Path | None = None) -> LoadedModel:
+    """Load the model described by a ``model/`` config node (see ``conf/model/*.yaml``).
+
+    ``cache_dir`` holds converted checkpoints (default: ``$CRL_CACHE_DIR`` or ``~/.cache/crl_exp``).
+    """
     source = cfg.get("source", "hf")
     dtype = resolve_dtype(cfg.get("dtype", "float32"))
     device = resolve_device(cfg.get("device", "cpu"))
     t0 = time.perf_counter()
     if source == "gguf_package":
-        cache_root = Path(cfg.get("cache_dir") or default_cache_dir())
+        cache_root = Path(cache_dir or default_cache_dir())
         path, info = ensure_converted_gguf_package(
             package=cfg.package, name=cfg.name, cache_root=cache_root, pad_token=cfg.get("pad_token")
         )

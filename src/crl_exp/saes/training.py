@@ -32,9 +32,9 @@ class SAETrainingSettings:
     train_tokens: int = 200_000
     heldout_tokens: int = 16_384
     context_size: int = 128
-    epochs: int = 4
+    epochs: int = 3
     batch_size: int = 1024
-    lr: float = 4e-4
+    lr: float = 3e-3
     harvest_batch_size: int = 16
     seed: int = 0
 

@@ -32,7 +32,7 @@ class SteeringDirections:
     @classmethod
     def from_decoder(
         cls, W_dec: torch.Tensor, coefficient_scale: str = "absolute", resid_norm: float | None = None
-    ) -> "SteeringDirections":
+    ) -> SteeringDirections:
         if coefficient_scale not in SCALES:
             raise CRLConfigError(f"steering.coefficient_scale must be one of {SCALES}, got {coefficient_scale!r}")
         if coefficient_scale == "resid_norm" and not resid_norm:
@@ -56,6 +56,6 @@ class SteeringDirections:
             return coefficient * self.resid_norm
         return coefficient
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "SteeringDirections":
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> SteeringDirections:
         self.unit = self.unit.to(device=device, dtype=dtype or self.unit.dtype)
         return self

@@ -69,7 +69,7 @@ def run_static_steering(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
         steered = generate(lm, batch, cfg.generation.max_new_tokens, steerer, controller)
         base_s, steer_s, n_tok = base_s + base.seconds, steer_s + steered.seconds, n_tok + base.n_generated
         rows += [{"prompt": p, "baseline": b, "steered": s} for p, b, s in
-                 zip(batch, base.completions, steered.completions)]
+                 zip(batch, base.completions, steered.completions, strict=True)]
     d = steerer.directions
     header = (f"{lm.name} | layer {sae.layer} | {sae.source} | steering={cfg.steering.kind}"
               + (f" feature {cfg.steering.feature}" if cfg.steering.kind == "fixed" else "")

@@ -19,7 +19,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -119,7 +118,7 @@ class RunTracker:
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def child(self, run_name: str, tags: dict[str, Any] | None = None) -> "RunTracker":
+    def child(self, run_name: str, tags: dict[str, Any] | None = None) -> RunTracker:
         """A nested run (e.g. the SAE training run inside a steering command)."""
         parent = self.client.get_run(self.run_id)
         run = self.client.create_run(parent.info.experiment_id, run_name=run_name,

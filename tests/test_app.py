@@ -1,0 +1,122 @@
+"""The Hydra app end to end on a tiny local model: modes, MLflow records and pre-flight errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
+from mlflow.tracking import MlflowClient
+
+from crl_exp.app import run
+from crl_exp.errors import CRLConfigError, MissingDependencyError
+from crl_exp.paths import PROJECT_ROOT
+from crl_exp.saes import resid_post_hook_name
+
+from test_saes import save_standard_sae
+
+CONF = str(PROJECT_ROOT / "conf")
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.fixture
+def tiny_sae_dir(tmp_path):
+    path = tmp_path / "sae"
+    sae = save_standard_sae(path, 64, resid_post_hook_name(1), d_sae=32)
+    return path, sae
+
+
+def test_steer_command_prints_side_by_side_and_logs_to_mlflow(tmp_path, tiny_model_dir, tiny_sae_dir):
+    db = tmp_path / "mlflow.db"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "crl_exp", "mode=steer", "model=hf", f"model.path={tiny_model_dir}", "sae=local",
+           f"sae.path={tiny_sae_dir[0]}", "sae.layer=1", "steering.feature=3", "steering.coefficient=80",
+           "steering.coefficient_scale=absolute", f"logger.tracking_uri=sqlite:///{db}",
+           "prompts=[Hello there,A longer prompt here]", "generation.max_new_tokens=6", f"hydra.run.dir={out}",
+           f"cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "baseline" in proc.stdout and "| steered" in proc.stdout
+    assert "PROMPT: 'A longer prompt here'" in proc.stdout
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("crl-exp")
+    (run_,) = client.search_runs([exp.experiment_id])
+    assert run_.info.status == "FINISHED"
+    assert run_.data.params["model.path"] == str(tiny_model_dir)
+    assert run_.data.params["steering.feature"] == "3"
+    assert run_.data.tags["outputs_dir"] == str(out)
+    assert len(run_.data.tags["git_commit"]) >= 40
+    artifacts = {a.path for a in client.list_artifacts(run_.info.run_id)}
+    assert {"config.yaml", "package_versions.json", "steering", "hydra"} <= artifacts
+    rows = json.loads(Path(client.download_artifacts(run_.info.run_id, "steering/side_by_side.json",
+                                                     str(tmp_path))).read_text())
+    assert [r["prompt"] for r in rows] == ["Hello there", "A longer prompt here"]
+    assert any(r["baseline"] != r["steered"] for r in rows)  # coefficient 80 on a tiny model moves the text
+    versions = json.loads(Path(client.download_artifacts(run_.info.run_id, "package_versions.json",
+                                                         str(tmp_path))).read_text())
+    assert versions["torch"].startswith("2.13.0")
+    assert run_.data.metrics["steer/changed_share"] > 0
+
+
+def test_zero_coefficient_steer_in_process_changes_nothing(tmp_path, tiny_model_dir, tiny_sae_dir):
+    cfg = compose_cfg(["mode=steer", "model=hf", f"model.path={tiny_model_dir}", "sae=local",
+                       f"sae.path={tiny_sae_dir[0]}", "sae.layer=1", "steering.coefficient=0",
+                       "steering.coefficient_scale=absolute", f"logger.tracking_uri=sqlite:///{tmp_path / 'db'}",
+                       "generation.max_new_tokens=5"])
+    from crl_exp.steering.static import run_static_steering
+    from crl_exp.tracking import start_tracked_run
+
+    with start_tracked_run(cfg) as tracker:
+        rows = run_static_steering(cfg, tracker)
+    assert rows and all(r["baseline"] == r["steered"] for r in rows)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (["sae.layer=18"], CRLConfigError, r"sae\.layer=18 is out of range: the model has 18 layers, valid 0\.\.17"),
+    (["sae.layer=-1"], CRLConfigError, r"valid 0\.\.17"),
+    (["mode=fly"], CRLConfigError, r"Unknown mode 'fly'; valid modes: steer, train_sae"),
+    (["model.package=no-such-model-pkg"], MissingDependencyError, r"pip install no-such-model-pkg"),
+    (["sae=local", "sae.path=/nonexistent/sae"], CRLConfigError, r"No sae-lens SAE"),
+])
+def test_bad_config_fails_fast_before_loading(tmp_path, overrides, error, message):
+    cfg = compose_cfg(overrides + [f"logger.tracking_uri=sqlite:///{tmp_path / 'db'}"])
+    with pytest.raises(error, match=message):
+        run(cfg)
+    assert not (tmp_path / "db").exists()  # refused before any run (or work) started
+
+
+def test_local_sae_width_checked_against_known_model_before_loading(tmp_path, tiny_sae_dir):
+    cfg = compose_cfg(["sae=local", f"sae.path={tiny_sae_dir[0]}", "sae.layer=1",
+                       f"logger.tracking_uri=sqlite:///{tmp_path / 'db'}"])
+    with pytest.raises(CRLConfigError, match="d_in=64 does not match the model's d_model=640"):
+        run(cfg)
+
+
+def test_unwritable_cache_dir_fails_fast(tmp_path):
+    (tmp_path / "file").write_text("x")
+    cfg = compose_cfg([f"cache_dir={tmp_path / 'file' / 'sub'}", f"logger.tracking_uri=sqlite:///{tmp_path / 'db'}"])
+    with pytest.raises(CRLConfigError, match="not writable"):
+        run(cfg)
+
+
+def test_unknown_model_and_sae_names_list_the_options():
+    with pytest.raises(MissingConfigException, match="gemma3_270m"):
+        compose_cfg(["model=llama_9000"])
+    with pytest.raises(MissingConfigException, match="gemmascope_2b_res_16k"):
+        compose_cfg(["sae=mystery"])
+
+
+def test_paper_configs_compose():
+    cfg = compose_cfg(["model=gemma2_2b", "sae=gemmascope_2b_res_16k", "sae.layer=20"])
+    assert cfg.model.path == "google/gemma-2-2b-it" and cfg.model.dtype == "bfloat16"
+    assert cfg.sae.release == "gemma-scope-2b-pt-res-canonical"
+    assert cfg.sae.sae_id == "layer_20/width_16k/canonical"

@@ -1,0 +1,133 @@
+"""SAE loading (sae-lens formats), validation against the steered model, and training on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from sae_lens import SAE
+from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+
+from crl_exp.errors import CRLConfigError
+from crl_exp.saes import load_sae, resid_post_hook_name
+from crl_exp.saes.activations import collect_resid_post, pack_tokens, tokenize_texts
+from crl_exp.saes.training import SAETrainingSettings, evaluate_sae, train_topk_sae
+
+TEXTS = [f"Question {i}: what is {i} plus {i + 3}? The answer is {2 * i + 3}." for i in range(200)]
+
+
+def save_standard_sae(path, d_in: int, hook_name: str | None, d_sae: int = 32):
+    cfg = StandardSAEConfig(d_in=d_in, d_sae=d_sae)
+    cfg.metadata.hook_name = hook_name
+    cfg.metadata.model_name = "tiny"
+    sae = StandardSAE(cfg)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+    sae.save_model(path)
+    return sae
+
+
+def local_cfg(path, layer: int, **extra):
+    return OmegaConf.create({"source": "local", "path": str(path), "layer": layer, **extra})
+
+
+def test_sae_lens_round_trip_via_local_config(tmp_path, tiny_lm):
+    original = save_standard_sae(tmp_path / "sae", tiny_lm.d_model, resid_post_hook_name(1))
+    loaded = load_sae(local_cfg(tmp_path / "sae", 1), tiny_lm)
+    assert loaded.hook_name == "blocks.1.hook_resid_post"
+    assert loaded.d_sae == 32
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(tensor, loaded.sae.state_dict()[name]), name
+    x = torch.randn(5, tiny_lm.d_model)
+    assert torch.allclose(original.encode(x), loaded.sae.encode(x))
+
+
+def test_width_mismatch_is_refused(tmp_path, tiny_lm):
+    save_standard_sae(tmp_path / "sae", tiny_lm.d_model + 8, resid_post_hook_name(1))
+    with pytest.raises(CRLConfigError, match=r"d_in=72 does not match the model's d_model=64"):
+        load_sae(local_cfg(tmp_path / "sae", 1), tiny_lm)
+
+
+def test_hook_mismatch_is_refused_unless_overridden(tmp_path, tiny_lm):
+    save_standard_sae(tmp_path / "sae", tiny_lm.d_model, resid_post_hook_name(0))
+    with pytest.raises(CRLConfigError, match=r"steering blocks\.2\.hook_resid_post.*blocks\.0\.hook_resid_post"):
+        load_sae(local_cfg(tmp_path / "sae", 2), tiny_lm)
+    loaded = load_sae(local_cfg(tmp_path / "sae", 2, allow_hook_mismatch=True), tiny_lm)
+    assert loaded.layer == 2
+
+
+def test_layer_out_of_range_names_the_valid_range(tmp_path, tiny_lm):
+    save_standard_sae(tmp_path / "sae", tiny_lm.d_model, resid_post_hook_name(1))
+    with pytest.raises(CRLConfigError, match=r"valid 0\.\.2"):
+        load_sae(local_cfg(tmp_path / "sae", 7), tiny_lm)
+
+
+def test_missing_local_sae_and_unknown_source(tmp_path, tiny_lm):
+    with pytest.raises(CRLConfigError, match="No sae-lens SAE"):
+        load_sae(local_cfg(tmp_path / "nowhere", 1), tiny_lm)
+    with pytest.raises(CRLConfigError, match="Unknown sae.source"):
+        load_sae(OmegaConf.create({"source": "neuronpedia", "layer": 1}), tiny_lm)
+
+
+def test_harvest_drops_bos_and_matches_a_plain_forward(tiny_lm):
+    tokenized = tokenize_texts(tiny_lm.tokenizer, TEXTS, max_tokens=600)
+    rows = pack_tokens(tokenized, context_size=32, bos_token_id=tiny_lm.tokenizer.bos_token_id)
+    assert (rows[:, 0] == tiny_lm.tokenizer.bos_token_id).all()
+    acts = collect_resid_post(tiny_lm.model, 1, rows, batch_size=4)
+    assert acts.shape == (rows.shape[0] * 31, tiny_lm.d_model)
+    with torch.no_grad():
+        hidden = tiny_lm.model(input_ids=rows[:1], output_hidden_states=True).hidden_states[2]  # after block 1
+    assert torch.allclose(acts[:31], hidden[0, 1:], atol=1e-5)
+
+
+def test_training_reduces_reconstruction_error(tiny_lm):
+    tokenized = tokenize_texts(tiny_lm.tokenizer, TEXTS, max_tokens=6000)
+    rows = pack_tokens(tokenized, 32, tiny_lm.tokenizer.bos_token_id)
+    acts = collect_resid_post(tiny_lm.model, 1, rows, batch_size=16)
+    train, heldout = acts[:-512], acts[-512:]
+    settings = SAETrainingSettings(d_sae=128, k=8, epochs=1, batch_size=64, lr=1e-3, context_size=32)
+    short = train_topk_sae(train[:128], SAETrainingSettings(**{**settings.__dict__, "epochs": 1}), "tiny",
+                           resid_post_hook_name(1))
+    trained = train_topk_sae(train, SAETrainingSettings(**{**settings.__dict__, "epochs": 6}), "tiny",
+                             resid_post_hook_name(1))
+    before, after = evaluate_sae(short, heldout), evaluate_sae(trained, heldout)
+    assert after["mse"] < 0.7 * before["mse"]
+    assert after["explained_variance"] > before["explained_variance"]
+    assert after["l0"] <= 8 + 1e-6
+    assert isinstance(trained, SAE) and trained.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+
+
+def trained_cfg(layer=1, **training):
+    base = dict(d_sae=64, k=4, train_tokens=1500, heldout_tokens=300, context_size=32, epochs=2, batch_size=64,
+                lr=1e-3, harvest_batch_size=8, seed=0)
+    return OmegaConf.create({"source": "trained", "layer": layer, "corpus": ["gsm8k_train", "mmlu_dev"],
+                             "training": {**base, **training}})
+
+
+def test_trained_sae_is_cached_then_rebuilt_when_corrupted(tmp_path, tiny_lm, data_dir):
+    seen = []
+    first = load_sae(trained_cfg(), tiny_lm, data_dir=data_dir, cache_dir=tmp_path, on_trained=seen.append)
+    assert first.info["trained_now"] and len(seen) == 1
+    assert set(first.metrics) >= {"explained_variance", "l0", "dead_feature_share", "resid_norm"}
+    assert first.metrics["l0"] <= 4 + 1e-6
+    second = load_sae(trained_cfg(), tiny_lm, data_dir=data_dir, cache_dir=tmp_path, on_trained=seen.append)
+    assert not second.info["trained_now"] and len(seen) == 1
+    assert torch.equal(first.sae.W_dec, second.sae.W_dec)
+    # Damage the weights file: the manifest check notices and the SAE is retrained.
+    weights = next(p for p in (tmp_path / "saes").rglob("sae_weights.safetensors"))
+    blob = bytearray(weights.read_bytes())
+    blob[-10] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    third = load_sae(trained_cfg(), tiny_lm, data_dir=data_dir, cache_dir=tmp_path, on_trained=seen.append)
+    assert third.info["trained_now"] and len(seen) == 2
+    # Other settings -> another cache entry.
+    other = load_sae(trained_cfg(k=2), tiny_lm, data_dir=data_dir, cache_dir=tmp_path)
+    assert other.info["key"] != first.info["key"]
+
+
+def test_unwritable_cache_dir_is_refused(tmp_path, tiny_lm, data_dir):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CRLConfigError, match="not writable"):
+        load_sae(trained_cfg(), tiny_lm, data_dir=data_dir, cache_dir=blocker / "cache")
