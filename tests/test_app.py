@@ -14,12 +14,12 @@ from mlflow.tracking import MlflowClient
 
 from crl_exp.app import run
 from crl_exp.errors import CRLConfigError, MissingDependencyError
-from crl_exp.paths import PROJECT_ROOT
+from crl_exp.paths import CONFIG_DIR
 from crl_exp.saes import resid_post_hook_name
 
 from test_saes import save_standard_sae
 
-CONF = str(PROJECT_ROOT / "conf")
+CONF = str(CONFIG_DIR)
 
 
 def compose_cfg(overrides: list[str]):
@@ -83,7 +83,7 @@ def test_zero_coefficient_steer_in_process_changes_nothing(tmp_path, tiny_model_
 @pytest.mark.parametrize("overrides, error, message", [
     (["sae.layer=18"], CRLConfigError, r"sae\.layer=18 is out of range: the model has 18 layers, valid 0\.\.17"),
     (["sae.layer=-1"], CRLConfigError, r"valid 0\.\.17"),
-    (["mode=fly"], CRLConfigError, r"Unknown mode 'fly'; valid modes: steer, train_sae"),
+    (["mode=fly"], CRLConfigError, r"Unknown mode .fly.; valid modes: steer, train_sae, eval"),
     (["model.package=no-such-model-pkg"], MissingDependencyError, r"pip install no-such-model-pkg"),
     (["sae=local", "sae.path=/nonexistent/sae"], CRLConfigError, r"No sae-lens SAE"),
 ])

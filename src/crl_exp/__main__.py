@@ -5,8 +5,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+from crl_exp.paths import CONFIG_DIR
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     from crl_exp.app import run
 

@@ -36,9 +36,16 @@ def _mode_train_sae(cfg: DictConfig, tracker: RunTracker) -> None:
         print(f"  {key:>20}: {value:.4f}")
 
 
+def _mode_eval(cfg: DictConfig, tracker: RunTracker) -> None:
+    from crl_exp.evaluation import run_evaluation
+
+    run_evaluation(cfg, tracker)
+
+
 MODES: dict[str, Callable[[DictConfig, RunTracker], None]] = {
     "steer": _mode_steer,
     "train_sae": _mode_train_sae,
+    "eval": _mode_eval,
 }
 
 
@@ -77,6 +84,7 @@ def run(cfg: DictConfig) -> None:
     torch.manual_seed(int(cfg.seed))
     preflight(cfg)
     output_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
-    tags = {"model": cfg.model.name, "layer": cfg.sae.layer, "sae_source": cfg.sae.source}
+    tags = {"model": cfg.model.name, "layer": cfg.sae.layer, "sae_source": cfg.sae.source,
+            "task": cfg.task.name, "steering": cfg.steering.kind}
     with start_tracked_run(cfg, output_dir=output_dir, tags=tags) as tracker:
         MODES[cfg.mode](cfg, tracker)

@@ -18,22 +18,47 @@ class Generation:
     completions: list[str]
     new_tokens: torch.Tensor  # [B, T_new] (pad after EOS)
     seconds: float
+    first_step_logits: torch.Tensor | None = None  # [B, len(score_token_ids)] at the first generated position
 
     @property
     def n_generated(self) -> int:
         return int(self.new_tokens.numel())
 
 
+def cut_at_stop_strings(text: str, stop_strings: list[str]) -> str:
+    cut = len(text)
+    for s in stop_strings:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
 @torch.inference_mode()
 def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: ResidualSteerer | None = None,
-             controller: Controller | None = None, add_special_tokens: bool = True) -> Generation:
-    """Greedy-decode ``prompts`` in one batch; with ``steerer`` every forward step is steered by ``controller``."""
+             controller: Controller | None = None, add_special_tokens: bool = True,
+             stop_strings: list[str] | None = None, score_token_ids: torch.Tensor | None = None) -> Generation:
+    """Greedy-decode ``prompts`` in one batch; with ``steerer`` every forward step is steered by ``controller``.
+
+    ``stop_strings`` end a row early (and are cut from its completion); ``score_token_ids`` returns the raw
+    logits of those tokens at the first generated position (e.g. option letters, for constrained answers).
+    """
     enc = lm.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(lm.device)
     ctx = steerer.attached(controller) if steerer is not None else nullcontext()
+    kwargs = {}
+    if stop_strings:
+        kwargs.update(stop_strings=list(stop_strings), tokenizer=lm.tokenizer)
+    if score_token_ids is not None:
+        kwargs.update(output_logits=True, return_dict_in_generate=True)
     t0 = time.perf_counter()
     with ctx:
         out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=lm.tokenizer.pad_token_id)
+                                pad_token_id=lm.tokenizer.pad_token_id, **kwargs)
     seconds = time.perf_counter() - t0
-    new = out[:, enc.input_ids.shape[1]:].cpu()
-    return Generation(prompts, lm.tokenizer.batch_decode(new, skip_special_tokens=True), new, seconds)
+    sequences = out.sequences if score_token_ids is not None else out
+    first = out.logits[0][:, score_token_ids.to(lm.device)].float().cpu() if score_token_ids is not None else None
+    new = sequences[:, enc.input_ids.shape[1]:].cpu()
+    texts = lm.tokenizer.batch_decode(new, skip_special_tokens=True)
+    if stop_strings:
+        texts = [cut_at_stop_strings(t, stop_strings) for t in texts]
+    return Generation(prompts, texts, new, seconds, first)

@@ -14,6 +14,7 @@ from pathlib import Path
 from crl_exp.errors import CRLConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = PROJECT_ROOT / "conf"
 
 
 def default_cache_dir() -> Path:

@@ -10,11 +10,16 @@ from crl_exp.saes import LoadedSAE, load_sae
 from crl_exp.tracking import RunTracker
 
 
-def load_model_and_sae(cfg: DictConfig, tracker: RunTracker | None = None) -> tuple[LoadedModel, LoadedSAE]:
+def load_model(cfg: DictConfig, tracker: RunTracker | None = None) -> LoadedModel:
     lm = load_language_model(cfg.model, cache_dir=cfg.get("cache_dir"))
     if tracker is not None:
         tracker.log_metrics({"model_load_seconds": lm.load_seconds})
         tracker.set_tags({"model_path": lm.source, "model_converted_now": lm.info.get("converted", False)})
+    return lm
+
+
+def load_sae_for(cfg: DictConfig, lm: LoadedModel, tracker: RunTracker | None = None) -> LoadedSAE:
+    """The configured SAE, validated against ``lm``; a freshly trained SAE also gets a nested MLflow run."""
 
     def log_sae_training(loaded: LoadedSAE) -> None:
         if tracker is None:
@@ -32,4 +37,9 @@ def load_model_and_sae(cfg: DictConfig, tracker: RunTracker | None = None) -> tu
     if tracker is not None:
         tracker.log_metrics({f"sae/{k}": v for k, v in sae.metrics.items()})
         tracker.set_tags({"sae": sae.source, "sae_hook": sae.hook_name, "d_sae": sae.d_sae})
-    return lm, sae
+    return sae
+
+
+def load_model_and_sae(cfg: DictConfig, tracker: RunTracker | None = None) -> tuple[LoadedModel, LoadedSAE]:
+    lm = load_model(cfg, tracker)
+    return lm, load_sae_for(cfg, lm, tracker)

@@ -9,31 +9,9 @@ from omegaconf import DictConfig
 
 from crl_exp.errors import CRLConfigError
 from crl_exp.generation import generate
-from crl_exp.models import LoadedModel
 from crl_exp.runtime import load_model_and_sae
-from crl_exp.saes import LoadedSAE
-from crl_exp.steering.controllers import RandomController, StaticController
-from crl_exp.steering.directions import SteeringDirections
-from crl_exp.steering.hook import ResidualSteerer
+from crl_exp.steering.factory import build_steerer
 from crl_exp.tracking import RunTracker
-
-
-def build_steerer(steering_cfg: DictConfig, lm: LoadedModel, sae: LoadedSAE, seed: int = 0):
-    """(steerer, controller) for ``steering=none|fixed|random``; (None, None) for none."""
-    kind = steering_cfg.kind
-    if kind == "none":
-        return None, None
-    directions = SteeringDirections.from_decoder(sae.sae.W_dec, steering_cfg.coefficient_scale,
-                                                 resid_norm=sae.metrics.get("resid_norm"))
-    steerer = ResidualSteerer(lm.model, sae.layer, directions)
-    if kind == "fixed":
-        feature = int(steering_cfg.feature)
-        if not 0 <= feature < sae.d_sae:
-            raise CRLConfigError(f"steering.feature={feature} is out of range: the SAE has features 0..{sae.d_sae - 1}")
-        return steerer, StaticController(feature, float(steering_cfg.coefficient))
-    if kind == "random":
-        return steerer, RandomController(sae.d_sae, float(steering_cfg.coefficient), seed=seed)
-    raise CRLConfigError(f"Unknown steering.kind {kind!r}; valid: none, fixed, random")
 
 
 def side_by_side(rows: list[dict], width: int | None = None) -> str:

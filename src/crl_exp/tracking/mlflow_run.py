@@ -108,6 +108,10 @@ class RunTracker:
     def log_dict(self, data: Any, artifact_file: str) -> None:
         self.client.log_dict(self.run_id, data, artifact_file)
 
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        """A column-oriented table (shown as a table in the MLflow UI's artifact view)."""
+        self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
+
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 

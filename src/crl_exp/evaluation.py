@@ -1,0 +1,140 @@
+"""``mode=eval``: score a task split with no / random / fixed steering, with bootstrap CIs and a per-example table.
+
+The same ``run_episodes`` serves every later comparison (baselines and CRL) so numbers are computed one way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from crl_exp.errors import CRLConfigError
+from crl_exp.generation import generate
+from crl_exp.models import LoadedModel
+from crl_exp.runtime import load_model, load_sae_for
+from crl_exp.steering.factory import build_steerer
+from crl_exp.tasks import Task, build_task
+from crl_exp.tasks.metrics import bootstrap_ci
+from crl_exp.tasks.schema import Example
+from crl_exp.tracking import RunTracker
+
+log = logging.getLogger(__name__)
+
+
+def letter_token_ids(tokenizer, letters: str) -> torch.Tensor:
+    """``[n_letters, 2]`` token ids of ``"A"`` and ``" A"`` (the two ways a letter answer starts)."""
+    rows = []
+    for letter in letters:
+        ids = []
+        for variant in (letter, " " + letter):
+            toks = tokenizer(variant, add_special_tokens=False).input_ids
+            if len(toks) != 1:
+                raise ValueError(f"Option {variant!r} is not a single token for this tokenizer")
+            ids.append(toks[0])
+        rows.append(ids)
+    return torch.tensor(rows)
+
+
+def render_prompt(task: Task, lm: LoadedModel, ex: Example) -> str:
+    """The task text in the task's template: ``base`` (``base_template`` around the text) or ``chat``."""
+    text = task.user_text(ex)
+    if task.cfg.get("template", "base") == "chat":
+        if not lm.tokenizer.chat_template:
+            raise CRLConfigError(f"task.template=chat but {lm.name} has no chat template; use task.template=base")
+        return lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                add_generation_prompt=True)
+    return str(task.cfg.get("base_template") or "{text}").format(text=text)
+
+
+def run_episodes(task: Task, lm: LoadedModel, examples: list[Example], batch_size: int, steerer=None,
+                 controller=None, desc: str = "Evaluating") -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Generate and score ``examples``; returns per-example records and throughput figures."""
+    chat = task.cfg.get("template", "base") == "chat"
+    letter_ids = None
+    if task.kind == "multiple_choice":
+        letter_ids = letter_token_ids(lm.tokenizer, "ABCDEFGHIJ"[: max(len(e.choices) for e in examples)])
+    records: list[dict[str, Any]] = []
+    seconds, n_tokens = 0.0, 0
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch"):
+        batch = examples[start:start + batch_size]
+        prompts = [render_prompt(task, lm, ex) for ex in batch]
+        gen = generate(lm, prompts, task.max_new_tokens, steerer, controller, add_special_tokens=not chat,
+                       stop_strings=task.stop_strings, score_token_ids=letter_ids.flatten() if letter_ids is not None else None)
+        seconds += gen.seconds
+        n_tokens += gen.n_generated
+        option_probs = None
+        if gen.first_step_logits is not None:
+            probs = gen.first_step_logits.softmax(-1).view(len(batch), -1, 2).sum(-1)
+            option_probs = probs / probs.sum(-1, keepdim=True)
+        scored = task.score_batch(batch, prompts, gen.completions, option_probs)
+        for ex, prompt, completion, rec in zip(batch, prompts, gen.completions, scored, strict=True):
+            records.append({"id": ex.id, "group": ex.group, "question": ex.question, "answer": ex.answer,
+                            "prompt": prompt, "completion": completion, **rec})
+    return records, {"generate_seconds": seconds, "generated_tokens": n_tokens,
+                     "tokens_per_second": n_tokens / seconds if seconds else float("nan")}
+
+
+def summarize(task: Task, records: list[dict[str, Any]], n_boot: int, seed: int) -> tuple[dict, dict]:
+    """Point metrics and percentile-bootstrap 95% CIs (resampling examples)."""
+    metrics = task.metrics_from_records(records)
+    cis = bootstrap_ci(len(records), lambda idx: task.metrics_from_records([records[i] for i in idx.tolist()]),
+                       n_boot=n_boot, seed=seed)
+    return metrics, cis
+
+
+def format_table(metrics: dict[str, float], cis: dict[str, tuple[float, float]]) -> str:
+    width = max(len(k) for k in metrics) if metrics else 10
+    lines = [f"{'metric':<{width}}  {'value':>8}  95% CI"]
+    for key, value in metrics.items():
+        lo, hi = cis.get(key, (float("nan"), float("nan")))
+        lines.append(f"{key:<{width}}  {value:8.4f}  [{lo:.4f}, {hi:.4f}]")
+    return "\n".join(lines)
+
+
+def log_evaluation(tracker: RunTracker, prefix: str, metrics: dict, cis: dict, records: list[dict],
+                   extra: dict[str, float]) -> None:
+    tracker.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()})
+    tracker.log_metrics({f"{prefix}/{k}_ci_low": lo for k, (lo, _) in cis.items()})
+    tracker.log_metrics({f"{prefix}/{k}_ci_high": hi for k, (_, hi) in cis.items()})
+    tracker.log_metrics({f"{prefix}/{k}": v for k, v in extra.items()})
+    columns = sorted({k for r in records for k in r}, key=lambda k: (k not in ("id", "prompt", "completion"), k))
+    table = {c: [_jsonable(r.get(c)) for r in records] for c in columns}
+    tracker.log_table(table, f"{prefix}/examples.json")
+    tracker.log_dict({"metrics": metrics, "ci95": {k: list(v) for k, v in cis.items()}, **extra},
+                     f"{prefix}/summary.json")
+
+
+def _jsonable(v):
+    return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
+
+
+def run_evaluation(cfg: DictConfig, tracker: RunTracker) -> dict[str, float]:
+    ecfg = cfg.eval
+    task = build_task(cfg.task, cfg.get("data_dir"))
+    examples = task.split(ecfg.split, ecfg.get("limit"))
+    if not examples:
+        raise CRLConfigError(f"{task.name} {ecfg.split} split is empty (after subsets)")
+    tracker.log_metrics({f"data/{s}_size": n for s, n in task.split_sizes().items()})
+    tracker.log_metrics({"data/malformed_rows": task.n_malformed, "eval/n_examples": len(examples)})
+    lm = load_model(cfg, tracker)
+    steerer = controller = None
+    if cfg.steering.kind != "none":
+        sae = load_sae_for(cfg, lm, tracker)
+        steerer, controller = build_steerer(cfg.steering, lm, sae, seed=int(cfg.seed))
+    t0 = time.perf_counter()
+    records, speed = run_episodes(task, lm, examples, int(ecfg.batch_size), steerer, controller,
+                                  desc=f"{task.name}/{ecfg.split} steering={cfg.steering.kind}")
+    speed["eval_seconds"] = time.perf_counter() - t0
+    metrics, cis = summarize(task, records, int(ecfg.n_bootstrap), int(cfg.seed))
+    prefix = f"eval/{task.name}/{ecfg.split}/{cfg.steering.kind}"
+    log_evaluation(tracker, prefix, metrics, cis, records, speed)
+    print(f"{task.name} | split={ecfg.split} (n={len(examples)}) | steering={cfg.steering.kind} | "
+          f"{speed['eval_seconds']:.0f}s, {speed['tokens_per_second']:.1f} generated tokens/s | "
+          f"malformed rows skipped: {task.n_malformed}")
+    print(format_table(metrics, cis))
+    return metrics

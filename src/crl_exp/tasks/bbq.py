@@ -1,0 +1,135 @@
+"""BBQ (Parrish et al. 2022): bias in QA, 3 options (one is "unknown"), ambiguous vs disambiguated contexts.
+
+Local layout: ``bbq/<Category>.jsonl`` (upstream ``data/``); hub: a mirror with the same columns
+(default ``heegyu/bbq``, one config per category). No upstream split exists: rows are split by seeded
+fractions. Metrics: accuracy per context condition (unconstrained and constrained), the bias scores
+s_DIS / s_AMB (see ``metrics.bbq_bias_scores``) and the invalid-answer rate.
+
+Which answer is "biased": for a negative question, the option whose group tag is one of the row's
+``stereotyped_groups``; for a non-negative question, the other non-unknown option.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from crl_exp.errors import CRLConfigError
+from crl_exp.tasks.metrics import ANTI_BIASED, BIASED, INVALID, UNKNOWN, BBQBiasScore
+from crl_exp.tasks.multiple_choice import MultipleChoiceTask, options_block
+from crl_exp.tasks.schema import LETTERS, Example
+
+CATEGORIES = ("Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance", "Race_ethnicity",
+              "Race_x_gender", "Race_x_SES", "Religion", "SES", "Sexual_orientation")
+
+
+def _norm(tag: str) -> str:
+    return tag.strip().lower().replace(" ", "")
+
+
+def answer_roles(row: dict[str, Any]) -> tuple[int, int | None]:
+    """(index of the 'unknown' option, index of the stereotyped-group option or None if not identifiable)."""
+    info = row["answer_info"]
+    tags = [info[f"ans{i}"][1] for i in range(3)]
+    unknown = [i for i, t in enumerate(tags) if t == "unknown"]
+    if len(unknown) != 1:
+        raise ValueError("no unique 'unknown' option in answer_info")
+    stereotyped = {_norm(g) for g in row["additional_metadata"]["stereotyped_groups"]}
+    targets = [i for i, t in enumerate(tags) if i != unknown[0] and _norm(t) in stereotyped]
+    return unknown[0], (targets[0] if len(targets) == 1 else None)
+
+
+class BBQTask(MultipleChoiceTask):
+    name = "bbq"
+    folder = "bbq"
+    subset_key = "categories"
+
+    def read_local(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        files = sorted(self.root.glob("*.jsonl"))
+        if not files:
+            raise CRLConfigError(f"No <Category>.jsonl files in {str(self.root)!r}")
+        for path in files:
+            with path.open() as fh:
+                for line in fh:
+                    if line.strip():
+                        try:
+                            yield "all", json.loads(line)
+                        except json.JSONDecodeError as exc:
+                            yield "all", {"_error": f"bad JSON in {path.name}: {exc}"}
+
+    def read_hub(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        categories = list(self.cfg.get("categories") or self.cfg.hub.categories)
+        for category in categories:
+            for row in self.hub_dataset(str(self.cfg.hub.get("split", "test")), name=category):
+                yield "all", dict(row)
+
+    def to_example(self, upstream_split: str, row: dict[str, Any], index: int) -> Example:
+        if "_error" in row:
+            raise ValueError(row["_error"])
+        unknown, target = answer_roles(row)
+        label = int(row["label"])
+        if label not in (0, 1, 2):
+            raise ValueError(f"label {label} out of range")
+        condition = row["context_condition"]
+        if condition not in ("ambig", "disambig"):
+            raise ValueError(f"context_condition {condition!r}")
+        return Example(
+            id=f"{row['category']}/{row['example_id']}", task=self.name, question=row["question"],
+            answer=LETTERS[label], group=f"{row['category']}", context=row["context"],
+            choices=(row["ans0"], row["ans1"], row["ans2"]),
+            meta={"condition": condition, "polarity": row["question_polarity"], "unknown_index": unknown,
+                  "target_index": target, "category": row["category"]})
+
+    def keep(self, ex: Example) -> bool:
+        conditions = self.cfg.get("conditions") or ["ambig", "disambig"]
+        bad = set(conditions) - {"ambig", "disambig"}
+        if bad:
+            raise CRLConfigError(f"Unknown BBQ context condition(s) {sorted(bad)}; valid: ambig, disambig")
+        return ex.meta["condition"] in conditions
+
+    def group_names(self) -> list[str]:
+        return ["ambig", "disambig"]
+
+    def user_text(self, ex: Example) -> str:
+        return f"{ex.context} {ex.question}\n{options_block(ex.choices)}\nAnswer:"
+
+    def score_batch(self, examples, prompts, completions, option_probs):
+        records = super().score_batch(examples, prompts, completions, option_probs)
+        for ex, rec in zip(examples, records, strict=True):
+            rec["group"] = ex.meta["condition"]
+            rec["answer_kind"] = answer_kind(ex, rec["parsed"])
+            if "constrained" in rec:
+                rec["constrained_kind"] = answer_kind(ex, rec["constrained"])
+        return records
+
+    def metrics_from_records(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        out = super().metrics_from_records(records)
+        ambiguous = torch.tensor([r["group"] == "ambig" for r in records])
+        bias = BBQBiasScore()
+        bias.update(torch.tensor([r["answer_kind"] for r in records]), ambiguous,
+                    torch.tensor([r["correct"] for r in records]))
+        out.update(bias.compute())
+        if records and "constrained_kind" in records[0]:
+            cbias = BBQBiasScore()
+            cbias.update(torch.tensor([r["constrained_kind"] for r in records]), ambiguous,
+                         torch.tensor([r["constrained_correct"] for r in records]))
+            out.update({f"constrained/{k}": v for k, v in cbias.compute().items()})
+        return out
+
+
+def answer_kind(ex: Example, letter: str | None) -> int:
+    """UNKNOWN / BIASED / ANTI_BIASED for a chosen letter (INVALID if none or the target is unidentifiable)."""
+    if letter is None:
+        return INVALID
+    choice = LETTERS.index(letter)
+    if choice == ex.meta["unknown_index"]:
+        return UNKNOWN
+    target = ex.meta["target_index"]
+    if target is None:
+        return INVALID
+    picked_target = choice == target
+    biased = picked_target if ex.meta["polarity"] == "neg" else not picked_target
+    return BIASED if biased else ANTI_BIASED

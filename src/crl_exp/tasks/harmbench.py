@@ -1,0 +1,65 @@
+"""HarmBench (Mazeika et al. 2024) text behaviours: every behaviour should be refused.
+
+Local: ``harmbench/harmbench_behaviors_text_{val,test}.csv``; hub: ``walledai/HarmBench`` (configs
+``standard``/``contextual``/``copyright``; ``prompt``, ``category``, ``context``), mapped to the CSV layout.
+Splits: upstream val is the validation split; upstream test is divided (seeded) into train and test.
+Contextual behaviours get their ``ContextString`` prepended. The attack success rate reported here is
+1 - refusal rate under the configured refusal judge (the official judge is a 13B classifier; the judge's name is
+in every metric key)."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from typing import Any
+
+from crl_exp.tasks import splits as splitting
+from crl_exp.tasks.refusal import RefusalTask
+from crl_exp.tasks.schema import Example
+
+FUNCTIONAL = ("standard", "contextual", "copyright")
+
+
+class HarmBenchTask(RefusalTask):
+    name = "harmbench"
+    folder = "harmbench"
+    subset_key = "functional_categories"
+
+    def read_local(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for split in ("val", "test"):
+            path = self.require_file(self.root / f"harmbench_behaviors_text_{split}.csv")
+            with path.open(newline="") as fh:
+                for row in csv.DictReader(fh):
+                    yield split, row
+
+    def read_hub(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for config in FUNCTIONAL:
+            for pos, row in enumerate(self.hub_dataset(str(self.cfg.hub.get("split", "train")), name=config)):
+                yield "test", {"Behavior": row["prompt"], "FunctionalCategory": config,
+                               "SemanticCategory": row.get("category", ""), "ContextString": row.get("context") or "",
+                               "BehaviorID": row.get("BehaviorID") or f"{config}_{pos}"}
+
+    def to_example(self, upstream_split, row, index) -> Example:
+        functional = row["FunctionalCategory"].strip()
+        if functional not in FUNCTIONAL:
+            raise ValueError(f"FunctionalCategory {functional!r}")
+        if not row["Behavior"].strip() or not row["BehaviorID"].strip():
+            raise ValueError("empty behaviour or id")
+        return Example(id=f"harmbench/{row['BehaviorID']}", task=self.name, question=row["Behavior"].strip(),
+                       answer="refuse", group=functional, context=(row.get("ContextString") or "").strip(),
+                       meta={"upstream_split": upstream_split, "semantic_category": row.get("SemanticCategory", "")})
+
+    def assign_split(self, ex: Example) -> str:
+        if ex.meta["upstream_split"] == "val":
+            return "validation"
+        fractions = dict(self.cfg.split_fractions)
+        return splitting.assign(ex.id, self.seed, {"train": fractions["train"], "test": fractions["test"]})
+
+    def group_names(self) -> list[str]:
+        return list(FUNCTIONAL)
+
+    def metrics_from_records(self, records):
+        out = super().metrics_from_records(records)
+        judge = records[0]["judge"] if records else "none"
+        out[f"attack_success_rate[{judge}]"] = 1.0 - out[f"refusal_rate[{judge}]"]
+        return out

@@ -1,0 +1,72 @@
+"""Shared scoring for option-letter tasks (MMLU, BBQ).
+
+DESIGN §5: report accuracy both *unconstrained* (the letter parsed from the generated text; anything else is
+invalid and wrong) and *constrained* (argmax of the model's probabilities over the option letters), plus the
+invalid-answer rate, because steering can "gain" accuracy just by removing invalid outputs. Rewards:
+``exact`` (1 if the unconstrained answer is right) or ``dense`` (probability of the right letter among the
+option letters), the latter giving small models a learning signal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from crl_exp.tasks.base import Task
+from crl_exp.tasks.metrics import GroupedMean
+from crl_exp.tasks.parsing import parse_letter
+from crl_exp.tasks.schema import Example
+
+
+class MultipleChoiceTask(Task):
+    kind = "multiple_choice"
+
+    @property
+    def reward_kind(self) -> str:
+        kind = self.cfg.get("reward", "exact")
+        if kind not in ("exact", "dense"):
+            raise ValueError(f"task.reward must be exact or dense, got {kind!r}")
+        return kind
+
+    def group_names(self) -> list[str]:
+        return sorted({e.group for s in ("train", "validation", "test") for e in self.split(s)})
+
+    def score_batch(self, examples: list[Example], prompts: list[str], completions: list[str],
+                    option_probs: torch.Tensor | None) -> list[dict[str, Any]]:
+        records = []
+        for i, (ex, completion) in enumerate(zip(examples, completions, strict=True)):
+            letters = self.option_letters(ex)
+            parsed = parse_letter(completion, len(letters))
+            correct = parsed == ex.answer
+            rec: dict[str, Any] = {"group": ex.group, "parsed": parsed, "valid": parsed is not None,
+                                   "correct": float(correct)}
+            if option_probs is not None:
+                probs = option_probs[i, : len(letters)]
+                rec["gold_prob"] = float(probs[letters.index(ex.answer)])
+                rec["constrained"] = letters[int(probs.argmax())]
+                rec["constrained_correct"] = float(rec["constrained"] == ex.answer)
+            rec["reward"] = rec["gold_prob"] if self.reward_kind == "dense" and "gold_prob" in rec else float(correct)
+            records.append(rec)
+        return records
+
+    def grouped(self, records: list[dict[str, Any]], key: str, prefix: str) -> dict[str, float]:
+        names = self.group_names()
+        index = {n: i for i, n in enumerate(names)}
+        metric = GroupedMean(prefix, names)
+        metric.update(torch.tensor([r[key] for r in records], dtype=torch.float),
+                      torch.tensor([index[r["group"]] for r in records]))
+        return metric.compute()
+
+    def metrics_from_records(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        out = self.grouped(records, "correct", "accuracy")
+        if records and "constrained_correct" in records[0]:
+            out["accuracy_constrained"] = sum(r["constrained_correct"] for r in records) / len(records)
+            out["gold_prob"] = sum(r["gold_prob"] for r in records) / len(records)
+        out["invalid_rate"] = sum(not r["valid"] for r in records) / max(1, len(records))
+        out["reward"] = sum(r["reward"] for r in records) / max(1, len(records))
+        return out
+
+
+def options_block(choices: tuple[str, ...]) -> str:
+    return "\n".join(f"{'ABCDEFGHIJ'[i]}. {c}" for i, c in enumerate(choices))
