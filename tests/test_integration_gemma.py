@@ -37,8 +37,8 @@ def test_embedded_gemma_loads_from_the_converted_cache(gemma):
     again = load_language_model(GEMMA_CFG)
     assert again.info["converted"] is False
     assert torch.equal(again.model.model.layers[12].mlp.down_proj.weight, gemma.model.model.layers[12].mlp.down_proj.weight)
-    out = generate(gemma, ["The capital of France is"], max_new_tokens=4)
-    assert "Paris" in out.completions[0]
+    out = generate(gemma, ["1, 2, 3, 4, 5, 6,"], max_new_tokens=6)
+    assert out.completions[0].startswith(" 7, 8")
 
 
 def test_coefficient_zero_is_identical_on_gemma(gemma):

@@ -113,7 +113,8 @@ def _jsonable(v):
     return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
 
 
-def run_evaluation(cfg: DictConfig, tracker: RunTracker) -> dict[str, float]:
+def run_evaluation(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
+    """Evaluate ``cfg.task`` on ``cfg.eval.split``; returns metrics, CIs, speed and split sizes."""
     ecfg = cfg.eval
     task = build_task(cfg.task, cfg.get("data_dir"))
     examples = task.split(ecfg.split, ecfg.get("limit"))
@@ -137,4 +138,5 @@ def run_evaluation(cfg: DictConfig, tracker: RunTracker) -> dict[str, float]:
           f"{speed['eval_seconds']:.0f}s, {speed['tokens_per_second']:.1f} generated tokens/s | "
           f"malformed rows skipped: {task.n_malformed}")
     print(format_table(metrics, cis))
-    return metrics
+    return {"metrics": metrics, "ci95": cis, "speed": speed, "n": len(examples), "split_sizes": task.split_sizes(),
+            "malformed_rows": task.n_malformed}

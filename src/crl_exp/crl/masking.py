@@ -1,0 +1,115 @@
+"""Adaptive Feature Masking (AFM, DESIGN §4): push the policy to discover diverse features.
+
+After every PPO iteration the mask updates an exponential moving average of each feature's selection share.
+A feature whose share exceeds the current threshold is masked (its logit becomes -inf) for ``period``
+iterations, so the policy must find alternatives while each token still gets exactly one feature. The
+threshold follows the schedule:
+
+* ``none``      never mask;
+* ``fixed``     constant ``threshold``;
+* ``decaying``  ``threshold * decay**iteration`` (exponential) down to ``min_threshold``;
+* ``adaptive``  the threshold moves down (more masking) while policy entropy is below ``target_entropy`` and
+                back up when above, within [``min_threshold``, ``threshold``].
+
+At least ``min_unmasked`` features always stay available (the least selected ones are released first), and
+a schedule that could mask every feature is refused when the config is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from crl_exp.errors import CRLConfigError
+
+SCHEDULES = ("none", "fixed", "decaying", "adaptive")
+
+
+@dataclass
+class MaskingConfig:
+    schedule: str = "none"
+    threshold: float = 0.2
+    min_threshold: float = 0.05
+    decay: float = 0.9
+    period: int = 3
+    ema: float = 0.5
+    min_unmasked: int = 16
+    target_entropy: float = 1.0
+    adapt_rate: float = 0.8
+
+    def validate(self, d_sae: int) -> None:
+        if self.schedule not in SCHEDULES:
+            raise CRLConfigError(f"masking.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.schedule == "none":
+            return
+        if not 1 <= self.min_unmasked < d_sae:
+            raise CRLConfigError(f"masking.min_unmasked={self.min_unmasked} must be in [1, {d_sae - 1}]: otherwise "
+                                 f"every feature could be masked")
+        lowest = self.threshold if self.schedule == "fixed" else self.min_threshold
+        # Shares sum to 1, so at most floor(1/lowest) features can be above the threshold at once.
+        if lowest <= 0 or 1.0 / lowest >= d_sae:
+            raise CRLConfigError(f"masking threshold {lowest} could mask all {d_sae} features (needs > 1/d_sae)")
+        if self.period < 1 or not 0 <= self.ema < 1 or not 0 < self.decay <= 1:
+            raise CRLConfigError("masking needs period >= 1, 0 <= ema < 1 and 0 < decay <= 1")
+
+
+class AdaptiveFeatureMask:
+    """Mask state (EMA shares, masked-until iteration, current threshold); part of every checkpoint."""
+
+    def __init__(self, d_sae: int, cfg: MaskingConfig):
+        cfg.validate(d_sae)
+        self.cfg, self.d_sae = cfg, d_sae
+        self.share = torch.zeros(d_sae)
+        self.masked_until = torch.zeros(d_sae, dtype=torch.long)
+        self.iteration = 0
+        self.threshold = cfg.threshold
+
+    def allowed(self) -> torch.Tensor:
+        """Bool [d_sae]: features the policy may pick this iteration."""
+        return self.masked_until <= self.iteration
+
+    @property
+    def mask_size(self) -> int:
+        return int((~self.allowed()).sum())
+
+    def update(self, features: torch.Tensor, entropy: float) -> None:
+        """Feed the features selected this iteration (any shape) and the mean policy entropy."""
+        counts = torch.bincount(features.flatten().long().cpu(), minlength=self.d_sae).float()
+        share = counts / counts.sum().clamp_min(1)
+        self.share = self.cfg.ema * self.share + (1 - self.cfg.ema) * share
+        self.iteration += 1
+        if self.cfg.schedule == "none":
+            return
+        self.threshold = self._next_threshold(entropy)
+        over = (self.share > self.threshold) & self.allowed()
+        self.masked_until[over] = self.iteration + self.cfg.period
+        self._keep_minimum_available()
+
+    def _next_threshold(self, entropy: float) -> float:
+        c = self.cfg
+        if c.schedule == "fixed":
+            return c.threshold
+        if c.schedule == "decaying":
+            return max(c.min_threshold, c.threshold * c.decay ** self.iteration)
+        factor = c.adapt_rate if entropy < c.target_entropy else 1.0 / c.adapt_rate
+        return min(c.threshold, max(c.min_threshold, self.threshold * factor))
+
+    def _keep_minimum_available(self) -> None:
+        allowed = self.allowed()
+        missing = self.cfg.min_unmasked - int(allowed.sum())
+        if missing > 0:
+            masked = (~allowed).nonzero().flatten()
+            release = masked[self.share[masked].argsort()[:missing]]
+            self.masked_until[release] = self.iteration
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"share": self.share.clone(), "masked_until": self.masked_until.clone(), "iteration": self.iteration,
+                "threshold": self.threshold}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.share = state["share"].clone()
+        self.masked_until = state["masked_until"].clone()
+        self.iteration = int(state["iteration"])
+        self.threshold = float(state["threshold"])
