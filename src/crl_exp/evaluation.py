@@ -51,30 +51,36 @@ def render_prompt(task: Task, lm: LoadedModel, ex: Example) -> str:
     return str(task.cfg.get("base_template") or "{text}").format(text=text)
 
 
-def run_episodes(task: Task, lm: LoadedModel, examples: list[Example], batch_size: int, steerer=None,
-                 controller=None, desc: str = "Evaluating") -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Generate and score ``examples``; returns per-example records and throughput figures."""
+def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=None, controller=None):
+    """Generate and score one batch; returns (per-example records, the ``Generation``)."""
     chat = task.cfg.get("template", "base") == "chat"
     letter_ids = None
     if task.kind == "multiple_choice":
-        letter_ids = letter_token_ids(lm.tokenizer, "ABCDEFGHIJ"[: max(len(e.choices) for e in examples)])
+        letter_ids = letter_token_ids(lm.tokenizer, "ABCDEFGHIJ"[: max(len(e.choices) for e in batch)]).flatten()
+    prompts = [render_prompt(task, lm, ex) for ex in batch]
+    gen = generate(lm, prompts, task.max_new_tokens, steerer, controller, add_special_tokens=not chat,
+                   stop_strings=task.stop_strings, score_token_ids=letter_ids)
+    option_probs = None
+    if gen.first_step_logits is not None:
+        probs = gen.first_step_logits.softmax(-1).view(len(batch), -1, 2).sum(-1)
+        option_probs = probs / probs.sum(-1, keepdim=True)
+    scored = task.score_batch(batch, prompts, gen.completions, option_probs)
+    records = [{"id": ex.id, "group": ex.group, "question": ex.question, "answer": ex.answer, "prompt": prompt,
+                "completion": completion, **rec}
+               for ex, prompt, completion, rec in zip(batch, prompts, gen.completions, scored, strict=True)]
+    return records, gen
+
+
+def run_episodes(task: Task, lm: LoadedModel, examples: list[Example], batch_size: int, steerer=None,
+                 controller=None, desc: str = "Evaluating") -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Generate and score ``examples`` in batches; returns per-example records and throughput figures."""
     records: list[dict[str, Any]] = []
     seconds, n_tokens = 0.0, 0
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch"):
-        batch = examples[start:start + batch_size]
-        prompts = [render_prompt(task, lm, ex) for ex in batch]
-        gen = generate(lm, prompts, task.max_new_tokens, steerer, controller, add_special_tokens=not chat,
-                       stop_strings=task.stop_strings, score_token_ids=letter_ids.flatten() if letter_ids is not None else None)
+        batch_records, gen = rollout_batch(task, lm, examples[start:start + batch_size], steerer, controller)
+        records += batch_records
         seconds += gen.seconds
         n_tokens += gen.n_generated
-        option_probs = None
-        if gen.first_step_logits is not None:
-            probs = gen.first_step_logits.softmax(-1).view(len(batch), -1, 2).sum(-1)
-            option_probs = probs / probs.sum(-1, keepdim=True)
-        scored = task.score_batch(batch, prompts, gen.completions, option_probs)
-        for ex, prompt, completion, rec in zip(batch, prompts, gen.completions, scored, strict=True):
-            records.append({"id": ex.id, "group": ex.group, "question": ex.question, "answer": ex.answer,
-                            "prompt": prompt, "completion": completion, **rec})
     return records, {"generate_seconds": seconds, "generated_tokens": n_tokens,
                      "tokens_per_second": n_tokens / seconds if seconds else float("nan")}
 

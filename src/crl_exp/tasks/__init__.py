@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from crl_exp.errors import CRLConfigError
+from crl_exp.paths import default_data_dir
 from crl_exp.tasks.base import Task
 from crl_exp.tasks.bbq import BBQTask
 from crl_exp.tasks.gsm8k import GSM8KTask
@@ -24,7 +25,7 @@ def build_task(cfg: Any, data_dir: str | Path | None) -> Task:
         raise CRLConfigError(f"Unknown task {cfg.name!r}; valid: {', '.join(TASKS)}")
     cls = TASKS[cfg.name]
     judge = build_judge(cfg.judge) if cls.kind == "refusal" else None
-    return cls(cfg, data_dir, judge=judge)
+    return cls(cfg, data_dir or default_data_dir(), judge=judge)
 
 
 __all__ = ["TASKS", "Example", "Task", "build_task"]

@@ -1,0 +1,161 @@
+"""The CRL ``LightningModule`` (manual optimisation) and the prompt ``LightningDataModule``.
+
+One Lightning *epoch* is one PPO iteration: the data module serves one batch of training prompts per epoch
+(seeded by the iteration, so a resumed run sees exactly the prompts it would have seen), ``training_step``
+runs the steered rollout, scores it, and performs the PPO update. Checkpoints are taken at epoch ends and
+contain the policy, the optimiser and the Adaptive Feature Mask, so ``ckpt_path`` resumes at the next
+iteration with nothing logged twice. Metrics are logged with ``step = iteration``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from crl_exp.crl.masking import AdaptiveFeatureMask, MaskingConfig
+from crl_exp.crl.policy import ActorCritic
+from crl_exp.crl.ppo import PPOConfig, check_finite, compute_gae, ppo_update, terminal_rewards
+from crl_exp.crl.rollout import PolicyController, end_token_ids, valid_steps
+from crl_exp.evaluation import rollout_batch
+from crl_exp.models import LoadedModel
+from crl_exp.saes import LoadedSAE
+from crl_exp.steering.hook import ResidualSteerer
+from crl_exp.tasks import Task
+from crl_exp.tasks.splits import subsample
+
+
+@dataclass
+class SteeringEnv:
+    """Frozen parts of a CRL run (never in checkpoints): the LM, its SAE, the task and the steering hook."""
+
+    lm: LoadedModel
+    sae: LoadedSAE
+    task: Task
+    steerer: ResidualSteerer
+    coefficient: float
+
+
+def iteration_seed(seed: int, iteration: int) -> int:
+    return (seed * 1_000_003 + iteration) % (2**31)
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Serves the training prompts of iteration ``current_epoch`` (reload every epoch)."""
+
+    def __init__(self, task: Task, episodes_per_iteration: int, seed: int = 0):
+        super().__init__()
+        self.task, self.episodes, self.seed = task, episodes_per_iteration, seed
+
+    def batch_for(self, iteration: int) -> list:
+        pool = self.task.split("train")
+        if not pool:
+            raise ValueError(f"{self.task.name} has an empty train split")
+        g = torch.Generator().manual_seed(iteration_seed(self.seed, iteration))
+        idx = torch.randperm(len(pool), generator=g)[: self.episodes].tolist()
+        return [pool[i] for i in idx]
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # a list of Examples (text); the rollout moves token tensors itself
+
+    def train_dataloader(self) -> DataLoader:
+        batch = self.batch_for(self.trainer.current_epoch if self.trainer else 0)
+        return DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
+
+
+class CRLModule(L.LightningModule):
+    def __init__(self, d_model: int, d_sae: int, policy_cfg: dict, ppo_cfg: PPOConfig, masking_cfg: MaskingConfig,
+                 total_iterations: int, seed: int = 0):
+        super().__init__()
+        self.automatic_optimization = False
+        with torch.random.fork_rng():  # seeded init without touching the global RNG
+            torch.manual_seed(seed)
+            self.policy = ActorCritic(d_model, d_sae, int(policy_cfg.get("hidden", 256)),
+                                      bool(policy_cfg.get("shared_trunk", False)))
+        self.ppo_cfg, self.total_iterations, self.seed = ppo_cfg, total_iterations, seed
+        self.mask = AdaptiveFeatureMask(d_sae, masking_cfg)
+        self.env: SteeringEnv | None = None
+        self.history: list[dict[str, float]] = []
+        self.last_rollout: dict[str, Any] | None = None
+
+    def attach(self, env: SteeringEnv) -> CRLModule:
+        self.__dict__["env"] = env  # plain attribute: the frozen LM/SAE never enter state_dict or checkpoints
+        return self
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.policy.parameters(), lr=self.ppo_cfg.lr, eps=self.ppo_cfg.adam_eps)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["afm"] = self.mask.state_dict()
+        checkpoint["crl_iteration_done"] = self.current_epoch
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.mask.load_state_dict(checkpoint["afm"])
+
+    def training_step(self, batch: list, batch_idx: int) -> None:
+        iteration = self.current_epoch
+        env, cfg = self.env, self.ppo_cfg
+        optimizer = self.optimizers()
+        if cfg.anneal_lr:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * (1.0 - iteration / max(1, self.total_iterations))
+        seed = iteration_seed(self.seed, iteration)
+        controller = PolicyController(self.policy, env.coefficient, allowed=self.mask.allowed(), seed=seed,
+                                      sae=env.sae.sae)
+        t0 = time.perf_counter()
+        records, gen = rollout_batch(env.task, env.lm, batch, env.steerer, controller)
+        rollout_seconds = time.perf_counter() - t0
+        traj = controller.stacked()
+        valid = valid_steps(gen.new_tokens, end_token_ids(env.lm.tokenizer, env.lm.model))
+        episode_rewards = torch.tensor([r["reward"] for r in records], dtype=torch.float)
+        check_finite(iteration, rewards=episode_rewards)
+        rewards = terminal_rewards(episode_rewards, valid)
+        adv, ret = compute_gae(rewards, traj["value"], valid, cfg.gamma, cfg.gae_lambda)
+        flat = valid.flatten()
+        t1 = time.perf_counter()
+        stats = ppo_update(self.policy, optimizer, cfg, iteration,
+                           traj["state"].flatten(0, 1)[flat], traj["feature"].flatten()[flat],
+                           traj["logprob"].flatten()[flat], adv.flatten()[flat], ret.flatten()[flat],
+                           traj["value"].flatten()[flat], self.mask.allowed(),
+                           torch.Generator().manual_seed(seed), backward=self.manual_backward)
+        update_seconds = time.perf_counter() - t1
+        chosen = traj["feature"][valid]
+        self.last_rollout = {"records": records, "trajectory": traj, "valid": valid}
+        self.mask.update(chosen, entropy=stats["entropy"])
+        metrics = {
+            "train/reward_mean": episode_rewards.mean().item(),
+            "train/accuracy": sum(r["correct"] for r in records) / len(records),
+            **{f"train/{k}": v for k, v in stats.items()},
+            "train/distinct_features": float(chosen.unique().numel()),
+            "train/mask_size": float(self.mask.mask_size),
+            "train/mask_threshold": float(self.mask.threshold),
+            "train/steps_per_episode": valid.sum(1).float().mean().item(),
+            "train/rollout_seconds": rollout_seconds,
+            "train/update_seconds": update_seconds,
+            "train/update_to_rollout": update_seconds / rollout_seconds,
+            "train/lr": optimizer.param_groups[0]["lr"],
+        }
+        self.history.append({"iteration": iteration, **metrics})
+        if self.logger is not None:
+            self.logger.log_metrics(metrics, step=iteration)
+        self.log_dict({"reward": metrics["train/reward_mean"], "acc": metrics["train/accuracy"],
+                       "kl": stats.get("approx_kl", 0.0)}, prog_bar=True, logger=False, on_step=True,
+                      batch_size=len(batch))
+
+
+def config_dataclass(cls, node) -> Any:
+    """A dataclass from a config node, refusing unknown keys."""
+    data = dict(node)
+    unknown = set(data) - set(cls.__dataclass_fields__)
+    if unknown:
+        from crl_exp.errors import CRLConfigError
+
+        raise CRLConfigError(f"Unknown {cls.__name__} keys: {sorted(unknown)}")
+    return cls(**data)
+
+
+__all__ = ["CRLModule", "PromptDataModule", "SteeringEnv", "asdict", "config_dataclass", "subsample"]

@@ -1,0 +1,128 @@
+"""PPO for the steering policy, following CleanRL's ``ppo.py`` checklist (DESIGN §3).
+
+GAE(γ, λ) over each episode's valid steps with the terminal reward on the last step; several epochs of
+shuffled minibatches; per-minibatch advantage normalisation; clipped surrogate; optional value clipping;
+entropy bonus; global gradient clipping; target-KL early stop; diagnostics approx_kl, clipfrac,
+explained_variance and entropy. Only the policy/critic learn: states are detached residual vectors, so an
+update costs nothing next to a rollout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from crl_exp.crl.policy import ActorCritic
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/inf appeared in a training quantity; the message names the iteration and the quantity."""
+
+
+def check_finite(iteration: int, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            bad = (~torch.isfinite(t)).sum().item()
+            raise NonFiniteError(f"Non-finite {name} at iteration {iteration}: {bad} of {t.numel()} values are "
+                                 f"NaN/inf. Check the reward function, the learning rate and the coefficient.")
+
+
+@dataclass
+class PPOConfig:
+    lr: float = 3e-4
+    anneal_lr: bool = True
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    update_epochs: int = 4
+    num_minibatches: int = 4
+    norm_adv: bool = True
+    clip_coef: float = 0.2
+    clip_vloss: bool = True
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    target_kl: float | None = 0.05
+    adam_eps: float = 1e-5
+
+
+def compute_gae(rewards: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advantages and returns [B, T]; invalid steps get 0 and never bootstrap (terminal = last valid step)."""
+    B, T = rewards.shape
+    adv = torch.zeros(B, T)
+    last = torch.zeros(B)
+    for t in reversed(range(T)):
+        next_valid = valid[:, t + 1] if t + 1 < T else torch.zeros(B, dtype=torch.bool)
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros(B)
+        nonterminal = next_valid.float()
+        delta = rewards[:, t] + gamma * next_value * nonterminal - values[:, t]
+        last = delta + gamma * lam * nonterminal * last
+        last = last * valid[:, t].float()
+        adv[:, t] = last
+    return adv, adv + values * valid.float()
+
+
+def terminal_rewards(episode_rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, T] with each episode's reward on its last valid step."""
+    rewards = torch.zeros(valid.shape)
+    last = valid.long().cumsum(1).argmax(1)  # index of the last valid step
+    rewards[torch.arange(len(last)), last] = episode_rewards.float()
+    return rewards
+
+
+def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
+    var = target.var()
+    return float("nan") if var == 0 else (1 - (target - pred).var() / var).item()
+
+
+def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PPOConfig, iteration: int,
+               states: torch.Tensor, actions: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+               returns: torch.Tensor, old_values: torch.Tensor, allowed: torch.Tensor | None,
+               generator: torch.Generator, backward=None) -> dict[str, float]:
+    """Several epochs of minibatch PPO on flat step tensors; returns mean diagnostics of the last epoch."""
+    check_finite(iteration, advantages=advantages, returns=returns)
+    n = len(states)
+    mb_size = max(1, n // cfg.num_minibatches)
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")}
+    stopped_early = False
+    for _epoch in range(cfg.update_epochs):
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, mb_size):
+            idx = perm[start:start + mb_size]
+            logits, new_values = policy(states[idx], allowed)
+            check_finite(iteration, logits=logits.masked_fill(torch.isneginf(logits), 0.0), values=new_values)
+            dist = torch.distributions.Categorical(logits=logits)
+            new_logprob = dist.log_prob(actions[idx])
+            entropy = dist.entropy()
+            logratio = new_logprob - old_logprobs[idx]
+            ratio = logratio.exp()
+            with torch.no_grad():
+                approx_kl = ((ratio - 1) - logratio).mean()
+                clipfrac = ((ratio - 1.0).abs() > cfg.clip_coef).float().mean()
+            mb_adv = advantages[idx]
+            if cfg.norm_adv and len(idx) > 1:
+                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
+            pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
+            if cfg.clip_vloss:
+                v_unclipped = (new_values - returns[idx]) ** 2
+                v_clipped = old_values[idx] + (new_values - old_values[idx]).clamp(-cfg.clip_coef, cfg.clip_coef)
+                v_loss = 0.5 * torch.max(v_unclipped, (v_clipped - returns[idx]) ** 2).mean()
+            else:
+                v_loss = 0.5 * ((new_values - returns[idx]) ** 2).mean()
+            loss = pg_loss - cfg.ent_coef * entropy.mean() + cfg.vf_coef * v_loss
+            check_finite(iteration, loss=loss)
+            optimizer.zero_grad()
+            (backward or torch.Tensor.backward)(loss)
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            for k, v in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy.mean()),
+                         ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
+                stats[k].append(v.item())
+        if cfg.target_kl is not None and stats["approx_kl"] and stats["approx_kl"][-1] > cfg.target_kl:
+            stopped_early = True
+            break
+    out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+    out["explained_variance"] = explained_variance(old_values, returns)
+    out["kl_early_stop"] = float(stopped_early)
+    return out

@@ -1,0 +1,78 @@
+"""Batched, KV-cached steered rollouts driven by the policy.
+
+``PolicyController`` is called by the steering hook at every forward step (prefill, then each cached decoding
+step): it reads the residual state of every row, samples (or takes the argmax of) the masked categorical,
+and records state, feature, log-prob, probability, value and the chosen feature's own SAE activation. There is
+no re-forward of the sequence: one ``generate`` call per batch is the whole rollout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from crl_exp.crl.policy import ActorCritic
+
+
+@dataclass
+class StepRecord:
+    state: torch.Tensor
+    feature: torch.Tensor
+    logprob: torch.Tensor
+    prob: torch.Tensor
+    value: torch.Tensor
+    entropy: torch.Tensor
+    feature_act: torch.Tensor
+
+
+class PolicyController:
+    """Steering controller backed by an ``ActorCritic``; keeps a per-step record of what it did."""
+
+    def __init__(self, policy: ActorCritic, coefficient: float, allowed: torch.Tensor | None = None,
+                 greedy: bool = False, seed: int = 0, sae=None):
+        self.policy, self.coefficient, self.allowed, self.greedy, self.sae = policy, coefficient, allowed, greedy, sae
+        self.generator = torch.Generator().manual_seed(seed)
+        self.steps: list[StepRecord] = []
+
+    @torch.no_grad()
+    def __call__(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        allowed = self.allowed.to(state.device) if self.allowed is not None else None
+        dist, value = self.policy.distribution(state, allowed)
+        probs = dist.probs
+        if self.greedy:
+            feature = probs.argmax(-1)
+        else:
+            feature = torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(-1).to(state.device)
+        act = torch.zeros(len(feature))
+        if self.sae is not None:
+            acts = self.sae.encode(state.to(self.sae.W_dec.dtype))
+            act = acts.gather(1, feature[:, None]).squeeze(1).float().cpu()
+        self.steps.append(StepRecord(state.detach().float().cpu(), feature.cpu(), dist.log_prob(feature).cpu(),
+                                     probs.gather(1, feature[:, None]).squeeze(1).cpu(), value.cpu(),
+                                     dist.entropy().cpu(), act))
+        return feature, torch.full((len(feature),), self.coefficient, device=state.device)
+
+    def stacked(self) -> dict[str, torch.Tensor]:
+        """Each field stacked to ``[B, T, ...]`` (T = number of forward steps)."""
+        fields = StepRecord.__dataclass_fields__
+        return {name: torch.stack([getattr(s, name) for s in self.steps], dim=1) for name in fields}
+
+
+def valid_steps(new_tokens: torch.Tensor, end_ids: set[int]) -> torch.Tensor:
+    """Bool [B, T]: step t belongs to the episode unless the row ended (EOS/pad) at an earlier step."""
+    is_end = torch.zeros_like(new_tokens, dtype=torch.bool)
+    for tok in end_ids:
+        is_end |= new_tokens == tok
+    ended_before = torch.cumsum(is_end.long(), dim=1) - is_end.long() > 0
+    return ~ended_before
+
+
+def end_token_ids(tokenizer, model) -> set[int]:
+    ids = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    return {i for i in ids if i is not None}

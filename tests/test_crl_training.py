@@ -1,0 +1,235 @@
+"""CRL learns: the planted-feature test, resume from checkpoints, masking, and NaN guards."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
+
+from crl_exp.crl.masking import AdaptiveFeatureMask, MaskingConfig
+from crl_exp.crl.module import CRLModule, PromptDataModule, SteeringEnv
+from crl_exp.crl.ppo import PPOConfig
+from crl_exp.crl.trainer import build_trainer, fit_policy
+from crl_exp.errors import CRLConfigError
+from crl_exp.generation import generate
+from crl_exp.models.architecture import decoder_layers
+from crl_exp.saes.loading import LoadedSAE, resid_post_hook_name
+from crl_exp.steering import ResidualSteerer, StaticController, SteeringDirections
+from crl_exp.tasks.base import Task
+from crl_exp.tasks.schema import Example
+
+TARGET = "Z"
+LAYER = 1
+D_SAE = 8
+PLANTED = 5
+COEF = 15.0
+
+
+class PlantedTask(Task):
+    """Reward 1 when the first generated character is the target."""
+
+    name, kind, folder = "planted", "generation", ""
+
+    def __init__(self, prompts):
+        super().__init__(OmegaConf.create({"max_new_tokens": 1, "split_fractions": {"train": 1.0}}), None)
+        self._by_split = {"train": [Example(f"p{i}", "planted", p, TARGET, "all") for i, p in enumerate(prompts)],
+                          "validation": [], "test": []}
+
+    def read_local(self):
+        return iter(())
+
+    read_hub = read_local
+
+    def to_example(self, *a):
+        raise NotImplementedError
+
+    def user_text(self, ex):
+        return ex.question
+
+    def score_batch(self, examples, prompts, completions, option_probs=None):
+        out = []
+        for c in completions:
+            hit = float(c.startswith(TARGET))
+            out.append({"parsed": c[:1], "valid": True, "correct": hit, "reward": hit})
+        return out
+
+    def metrics_from_records(self, records):
+        return {"reward": sum(r["reward"] for r in records) / len(records)}
+
+
+PROMPTS = ["The cat sat", "Hello wor", "abc de", "One two thr", "Blue sky and", "It is a", "Rain falls on",
+           "We go to", "My friend", "Numbers like", "Quiet room", "Tea or"]
+
+
+def planted_env(tiny_lm) -> SteeringEnv:
+    """An SAE whose feature PLANTED points along the direction that most raises the target's logit."""
+    target_id = tiny_lm.tokenizer(TARGET, add_special_tokens=False).input_ids[0]
+    enc = tiny_lm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    grads = []
+    block = decoder_layers(tiny_lm.model)[LAYER]
+    captured = {}
+
+    def keep(module, inputs, output):
+        captured["h"] = output.detach().requires_grad_(True)
+        return captured["h"]
+
+    handle = block.register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            logits = tiny_lm.model(**enc).logits[:, -1]
+            logits[:, target_id].sum().backward()
+    finally:
+        handle.remove()
+    grads = captured["h"].grad[:, -1]
+    direction = grads.mean(0) / grads.mean(0).norm()
+    cfg = StandardSAEConfig(d_in=tiny_lm.d_model, d_sae=D_SAE)
+    cfg.metadata.hook_name = resid_post_hook_name(LAYER)
+    sae = StandardSAE(cfg)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn(D_SAE, tiny_lm.d_model, generator=g))
+        sae.W_dec[PLANTED] = direction
+        sae.W_enc.copy_(sae.W_dec.T)
+    loaded = LoadedSAE(sae, LAYER, cfg.metadata.hook_name, "planted")
+    steerer = ResidualSteerer(tiny_lm.model, LAYER, SteeringDirections.from_decoder(sae.W_dec))
+    return SteeringEnv(tiny_lm, loaded, PlantedTask(PROMPTS), steerer, COEF)
+
+
+def static_reward(env, feature: int) -> float:
+    gen = generate(env.lm, PROMPTS, 1, env.steerer, StaticController(feature, COEF))
+    return sum(c.startswith(TARGET) for c in gen.completions) / len(PROMPTS)
+
+
+def make_module(env, iterations, masking=None, **ppo):
+    ppo_cfg = PPOConfig(**{"lr": 3e-3, "ent_coef": 0.0, "update_epochs": 4, "num_minibatches": 2, **ppo})
+    module = CRLModule(env.lm.d_model, D_SAE, {"hidden": 32}, ppo_cfg, masking or MaskingConfig(), iterations, seed=0)
+    return module.attach(env)
+
+
+def train(env, tmp_path, iterations=25, **kw):
+    module = make_module(env, iterations, **kw)
+    fit_policy(module, PromptDataModule(env.task, 12, seed=0), build_trainer(iterations, tmp_path / "ckpt",
+                                                                              progress_bar=False))
+    return module
+
+
+def test_planted_feature_is_found(tiny_lm, tmp_path):
+    env = planted_env(tiny_lm)
+    rewards = {f: static_reward(env, f) for f in range(D_SAE)}
+    assert rewards[PLANTED] >= 0.9 and max(v for f, v in rewards.items() if f != PLANTED) <= 0.3
+    module = train(env, tmp_path)
+    first, last = module.history[0], module.history[-3:]
+    assert first["train/reward_mean"] < 0.5
+    assert sum(h["train/reward_mean"] for h in last) / 3 >= 0.8 * rewards[PLANTED]
+    with torch.no_grad():
+        probs = module.policy.distribution(torch.randn(4, tiny_lm.d_model) * 0 + 1)[0].probs
+    state = env.lm.model  # noqa: F841 (keeps the env alive for clarity)
+    share = PolicyShare.of(module, env)
+    assert share >= 0.8, f"planted feature share {share:.2f}, probs {probs}"
+
+
+class PolicyShare:
+    @staticmethod
+    def of(module, env) -> float:
+        """Share of greedy choices equal to the planted feature on the training prompts."""
+        from crl_exp.crl.rollout import PolicyController
+
+        ctrl = PolicyController(module.policy, COEF, greedy=True)
+        generate(env.lm, PROMPTS, 1, env.steerer, ctrl)
+        return (ctrl.stacked()["feature"] == PLANTED).float().mean().item()
+
+
+def test_sign_flipped_ppo_does_not_find_it(tiny_lm, tmp_path, monkeypatch):
+    """Guard that the planted test can fail: flipping the advantage sign must break learning."""
+    import crl_exp.crl.module as module_mod
+
+    env = planted_env(tiny_lm)
+    real_gae = module_mod.compute_gae
+    monkeypatch.setattr(module_mod, "compute_gae", lambda *a, **k: tuple(-x for x in real_gae(*a, **k)))
+    module = train(env, tmp_path, iterations=15)
+    assert PolicyShare.of(module, env) < 0.5
+
+
+def test_masking_state_schedules_and_refusal():
+    with pytest.raises(CRLConfigError, match="could mask all"):
+        AdaptiveFeatureMask(16, MaskingConfig(schedule="fixed", threshold=0.05, min_unmasked=4))
+    with pytest.raises(CRLConfigError, match="min_unmasked"):
+        AdaptiveFeatureMask(16, MaskingConfig(schedule="fixed", threshold=0.5, min_unmasked=16))
+    mask = AdaptiveFeatureMask(16, MaskingConfig(schedule="fixed", threshold=0.5, period=2, ema=0.0, min_unmasked=4))
+    mask.update(torch.tensor([3, 3, 3, 1]), entropy=0.1)
+    assert not mask.allowed()[3] and mask.allowed()[1] and mask.mask_size == 1
+    mask.update(torch.tensor([1, 2]), entropy=0.1)
+    assert not mask.allowed()[3]
+    mask.update(torch.tensor([1, 2]), entropy=0.1)
+    assert mask.allowed()[3]  # period over
+    restored = AdaptiveFeatureMask(16, mask.cfg)
+    restored.load_state_dict(mask.state_dict())
+    assert torch.equal(restored.allowed(), mask.allowed()) and restored.iteration == mask.iteration
+    decaying = AdaptiveFeatureMask(16, MaskingConfig(schedule="decaying", threshold=0.5, min_threshold=0.1, decay=0.5,
+                                                     min_unmasked=4))
+    for _ in range(5):
+        decaying.update(torch.tensor([0]), entropy=1.0)
+    assert decaying.threshold == pytest.approx(0.1)
+    adaptive = AdaptiveFeatureMask(16, MaskingConfig(schedule="adaptive", threshold=0.5, min_threshold=0.1,
+                                                     target_entropy=1.0, adapt_rate=0.5, min_unmasked=4))
+    adaptive.update(torch.tensor([0]), entropy=0.2)
+    assert adaptive.threshold == pytest.approx(0.25)
+    adaptive.update(torch.tensor([0]), entropy=2.0)
+    assert adaptive.threshold == pytest.approx(0.5)
+
+
+def test_same_seed_same_first_iteration_actions(tiny_lm, tmp_path):
+    env = planted_env(tiny_lm)
+    a = train(env, tmp_path / "a", iterations=1)
+    b = train(env, tmp_path / "b", iterations=1)
+    fa, fb = a.last_rollout["trajectory"]["feature"], b.last_rollout["trajectory"]["feature"]
+    assert torch.equal(fa, fb) and fa.unique().numel() > 1
+
+
+def test_resume_continues_iteration_optimizer_and_logging(tiny_lm, tmp_path):
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+
+    env = planted_env(tiny_lm)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLFlowLogger(experiment_name="resume", tracking_uri=uri)
+    first = make_module(env, 5)
+    data = PromptDataModule(env.task, 12, seed=0)
+    fit_policy(first, data, build_trainer(3, tmp_path / "ckpt", logger=logger, progress_bar=False))
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert ckpt["epoch"] == 2 and "afm" in ckpt
+
+    class Capture(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict())
+            self.params = {k: v.clone() for k, v in pl_module.policy.state_dict().items()}
+
+    capture = Capture()
+    resumed = make_module(env, 5)
+    trainer = build_trainer(5, tmp_path / "ckpt", logger=MLFlowLogger(experiment_name="resume", tracking_uri=uri,
+                                                                      run_id=logger.run_id), progress_bar=False)
+    trainer.callbacks.append(capture)
+    fit_policy(resumed, PromptDataModule(env.task, 12, seed=0), trainer, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [h["iteration"] for h in resumed.history] == [3, 4]
+    saved = ckpt["optimizer_states"][0]
+    for key, state in capture.optimizer_state["state"].items():
+        assert torch.equal(state["exp_avg"], saved["state"][key]["exp_avg"])
+        assert state["step"] == saved["state"][key]["step"]
+    for k, v in capture.params.items():
+        assert torch.equal(v, ckpt["state_dict"][f"policy.{k}"])
+    history = MlflowClient(uri).get_metric_history(logger.run_id, "train/reward_mean")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+
+
+def test_nan_reward_stops_with_a_diagnostic(tiny_lm, tmp_path):
+    env = planted_env(tiny_lm)
+    env.task.score_batch = lambda ex, p, c, o=None: [{"parsed": "", "valid": True, "correct": 0.0,
+                                                       "reward": float("nan")} for _ in c]
+    from crl_exp.crl.ppo import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="Non-finite rewards at iteration 0"):
+        train(env, tmp_path, iterations=1)
