@@ -83,7 +83,7 @@ def test_zero_coefficient_steer_in_process_changes_nothing(tmp_path, tiny_model_
 @pytest.mark.parametrize("overrides, error, message", [
     (["sae.layer=18"], CRLConfigError, r"sae\.layer=18 is out of range: the model has 18 layers, valid 0\.\.17"),
     (["sae.layer=-1"], CRLConfigError, r"valid 0\.\.17"),
-    (["mode=fly"], CRLConfigError, r"Unknown mode .fly.; valid modes: steer, train_sae, eval"),
+    (["mode=fly"], CRLConfigError, r"Unknown mode .fly.; valid modes: train, steer, train_sae, eval"),
     (["model.package=no-such-model-pkg"], MissingDependencyError, r"pip install no-such-model-pkg"),
     (["sae=local", "sae.path=/nonexistent/sae"], CRLConfigError, r"No sae-lens SAE"),
 ])
@@ -120,3 +120,24 @@ def test_paper_configs_compose():
     assert cfg.model.path == "google/gemma-2-2b-it" and cfg.model.dtype == "bfloat16"
     assert cfg.sae.release == "gemma-scope-2b-pt-res-canonical"
     assert cfg.sae.sae_id == "layer_20/width_16k/canonical"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["+experiment=gsm8k_layer12", "budget=paper"], r"budget=paper is for model\(s\) \['gemma2_2b'\]"),
+    (["+experiment=gsm8k_layer12", "model=gemma2_2b", "sae=gemmascope_2b_res_16k"], r"budget=cpu expects model.device=cpu, got cuda"),
+    (["+experiment=gsm8k_layer12", "masking=fixed", "masking.threshold=0.0001"], r"could mask all"),
+    (["+experiment=gsm8k_layer12", "+ppo.clip=0.1"], r"Unknown PPOConfig keys: \['clip'\]"),
+])
+def test_incompatible_training_configs_fail_before_loading(tmp_path, overrides, message):
+    cfg = compose_cfg(overrides + [f"logger.tracking_uri=sqlite:///{tmp_path / 'db'}"])
+    with pytest.raises(CRLConfigError, match=message):
+        run(cfg)
+    assert not (tmp_path / "db").exists()
+
+
+def test_experiment_appends_and_sets_training_mode():
+    cfg = compose_cfg(["+experiment=mmlu_layer12"])
+    assert cfg.mode == "train" and cfg.task.name == "mmlu" and cfg.sae.layer == 12 and cfg.task.reward == "dense"
+    assert cfg.logger.experiment_name == "crl-mmlu"
+    for name in ("gsm8k", "bbq", "harmbench", "xstest"):
+        assert compose_cfg([f"+experiment={name}_layer12"]).task.name == name

@@ -233,3 +233,39 @@ def test_nan_reward_stops_with_a_diagnostic(tiny_lm, tmp_path):
 
     with pytest.raises(NonFiniteError, match="Non-finite rewards at iteration 0"):
         train(env, tmp_path, iterations=1)
+
+
+def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, tiny_model_dir, data_dir):
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from test_saes import save_standard_sae
+
+    save_standard_sae(tmp_path / "sae", 64, resid_post_hook_name(1), d_sae=32)
+    db = tmp_path / "db"
+    cmd = [sys.executable, "-m", "crl_exp", "+experiment=bbq_layer12", "model=hf", f"model.path={tiny_model_dir}",
+           "sae=local", f"sae.path={tmp_path / 'sae'}", "sae.layer=1", "budget.iterations=3",
+           "budget.episodes_per_iteration=4", "budget.eval_examples=8", "budget.static_feature.train_examples=4",
+           "budget.static_feature.candidates=2", "masking.min_unmasked=4", "policy.coefficient_scale=absolute",
+           "policy.coefficient=5", "eval.n_bootstrap=50", f"logger.tracking_uri=sqlite:///{db}",
+           f"hydra.run.dir={tmp_path / 'out'}", "trainer.progress_bar=false", f"data_dir={data_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| crl |" in proc.stdout and "| static |" in proc.stdout
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("crl-bbq").experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in ("train/reward_mean", "train/accuracy", "train/policy_loss", "train/value_loss", "train/entropy",
+                "train/approx_kl", "train/clipfrac", "train/explained_variance", "train/distinct_features",
+                "train/mask_size"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1, 2], key
+    metrics = run.data.metrics
+    for cond in ("none", "random", "static", "crl"):
+        assert f"heldout/{cond}/accuracy" in metrics and f"heldout/{cond}/accuracy_ci_low" in metrics
+    assert "delta/crl_minus_static/accuracy" in metrics and "delta/crl_minus_none/reward_ci_high" in metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "heldout")}
+    assert {"heldout/comparison.md", "heldout/summary.json", "heldout/static_feature.json"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/last.ckpt"]
+    assert (tmp_path / "out" / "checkpoints" / "last.ckpt").is_file()

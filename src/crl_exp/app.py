@@ -42,7 +42,14 @@ def _mode_eval(cfg: DictConfig, tracker: RunTracker) -> None:
     run_evaluation(cfg, tracker)
 
 
+def _mode_train(cfg: DictConfig, tracker: RunTracker) -> None:
+    from crl_exp.crl.experiment import run_training
+
+    run_training(cfg, tracker)
+
+
 MODES: dict[str, Callable[[DictConfig, RunTracker], None]] = {
+    "train": _mode_train,
     "steer": _mode_steer,
     "train_sae": _mode_train_sae,
     "eval": _mode_eval,
@@ -53,6 +60,7 @@ def preflight(cfg: DictConfig) -> None:
     """All checks that need no weights."""
     if cfg.mode not in MODES:
         raise CRLConfigError(f"Unknown mode {cfg.mode!r}; valid modes: {', '.join(MODES)}")
+    check_budget(cfg)
     n_layers = peek_n_layers(cfg.model)
     validate_layer(cfg.sae.layer, n_layers)
     preflight_sae(cfg.sae, cfg.model.get("d_model"))
@@ -61,6 +69,27 @@ def preflight(cfg: DictConfig) -> None:
         from crl_exp.models.loading import _import_package
 
         _import_package(cfg.model.package)
+
+
+def check_budget(cfg: DictConfig) -> None:
+    """Refuse budget/model combinations that cannot work, before anything is loaded."""
+    budget = cfg.get("budget")
+    if budget is None or cfg.mode != "train":
+        return
+    if cfg.model.name not in budget.models and not (cfg.model.source == "hf" and "hf" in budget.models):
+        raise CRLConfigError(f"budget={budget.name} is for model(s) {list(budget.models)}, not model={cfg.model.name}"
+                             f" (use budget=paper with model=gemma2_2b sae=gemmascope_2b_res_16k on a GPU, or "
+                             f"budget=cpu with the embedded model)")
+    if budget.device != str(cfg.model.device).split(":")[0]:
+        raise CRLConfigError(f"budget={budget.name} expects model.device={budget.device}, got {cfg.model.device}")
+    from crl_exp.crl.experiment import masking_config
+    from crl_exp.crl.module import config_dataclass
+    from crl_exp.crl.ppo import PPOConfig
+
+    config_dataclass(PPOConfig, cfg.ppo)
+    d_sae = int(cfg.sae.training.d_sae) if cfg.sae.source == "trained" else None
+    masking = masking_config(cfg.masking)
+    masking.validate(d_sae or 16384)
 
 
 def peek_n_layers(model_cfg: DictConfig) -> int | None:

@@ -26,18 +26,25 @@ from crl_exp.tracking import RunTracker
 log = logging.getLogger(__name__)
 
 
-def letter_token_ids(tokenizer, letters: str) -> torch.Tensor:
-    """``[n_letters, 2]`` token ids of ``"A"`` and ``" A"`` (the two ways a letter answer starts)."""
-    rows = []
-    for letter in letters:
-        ids = []
-        for variant in (letter, " " + letter):
-            toks = tokenizer(variant, add_special_tokens=False).input_ids
-            if len(toks) != 1:
-                raise ValueError(f"Option {variant!r} is not a single token for this tokenizer")
-            ids.append(toks[0])
-        rows.append(ids)
-    return torch.tensor(rows)
+def letter_token_ids(tokenizer, letters: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of the single-token spellings of each option letter (``"A"``, ``" A"``) and, for each id,
+    the index of its letter. A letter with no single-token spelling is an error."""
+    ids, owner = [], []
+    for i, letter in enumerate(letters):
+        found = {toks[0] for v in (letter, " " + letter)
+                 if len(toks := tokenizer(v, add_special_tokens=False).input_ids) == 1}
+        if not found:
+            raise ValueError(f"Option letter {letter!r} is not a single token for this tokenizer")
+        ids += sorted(found)
+        owner += [i] * len(found)
+    return torch.tensor(ids), torch.tensor(owner)
+
+
+def option_probabilities(logits: torch.Tensor, owner: torch.Tensor, n_options: int) -> torch.Tensor:
+    """[B, n_options] probabilities of each letter, normalised over the option letters only."""
+    probs = logits.softmax(-1)
+    per_letter = torch.zeros(len(logits), n_options).index_add_(1, owner, probs)
+    return per_letter / per_letter.sum(-1, keepdim=True)
 
 
 def render_prompt(task: Task, lm: LoadedModel, ex: Example) -> str:
@@ -54,16 +61,16 @@ def render_prompt(task: Task, lm: LoadedModel, ex: Example) -> str:
 def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=None, controller=None):
     """Generate and score one batch; returns (per-example records, the ``Generation``)."""
     chat = task.cfg.get("template", "base") == "chat"
-    letter_ids = None
+    letter_ids = owner = None
+    n_options = max((len(e.choices) for e in batch), default=0)
     if task.kind == "multiple_choice":
-        letter_ids = letter_token_ids(lm.tokenizer, "ABCDEFGHIJ"[: max(len(e.choices) for e in batch)]).flatten()
+        letter_ids, owner = letter_token_ids(lm.tokenizer, "ABCDEFGHIJ"[:n_options])
     prompts = [render_prompt(task, lm, ex) for ex in batch]
     gen = generate(lm, prompts, task.max_new_tokens, steerer, controller, add_special_tokens=not chat,
                    stop_strings=task.stop_strings, score_token_ids=letter_ids)
     option_probs = None
     if gen.first_step_logits is not None:
-        probs = gen.first_step_logits.softmax(-1).view(len(batch), -1, 2).sum(-1)
-        option_probs = probs / probs.sum(-1, keepdim=True)
+        option_probs = option_probabilities(gen.first_step_logits, owner, n_options)
     scored = task.score_batch(batch, prompts, gen.completions, option_probs)
     records = [{"id": ex.id, "group": ex.group, "question": ex.question, "answer": ex.answer, "prompt": prompt,
                 "completion": completion, **rec}

@@ -1,0 +1,151 @@
+"""``mode=train``: train a CRL policy, then compare it with the baselines on held-out data, all in one MLflow run.
+
+Held-out comparison (test split, same examples for every condition): no steering, a random feature per
+token, the best single static feature (selected on the train split), and CRL (greedy actions, mask off unless
+``masking.eval_with_mask``). Each gets bootstrap 95% CIs; CRL-minus-baseline deltas get paired-bootstrap CIs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from crl_exp.crl.masking import MaskingConfig
+from crl_exp.crl.module import CRLModule, PromptDataModule, SteeringEnv, config_dataclass
+from crl_exp.crl.ppo import PPOConfig
+from crl_exp.crl.rollout import PolicyController
+from crl_exp.crl.static_feature import select_static_feature
+from crl_exp.crl.trainer import build_trainer, fit_policy
+from crl_exp.evaluation import log_evaluation, run_episodes, summarize
+from crl_exp.runtime import load_model, load_sae_for
+from crl_exp.steering.controllers import RandomController, StaticController
+from crl_exp.steering.factory import steering_directions
+from crl_exp.steering.hook import ResidualSteerer
+from crl_exp.tasks import build_task
+from crl_exp.tasks.metrics import bootstrap_ci
+from crl_exp.tracking import RunTracker
+
+log = logging.getLogger(__name__)
+CONDITIONS = ("none", "random", "static", "crl")
+
+
+def masking_config(node: DictConfig) -> MaskingConfig:
+    data = {k: v for k, v in dict(node).items() if k != "eval_with_mask"}
+    return config_dataclass(MaskingConfig, data)
+
+
+def apply_budget(cfg: DictConfig) -> None:
+    """Cap generation length to the budget (the task config keeps its own value for other budgets)."""
+    cap = cfg.budget.get("max_new_tokens_cap")
+    if cap is not None and cfg.task.max_new_tokens > cap:
+        with open_dict(cfg):
+            cfg.task.max_new_tokens = int(cap)
+
+
+def primary_key(task, cfg: DictConfig) -> str:
+    judge = task.judge.name if task.judge is not None else ""
+    return str(cfg.task.primary_metric).format(judge=judge)
+
+
+def paired_deltas(task, crl: list[dict], base: list[dict], key: str, n_boot: int, seed: int) -> dict[str, Any]:
+    """CRL minus baseline on the same examples, with a paired percentile-bootstrap 95% CI."""
+    def stat(idx):
+        a = task.metrics_from_records([crl[i] for i in idx.tolist()])
+        b = task.metrics_from_records([base[i] for i in idx.tolist()])
+        return {k: a[k] - b[k] for k in (key, "reward") if k in a and k in b}
+
+    point = stat(torch.arange(len(crl)))
+    cis = bootstrap_ci(len(crl), stat, n_boot=n_boot, seed=seed)
+    return {k: {"delta": v, "ci95": list(cis.get(k, (float("nan"), float("nan"))))} for k, v in point.items()}
+
+
+def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
+    apply_budget(cfg)
+    budget = cfg.budget
+    task = build_task(cfg.task, cfg.get("data_dir"))
+    train_pool, test_pool = task.split("train"), task.split("test", budget.get("eval_examples"))
+    tracker.log_metrics({f"data/{s}_size": n for s, n in task.split_sizes().items()})
+    tracker.log_metrics({"data/malformed_rows": task.n_malformed, "data/heldout_eval_size": len(test_pool)})
+    lm = load_model(cfg, tracker)
+    sae = load_sae_for(cfg, lm, tracker)
+    directions = steering_directions(cfg.policy, sae)
+    env = SteeringEnv(lm, sae, task, ResidualSteerer(lm.model, sae.layer, directions), float(cfg.policy.coefficient))
+    tracker.log_metrics({"steer/coefficient": env.coefficient,
+                         "steer/distance": float(directions.distance(env.coefficient)),
+                         "steer/decoder_norm_mean": directions.decoder_norms.mean().item()})
+    seed = int(cfg.seed)
+    iterations = int(budget.iterations)
+    ppo_cfg = config_dataclass(PPOConfig, cfg.ppo)
+    module = CRLModule(lm.d_model, sae.d_sae, dict(cfg.policy), ppo_cfg, masking_config(cfg.masking), iterations,
+                       seed=seed).attach(env)
+    data = PromptDataModule(task, int(budget.episodes_per_iteration), seed=seed)
+    out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path("outputs") / tracker.run_id
+    logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=tracker.tracking_uri,
+                          run_id=tracker.run_id)
+    trainer = build_trainer(iterations, out_dir / "checkpoints", logger=logger,
+                            checkpoint_every=int(cfg.trainer.checkpoint_every), progress_bar=bool(cfg.trainer.progress_bar))
+    fit_policy(module, data, trainer, ckpt_path=cfg.trainer.get("ckpt_path"))
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        tracker.log_artifact(last, "checkpoints")
+
+    # ---------------------------------------------------------------- baselines and CRL on held-out data
+    n_boot, bs = int(cfg.eval.n_bootstrap), int(budget.eval_batch_size)
+    static_examples = train_pool[: int(budget.static_feature.train_examples)]
+    selection = select_static_feature(env, static_examples, int(budget.static_feature.candidates), bs)
+    tracker.log_dict({"feature": selection.feature, "train_reward": selection.train_reward,
+                      "candidates": selection.candidates, "correlations": selection.correlations,
+                      "unsteered_train_reward": selection.unsteered_train_reward}, "heldout/static_feature.json")
+    tracker.log_metrics({"static/feature": selection.feature, "static/train_reward": selection.train_reward})
+    eval_mask = module.mask.allowed() if cfg.masking.get("eval_with_mask") else None
+    controllers = {
+        "none": (None, None),
+        "random": (env.steerer, RandomController(sae.d_sae, env.coefficient, seed=seed)),
+        "static": (env.steerer, StaticController(selection.feature, env.coefficient)),
+        "crl": (env.steerer, PolicyController(module.policy, env.coefficient, allowed=eval_mask, greedy=True,
+                                              sae=sae.sae)),
+    }
+    key = primary_key(task, cfg)
+    results: dict[str, Any] = {}
+    records: dict[str, list[dict]] = {}
+    for name, (steerer, controller) in controllers.items():
+        recs, speed = run_episodes(task, lm, test_pool, bs, steerer, controller, desc=f"held-out {name}")
+        metrics, cis = summarize(task, recs, n_boot, seed)
+        log_evaluation(tracker, f"heldout/{name}", metrics, cis, recs, speed)
+        records[name] = recs
+        results[name] = {"metrics": metrics, "ci95": {k: list(v) for k, v in cis.items()}}
+    deltas = {b: paired_deltas(task, records["crl"], records[b], key, n_boot, seed) for b in ("none", "random", "static")}
+    for base, d in deltas.items():
+        for metric, v in d.items():
+            tracker.log_metrics({f"delta/crl_minus_{base}/{metric}": v["delta"],
+                                 f"delta/crl_minus_{base}/{metric}_ci_low": v["ci95"][0],
+                                 f"delta/crl_minus_{base}/{metric}_ci_high": v["ci95"][1]})
+    table = comparison_table(task.name, key, results, deltas, len(test_pool))
+    print(table)
+    tracker.log_text(table, "heldout/comparison.md")
+    summary = {"task": task.name, "primary_metric": key, "n_heldout": len(test_pool), "results": results,
+               "deltas": deltas, "static_feature": selection.feature, "train_history": module.history,
+               "config": OmegaConf.to_container(cfg, resolve=True)}
+    tracker.log_text(json.dumps(summary, indent=1, default=float), "heldout/summary.json")
+    return summary
+
+
+def comparison_table(task: str, key: str, results: dict, deltas: dict, n: int) -> str:
+    lines = [f"Held-out comparison on {task} (test split, n={n}); primary metric: {key}", "",
+             f"| condition | {key} | 95% CI | reward | 95% CI | CRL - condition ({key}) | 95% CI |",
+             "|---|---|---|---|---|---|---|"]
+    for name in CONDITIONS:
+        m, ci = results[name]["metrics"], results[name]["ci95"]
+        k_ci, r_ci = ci.get(key, [float("nan")] * 2), ci.get("reward", [float("nan")] * 2)
+        d = deltas.get(name, {}).get(key)
+        d_txt = f"{d['delta']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "- | -"
+        lines.append(f"| {name} | {m.get(key, float('nan')):.3f} | [{k_ci[0]:.3f}, {k_ci[1]:.3f}] | "
+                     f"{m.get('reward', float('nan')):.3f} | [{r_ci[0]:.3f}, {r_ci[1]:.3f}] | {d_txt} |")
+    return "\n".join(lines)
