@@ -7,7 +7,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check
 MLFLOW_DB ?= mlflow.db
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit test-integration ui train-sae steer clean
+.PHONY: install test test-unit test-integration ui train train-sae steer clean
 
 # The venv is rebuilt only when pyproject.toml changes. torch is pinned and installed first so that
 # no dependency pulls a (multi-GB) CUDA build.
@@ -32,6 +32,9 @@ test-integration: install
 # Opens the MLflow UI on localhost over the same SQLite store every command logs to.
 ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(MLFLOW_DB)) --host 127.0.0.1 --port 5000
+
+train: install
+	$(PY) -m crl_exp +experiment=gsm8k_layer12
 
 train-sae: install
 	$(PY) -m crl_exp mode=train_sae

@@ -37,7 +37,8 @@ def cut_at_stop_strings(text: str, stop_strings: list[str]) -> str:
 @torch.inference_mode()
 def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: ResidualSteerer | None = None,
              controller: Controller | None = None, add_special_tokens: bool = True,
-             stop_strings: list[str] | None = None, score_token_ids: torch.Tensor | None = None) -> Generation:
+             stop_strings: list[str] | None = None, score_token_ids: torch.Tensor | None = None,
+             min_new_tokens: int | None = None) -> Generation:
     """Greedy-decode ``prompts`` in one batch; with ``steerer`` every forward step is steered by ``controller``.
 
     ``stop_strings`` end a row early (and are cut from its completion); ``score_token_ids`` returns the raw
@@ -50,6 +51,8 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: 
         kwargs.update(stop_strings=list(stop_strings), tokenizer=lm.tokenizer)
     if score_token_ids is not None:
         kwargs.update(output_logits=True, return_dict_in_generate=True)
+    if min_new_tokens:
+        kwargs.update(min_new_tokens=min_new_tokens)
     t0 = time.perf_counter()
     with ctx:
         out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
