@@ -20,7 +20,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from crl_exp.crl.masking import MaskingConfig
 from crl_exp.crl.module import CRLModule, PromptDataModule, SteeringEnv, config_dataclass
 from crl_exp.crl.ppo import PPOConfig
-from crl_exp.crl.rollout import PolicyController
+from crl_exp.analysis.critic import analyse_critic, plot_value_trajectories
+from crl_exp.analysis.intervention_log import log_rows as intervention_rows
+from crl_exp.analysis.intervention_log import to_frame
+from crl_exp.analysis.report import render_report
+from crl_exp.crl.rollout import PolicyController, end_token_ids, valid_steps
 from crl_exp.crl.static_feature import select_static_feature
 from crl_exp.crl.trainer import build_trainer, fit_policy
 from crl_exp.evaluation import log_evaluation, run_episodes, summarize
@@ -115,8 +119,21 @@ def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     key = primary_key(task, cfg)
     results: dict[str, Any] = {}
     records: dict[str, list[dict]] = {}
+    log_rows: list[dict] = []
+    episodes_seen = [0]
+    end_ids = end_token_ids(lm.tokenizer, lm.model)
+    crl_controller = controllers["crl"][1]
+
+    def collect_interventions(batch_records, gen):
+        traj = crl_controller.stacked()
+        crl_controller.steps = []
+        log_rows.extend(intervention_rows(batch_records, gen.new_tokens, traj, valid_steps(gen.new_tokens, end_ids),
+                                          lm.tokenizer, episode_offset=episodes_seen[0]))
+        episodes_seen[0] += len(batch_records)
+
     for name, (steerer, controller) in controllers.items():
-        recs, speed = run_episodes(task, lm, test_pool, bs, steerer, controller, desc=f"held-out {name}")
+        recs, speed = run_episodes(task, lm, test_pool, bs, steerer, controller, desc=f"held-out {name}",
+                                   on_batch=collect_interventions if name == "crl" else None)
         metrics, cis = summarize(task, recs, n_boot, seed)
         log_evaluation(tracker, f"heldout/{name}", metrics, cis, recs, speed)
         records[name] = recs
@@ -127,6 +144,7 @@ def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
             tracker.log_metrics({f"delta/crl_minus_{base}/{metric}": v["delta"],
                                  f"delta/crl_minus_{base}/{metric}_ci_low": v["ci95"][0],
                                  f"delta/crl_minus_{base}/{metric}_ci_high": v["ci95"][1]})
+    write_interpretability_outputs(tracker, task.name, log_rows, records, out_dir)
     table = comparison_table(task.name, key, results, deltas, len(test_pool))
     print(table)
     tracker.log_text(table, "heldout/comparison.md")
@@ -135,6 +153,25 @@ def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                "config": OmegaConf.to_container(cfg, resolve=True)}
     tracker.log_text(json.dumps(summary, indent=1, default=float), "heldout/summary.json")
     return summary
+
+
+def write_interpretability_outputs(tracker: RunTracker, task_name: str, log_rows: list[dict],
+                                   records: dict[str, list[dict]], out_dir: Path) -> None:
+    """Intervention log (parquet), HTML report and critic analysis of the CRL held-out episodes."""
+    log_df = to_frame(log_rows)
+    analysis_dir = out_dir / "interventions"
+    analysis_dir.mkdir(parents=True, exist_ok=True)
+    log_df.to_parquet(analysis_dir / "intervention_log.parquet", index=False)
+    episodes = {i: {"prompt": r["prompt"], "completion": r["completion"], "correct": r["correct"]}
+                for i, r in enumerate(records["crl"])}
+    (analysis_dir / "report.html").write_text(render_report(log_df, episodes, f"CRL interventions: {task_name}"))
+    if not log_df.empty:
+        baseline = {r["id"]: r["correct"] for r in records["none"]}
+        critic = analyse_critic(log_df, baseline)
+        tracker.log_metrics(critic.metrics)
+        critic.episodes.to_csv(analysis_dir / "critic_episodes.csv", index=False)
+        plot_value_trajectories(log_df, critic, analysis_dir / "critic_trajectories.png")
+    tracker.log_artifact(analysis_dir, "interventions")
 
 
 def comparison_table(task: str, key: str, results: dict, deltas: dict, n: int) -> str:

@@ -30,7 +30,9 @@ class MultipleChoiceTask(Task):
         return kind
 
     def group_names(self) -> list[str]:
-        return sorted({e.group for s in ("train", "validation", "test") for e in self.split(s)})
+        if getattr(self, "_group_names", None) is None:
+            self._group_names = sorted({e.group for s in ("train", "validation", "test") for e in self.split(s)})
+        return self._group_names
 
     def score_batch(self, examples: list[Example], prompts: list[str], completions: list[str],
                     option_probs: torch.Tensor | None) -> list[dict[str, Any]]:

@@ -32,5 +32,7 @@ def assign(key: str, seed: int, fractions: dict[str, float]) -> str:
 
 def subsample(keys: list[str], n: int | None, seed: int) -> list[int]:
     """Indices of a seeded, order-independent subset of size ``n`` (all if None), in hash order."""
+    if n is None or n >= len(keys):
+        return list(range(len(keys)))
     order = sorted(range(len(keys)), key=lambda i: unit_hash("sub:" + keys[i], seed))
-    return sorted(order if n is None else order[:n])
+    return sorted(order[:n])

@@ -1,0 +1,1 @@
+"""Interpretability outputs of CRL: intervention logs, HTML reports, branch points, critic and layer analyses."""

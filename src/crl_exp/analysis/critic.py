@@ -1,0 +1,100 @@
+"""Critic trajectory analysis (DESIGN §6): is a failure the policy's limit or a value-estimation error?
+
+Episodes are grouped by outcome against the unsteered baseline on the same prompt: ``correct`` (both right),
+``incorrect`` (both wrong), ``corrected`` (steering turned wrong into right), ``misguided`` (right into
+wrong). A failed CRL episode whose critic expected success (V_0 >= ``threshold``) is a *value-estimation
+error*; one whose critic foresaw failure (V_0 < threshold) is a *policy limitation*. Calibration of V_0 against
+success: AUROC and Brier score (V_0 clipped to [0, 1]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+
+def outcome_group(crl_correct: bool, base_correct: bool) -> str:
+    if crl_correct and base_correct:
+        return "correct"
+    if not crl_correct and not base_correct:
+        return "incorrect"
+    return "corrected" if crl_correct else "misguided"
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Probability that a random positive outscores a random negative (ties count half); NaN if one class."""
+    pos, neg = scores[labels.bool()], scores[~labels.bool()]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]
+    return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+
+
+@dataclass
+class CriticReport:
+    episodes: pd.DataFrame  # one row per episode: v0, return, success, baseline_correct, group, failure_kind
+    metrics: dict[str, float]
+
+
+def analyse_critic(log: pd.DataFrame, baseline_correct: dict[str, float], threshold: float = 0.5) -> CriticReport:
+    """``log``: intervention log; ``baseline_correct``: prompt_id -> unsteered correctness on the same prompt."""
+    if log.empty:
+        raise ValueError("Critic analysis needs a non-empty intervention log")
+    first = log.sort_values("position").groupby("episode").first()
+    ep = pd.DataFrame({"prompt_id": first["prompt_id"], "v0": first["value"], "return": first["reward"],
+                       "success": first["correct"] > 0.5})
+    missing = set(ep["prompt_id"]) - set(baseline_correct)
+    if missing:
+        raise ValueError(f"No unsteered baseline for {len(missing)} prompts, e.g. {sorted(missing)[:3]}")
+    ep["baseline_correct"] = ep["prompt_id"].map(lambda p: baseline_correct[p] > 0.5)
+    ep["group"] = [outcome_group(s, b) for s, b in zip(ep["success"], ep["baseline_correct"], strict=True)]
+    ep["failure_kind"] = ["" if s else ("value_estimation_error" if v >= threshold else "policy_limitation")
+                          for s, v in zip(ep["success"], ep["v0"], strict=True)]
+    v0 = torch.tensor(ep["v0"].to_numpy(), dtype=torch.float)
+    y = torch.tensor(ep["success"].to_numpy(), dtype=torch.float)
+    failures = (~ep["success"]).sum()
+    metrics = {
+        "critic/v0_auroc": auroc(v0, y),
+        "critic/v0_brier": ((v0.clamp(0, 1) - y) ** 2).mean().item(),
+        "critic/value_estimation_errors": float((ep["failure_kind"] == "value_estimation_error").sum()),
+        "critic/policy_limitations": float((ep["failure_kind"] == "policy_limitation").sum()),
+        "critic/value_error_share_of_failures": float((ep["failure_kind"] == "value_estimation_error").sum()
+                                                       / failures) if failures else float("nan"),
+        "critic/return_mean": float(ep["return"].mean()),
+    }
+    for g in ("correct", "incorrect", "corrected", "misguided"):
+        metrics[f"critic/group_{g}"] = float((ep["group"] == g).sum())
+    return CriticReport(ep.reset_index(), metrics)
+
+
+def plot_value_trajectories(log: pd.DataFrame, report: CriticReport, path) -> None:
+    """PNG: V_t along each episode, coloured by outcome group, with the realised returns as end markers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"correct": "tab:green", "incorrect": "tab:gray", "corrected": "tab:blue", "misguided": "tab:red"}
+    group = dict(zip(report.episodes["episode"], report.episodes["group"], strict=True))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for ep, rows in log.groupby("episode"):
+        rows = rows.sort_values("position")
+        c = colours[group[ep]]
+        ax.plot(rows["position"], rows["value"], color=c, alpha=0.6, lw=1, marker=".")
+        ax.scatter([rows["position"].iloc[-1]], [rows["reward"].iloc[-1]], color=c, marker="x", s=20)
+    for g, c in colours.items():
+        ax.plot([], [], color=c, label=g)
+    ax.set(xlabel="generated step t", ylabel="V_t (line) / realised return (x)", title="Critic value trajectories")
+    ax.legend(fontsize=8)
+    eps = report.episodes
+    for ok, c in ((True, "tab:green"), (False, "tab:red")):
+        ax2.hist(eps.loc[eps["success"] == ok, "v0"], bins=15, alpha=0.6, color=c, label="success" if ok else "failure")
+    ax2.set(xlabel="V_0", ylabel="episodes",
+            title=f"V_0 calibration (AUROC {report.metrics['critic/v0_auroc']:.2f}, "
+                  f"Brier {report.metrics['critic/v0_brier']:.2f})")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,161 @@
+"""Interpretability outputs: intervention log, branch points (planted + cache identity), critic, HTML report."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+import torch
+
+from crl_exp.analysis.branch_points import Episode, track_branches
+from crl_exp.analysis.critic import analyse_critic, auroc, outcome_group
+from crl_exp.analysis.intervention_log import COLUMNS, log_rows, to_frame
+from crl_exp.analysis.report import render_report
+from crl_exp.crl.policy import ActorCritic
+from crl_exp.crl.rollout import PolicyController, end_token_ids, valid_steps
+from crl_exp.evaluation import rollout_batch
+from crl_exp.tasks.schema import Example
+
+from test_crl_training import COEF, D_SAE, PLANTED, PROMPTS, PlantedTask, planted_env
+
+
+class ThirdTokenTask(PlantedTask):
+    """Correct iff the third generated character is the target: only step 2's choice should matter."""
+
+    def __init__(self, prompts, max_new_tokens=4):
+        super().__init__(prompts)
+        self.cfg.max_new_tokens = max_new_tokens
+
+    def score_batch(self, examples, prompts, completions, option_probs=None):
+        return [{"parsed": c[2:3], "valid": True, "correct": float(c[2:3] == "Z"), "reward": float(c[2:3] == "Z")}
+                for c in completions]
+
+
+def constant_policy(d_model: int, feature: int) -> ActorCritic:
+    policy = ActorCritic(d_model, D_SAE, hidden=16)
+    with torch.no_grad():
+        policy.actor_head.weight.zero_()
+        policy.actor_head.bias.zero_()
+        policy.actor_head.bias[feature] = 10.0
+    return policy
+
+
+def rollout(env, policy, task, prompts_idx=(0, 1, 2)):
+    examples = [task.split("train")[i] for i in prompts_idx]
+    ctrl = PolicyController(policy, COEF, greedy=True, sae=env.sae.sae)
+    records, gen = rollout_batch(task, env.lm, examples, env.steerer, ctrl)
+    traj = ctrl.stacked()
+    valid = valid_steps(gen.new_tokens, end_token_ids(env.lm.tokenizer, env.lm.model))
+    return examples, records, gen, traj, valid
+
+
+def test_intervention_log_schema_and_row_counts(tiny_lm):
+    env = planted_env(tiny_lm)
+    task = ThirdTokenTask(PROMPTS, max_new_tokens=5)
+    policy = ActorCritic(tiny_lm.d_model, D_SAE, hidden=16)
+    examples, records, gen, traj, valid = rollout(env, policy, task)
+    rows = log_rows(records, gen.new_tokens, traj, valid, tiny_lm.tokenizer, episode_offset=10)
+    df = to_frame(rows)
+    assert list(df.columns) == COLUMNS
+    assert len(df) == int(valid.sum())
+    assert sorted(df["episode"].unique()) == [10, 11, 12]
+    first = df[df["episode"] == 10].sort_values("position")
+    assert first["feature"].tolist() == traj["feature"][0, : len(first)].tolist()
+    assert first["token_id"].tolist() == gen.new_tokens[0, : len(first)].tolist()
+    assert torch.allclose(torch.tensor(first["value"].tolist()), traj["value"][0, : len(first)])
+    assert df["prompt_id"].iloc[0] == examples[0].id
+
+
+def test_planted_branch_point_is_found(tiny_lm):
+    env = planted_env(tiny_lm)
+    task = ThirdTokenTask(PROMPTS)
+    policy = constant_policy(tiny_lm.d_model, PLANTED)
+    examples, records, gen, traj, valid = rollout(env, policy, task, (0,))
+    assert records[0]["correct"] == 1.0  # the planted feature writes the target at every step
+    episode = Episode(examples[0], gen.new_tokens[0][valid[0]].tolist(), traj["feature"][0][valid[0]].tolist(), True)
+    result = track_branches(task, env.lm, env.steerer, policy, COEF, episode, 0, k_alternatives=2)
+    points = result.branch_points()
+    assert [p["position"] for p in points] == [2]
+    assert points[0]["chosen_feature"] == PLANTED and -1 in points[0]["flipping_alternatives"]
+    scores = result.scores()
+    assert scores[2] == 1.0 and scores[0] == scores[1] == scores[3] == 0.0
+
+
+def test_cached_prefix_branches_match_from_scratch_replay(tiny_lm):
+    env = planted_env(tiny_lm)
+    task = ThirdTokenTask(PROMPTS, max_new_tokens=6)
+    torch.manual_seed(5)
+    policy = ActorCritic(tiny_lm.d_model, D_SAE, hidden=16)
+    with torch.no_grad():
+        policy.actor_head.weight.normal_(0, 1.0)  # a policy whose choices depend on the state
+    examples, records, gen, traj, valid = rollout(env, policy, task, (1,))
+    episode = Episode(examples[0], gen.new_tokens[0][valid[0]].tolist(), traj["feature"][0][valid[0]].tolist(),
+                      bool(records[0]["correct"]))
+    cached = track_branches(task, env.lm, env.steerer, policy, COEF, episode, 0, k_alternatives=2)
+    naive = track_branches(task, env.lm, env.steerer, policy, COEF, episode, 0, k_alternatives=2, naive=True)
+    assert len(cached.rows) == len(naive.rows) == len(episode.new_tokens) * 3
+    for a, b in zip(cached.rows, naive.rows, strict=True):
+        assert (a["position"], a["alternative"]) == (b["position"], b["alternative"])
+        assert a["tokens"] == b["tokens"], (a["position"], a["alternative"])
+    # Replaying the policy's own choice reproduces the episode: a sanity check of the replay itself.
+    assert any(r["tokens"] != episode.new_tokens for r in cached.rows)
+
+
+def synthetic_log() -> tuple[pd.DataFrame, dict[str, float]]:
+    rows = []
+    # episode: (v0, success, baseline correct)
+    spec = {0: (0.9, True, True), 1: (0.8, False, True), 2: (0.1, False, False), 3: (0.7, True, False),
+            4: (0.2, False, True)}
+    for ep, (v0, ok, _) in spec.items():
+        for t in range(3):
+            rows.append({"episode": ep, "prompt_id": f"p{ep}", "position": t, "token_id": 1, "token_text": "x",
+                         "feature": t, "feature_prob": 0.5, "feature_act": 1.0, "value": v0 - 0.1 * t,
+                         "reward": float(ok), "correct": float(ok)})
+    return to_frame(rows), {f"p{ep}": float(base) for ep, (_, _, base) in spec.items()}
+
+
+def test_critic_analysis_on_synthetic_trajectories():
+    log, baseline = synthetic_log()
+    report = analyse_critic(log, baseline, threshold=0.5)
+    eps = report.episodes.set_index("episode")
+    assert eps.loc[1, "failure_kind"] == "value_estimation_error"  # failed although V_0 = 0.8
+    assert eps.loc[2, "failure_kind"] == "policy_limitation" and eps.loc[4, "failure_kind"] == "policy_limitation"
+    assert list(eps["group"]) == ["correct", "misguided", "incorrect", "corrected", "misguided"]
+    m = report.metrics
+    assert m["critic/v0_auroc"] == pytest.approx(5 / 6)  # successes {0.9, 0.7} vs failures {0.8, 0.1, 0.2}
+    expected_brier = ((0.9 - 1) ** 2 + 0.8**2 + 0.1**2 + (0.7 - 1) ** 2 + 0.2**2) / 5
+    assert m["critic/v0_brier"] == pytest.approx(expected_brier)
+    assert m["critic/value_estimation_errors"] == 1 and m["critic/policy_limitations"] == 2
+    assert outcome_group(True, False) == "corrected" and auroc(torch.tensor([1.0]), torch.tensor([1.0])) != 0.5
+    with pytest.raises(ValueError, match="non-empty"):
+        analyse_critic(to_frame([]), baseline)
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("Debian's chromium is required for the report test (make test installs it)")
+    return path
+
+
+def test_html_report_renders_in_headless_chromium(tmp_path):
+    log, _ = synthetic_log()
+    log.loc[log["episode"] == 1, "token_text"] = ["Al", "pha", "!"]
+    html = render_report(log, {1: {"prompt": "Say alpha", "completion": "Alpha!", "correct": 0.0}}, "Test report",
+                         branch_points={1: [{"position": 1, "chosen_feature": 1, "chosen_correct": False,
+                                             "flipping_alternatives": [-1, 7], "branch_score": 1.0}]})
+    page = tmp_path / "report.html"
+    page.write_text(html)
+    assert "http" not in html  # self-contained: no external resources
+    proc = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                           page.as_uri()], capture_output=True, text=True, timeout=120)
+    dom = proc.stdout
+    assert "Test report" in dom and "Most-used features" in dom
+    assert 'data-position="1"' in dom and ">pha<" in dom
+    assert dom.count('class="tok branch"') == 1
+    assert "flips with -1, 7" in dom
+    assert 'title="feature 1 | p=0.500 | act=1.00 | V=0.700 | step 1"' in dom
