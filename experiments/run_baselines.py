@@ -1,6 +1,6 @@
 """Unsteered baselines of the configured model on every task's validation split (issue: benchmarks).
 
-Usage: .venv/bin/python experiments/run_baselines.py [hydra overrides applied to every task, e.g. model=...]
+Usage: .venv/bin/python experiments/run_baselines.py [task ...] [hydra overrides for every task, e.g. model=...]
 Writes experiments/baselines_<model>.md with metrics, bootstrap 95% CIs, split sizes and timings; every
 evaluation is also an MLflow run (experiment "baselines").
 """
@@ -23,14 +23,16 @@ HEADLINE = {"mmlu": ["accuracy", "accuracy_macro", "accuracy_constrained", "inva
             "bbq": ["accuracy/ambig", "accuracy/disambig", "accuracy_constrained", "bias_score_disambig",
                     "bias_score_ambig", "invalid_rate"],
             "gsm8k": ["exact_match", "invalid_rate"],
-            "xstest": ["refusal_rate[string_match]/safe", "refusal_rate[string_match]/unsafe"],
-            "harmbench": ["refusal_rate[string_match]", "attack_success_rate[string_match]"]}
+            "xstest": ["refusal_rate:string_match/safe", "refusal_rate:string_match/unsafe"],
+            "harmbench": ["refusal_rate:string_match", "attack_success_rate:string_match"]}
 
 
 def main(extra: list[str]) -> None:
     rows = []
     model_name = "model"
     for task, limit in PLAN:
+        if TASKS_ONLY and task not in TASKS_ONLY:
+            continue
         overrides = ["mode=eval", f"task={task}", "steering=none", "eval.split=validation",
                      f"eval.limit={'null' if limit is None else limit}", "logger.experiment_name=baselines", *extra]
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -41,20 +43,23 @@ def main(extra: list[str]) -> None:
             result = run_evaluation(cfg, tracker)
         result["wall_seconds"] = time.perf_counter() - t0
         rows.append((task, cfg, result))
+        write_table(rows, model_name, extra)
 
+
+def write_table(rows, model_name: str, extra: list[str]) -> None:
     lines = [f"# Unsteered baselines: {model_name}, validation splits", "",
              "Produced by `.venv/bin/python experiments/run_baselines.py " + " ".join(extra) + "` "
              "(greedy decoding, string-match refusal judge, 1000-sample percentile bootstrap 95% CIs).", "",
-             "| task | n evaluated (split sizes train/val/test) | metric | value | 95% CI | time (s) |",
+             "| task | n evaluated (split sizes train/val/test) | metric | value | 95% CI | eval / wall time (s) |",
              "|---|---|---|---|---|---|"]
-    for task, cfg, r in rows:
+    for task, _cfg, r in rows:
         sizes = r["split_sizes"]
         size_txt = f"{r['n']} ({sizes['train']}/{sizes['validation']}/{sizes['test']})"
         for i, key in enumerate(HEADLINE[task]):
             lo, hi = r["ci95"].get(key, (float("nan"), float("nan")))
             lines.append(f"| {task if i == 0 else ''} | {size_txt if i == 0 else ''} | {key} | "
                          f"{r['metrics'][key]:.3f} | [{lo:.3f}, {hi:.3f}] | "
-                         f"{r['wall_seconds']:.0f} |" if i == 0 else
+                         f"{r['speed']['eval_seconds']:.0f} / {r['wall_seconds']:.0f} |" if i == 0 else
                          f"| | | {key} | {r['metrics'][key]:.3f} | [{lo:.3f}, {hi:.3f}] | |")
     out = Path(__file__).with_name(f"baselines_{model_name}.md")
     out.write_text("\n".join(lines) + "\n")
@@ -62,5 +67,9 @@ def main(extra: list[str]) -> None:
     print(f"\nwrote {out}")
 
 
+TASKS_ONLY: list[str] = []
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    args = sys.argv[1:]
+    TASKS_ONLY = [a for a in args if "=" not in a]
+    main([a for a in args if "=" in a])

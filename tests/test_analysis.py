@@ -16,8 +16,6 @@ from crl_exp.analysis.report import render_report
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.crl.rollout import PolicyController, end_token_ids, valid_steps
 from crl_exp.evaluation import rollout_batch
-from crl_exp.tasks.schema import Example
-
 from test_crl_training import COEF, D_SAE, PLANTED, PROMPTS, PlantedTask, planted_env
 
 
@@ -159,3 +157,66 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     assert dom.count('class="tok branch"') == 1
     assert "flips with -1, 7" in dom
     assert 'title="feature 1 | p=0.500 | act=1.00 | V=0.700 | step 1"' in dom
+
+
+def test_layer_comparison_and_branch_analysis_from_mlflow_runs(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    from hydra import compose, initialize_config_dir
+    from mlflow.tracking import MlflowClient
+
+    from crl_exp.app import run
+    from crl_exp.errors import CRLConfigError
+    from crl_exp.paths import CONFIG_DIR
+    from crl_exp.saes import resid_post_hook_name
+
+    from test_saes import save_standard_sae
+
+    monkeypatch.chdir(tmp_path)
+    db = f"sqlite:///{tmp_path / 'db'}"
+
+    def cfg(*overrides):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose("config", overrides=[f"logger.tracking_uri={db}", f"data_dir={data_dir}",
+                                                "model=hf", f"model.path={tiny_model_dir}", *overrides])
+
+    small = ["budget.iterations=2", "budget.episodes_per_iteration=4", "budget.eval_examples=4",
+             "budget.static_feature.train_examples=4", "budget.static_feature.candidates=1", "masking=none",
+             "policy.coefficient_scale=absolute", "policy.coefficient=5", "eval.n_bootstrap=20",
+             "trainer.progress_bar=false", "task.max_new_tokens=3"]
+    for layer in (0, 1):
+        save_standard_sae(tmp_path / f"sae{layer}", 64, resid_post_hook_name(layer), d_sae=32)
+        run(cfg("+experiment=gsm8k_layer12", "sae=local", f"sae.path={tmp_path / f'sae{layer}'}",
+                f"sae.layer={layer}", *small))
+    client = MlflowClient(db)
+    train_runs = client.search_runs([client.get_experiment_by_name("crl-gsm8k").experiment_id])
+    assert len(train_runs) == 2
+    html = (tmp_path / "outputs" / train_runs[0].info.run_id / "interventions" / "report.html").read_text()
+    assert "Most-used features" in html
+
+    run(cfg("mode=compare_layers", "compare.experiment_name=crl-gsm8k", "logger.experiment_name=summaries"))
+    summary = client.search_runs([client.get_experiment_by_name("summaries").experiment_id])[0]
+    local = client.download_artifacts(summary.info.run_id, "compare_layers", str(tmp_path / "dl"))
+    table = pd.read_csv(f"{local}/layers.csv")
+    assert table["layer"].tolist() == [0, 1]
+    assert {"gain", "gain_ci_low", "gain_ci_high", "distinct_features_heldout", "syntactic_share"} <= set(table.columns)
+    assert (tmp_path / "dl" / "compare_layers" / "layers.png").stat().st_size > 1000
+
+    # a sweep mixing tasks is refused unless grouped explicitly
+    save_standard_sae(tmp_path / "sae_b", 64, resid_post_hook_name(1), d_sae=32)
+    run(cfg("+experiment=bbq_layer12", "sae=local", f"sae.path={tmp_path / 'sae_b'}", "sae.layer=1", *small,
+            "logger.experiment_name=crl-gsm8k"))
+    with pytest.raises(CRLConfigError, match="mixes models/tasks"):
+        run(cfg("mode=compare_layers", "compare.experiment_name=crl-gsm8k", "logger.experiment_name=summaries"))
+    run(cfg("mode=compare_layers", "compare.experiment_name=crl-gsm8k", "compare.group_by_task_model=true",
+            "logger.experiment_name=summaries"))
+
+    # branch points of a trained run, read back from MLflow
+    source = train_runs[0].info.run_id
+    run(cfg("mode=analyze", f"run_id={source}", "analysis.episodes=2", "analysis.max_steps=2",
+            "logger.experiment_name=analyses"))
+    analysis = client.search_runs([client.get_experiment_by_name("analyses").experiment_id])[0]
+    assert analysis.data.tags["source_run_id"] == source
+    assert analysis.data.metrics["branch/alternatives_evaluated"] == 2 * 2 * 3
+    with pytest.raises(CRLConfigError, match="Unknown MLflow run id"):
+        run(cfg("mode=analyze", "run_id=0123456789abcdef", "logger.experiment_name=analyses"))
+    with pytest.raises(CRLConfigError, match="not a CRL training run"):
+        run(cfg("mode=analyze", f"run_id={summary.info.run_id}", "logger.experiment_name=analyses"))

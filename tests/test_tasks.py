@@ -207,8 +207,8 @@ def test_xstest_refusal_rates_name_the_judge(data_dir):
     for r, ex in zip(recs, safe + unsafe, strict=True):
         r["group"] = ex.group
     m = task.metrics_from_records(recs)
-    assert m["refusal_rate[string_match]/safe"] == 0.5 and m["refusal_rate[string_match]/unsafe"] == 0.5
-    assert m["correct[string_match]"] == 0.5
+    assert m["refusal_rate:string_match/safe"] == 0.5 and m["refusal_rate:string_match/unsafe"] == 0.5
+    assert m["correct:string_match"] == 0.5
 
 
 def test_grouped_mean_and_bootstrap():

@@ -48,8 +48,24 @@ def _mode_train(cfg: DictConfig, tracker: RunTracker) -> None:
     run_training(cfg, tracker)
 
 
+def _mode_analyze(cfg: DictConfig, tracker: RunTracker) -> None:
+    if cfg.analysis.name != "branch_points":
+        raise CRLConfigError(f"Unknown analysis {cfg.analysis.name!r}; valid: branch_points")
+    from crl_exp.analysis.branch_mode import run_branch_analysis
+
+    run_branch_analysis(cfg, tracker)
+
+
+def _mode_compare_layers(cfg: DictConfig, tracker: RunTracker) -> None:
+    from crl_exp.analysis.layers import compare_layers
+
+    compare_layers(cfg, tracker)
+
+
 MODES: dict[str, Callable[[DictConfig, RunTracker], None]] = {
     "train": _mode_train,
+    "analyze": _mode_analyze,
+    "compare_layers": _mode_compare_layers,
     "steer": _mode_steer,
     "train_sae": _mode_train_sae,
     "eval": _mode_eval,
@@ -60,6 +76,8 @@ def preflight(cfg: DictConfig) -> None:
     """All checks that need no weights."""
     if cfg.mode not in MODES:
         raise CRLConfigError(f"Unknown mode {cfg.mode!r}; valid modes: {', '.join(MODES)}")
+    if cfg.mode in ("analyze", "compare_layers"):
+        return  # these read the model/SAE settings of the runs they analyse
     check_budget(cfg)
     n_layers = peek_n_layers(cfg.model)
     validate_layer(cfg.sae.layer, n_layers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +18,14 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from crl_exp.crl.masking import MaskingConfig
-from crl_exp.crl.module import CRLModule, PromptDataModule, SteeringEnv, config_dataclass
-from crl_exp.crl.ppo import PPOConfig
 from crl_exp.analysis.critic import analyse_critic, plot_value_trajectories
+from crl_exp.analysis.feature_profile import TopActivations, usage_weighted_syntactic_share
 from crl_exp.analysis.intervention_log import log_rows as intervention_rows
 from crl_exp.analysis.intervention_log import to_frame
 from crl_exp.analysis.report import render_report
+from crl_exp.crl.masking import MaskingConfig
+from crl_exp.crl.module import CRLModule, PromptDataModule, SteeringEnv, config_dataclass
+from crl_exp.crl.ppo import PPOConfig
 from crl_exp.crl.rollout import PolicyController, end_token_ids, valid_steps
 from crl_exp.crl.static_feature import select_static_feature
 from crl_exp.crl.trainer import build_trainer, fit_policy
@@ -70,6 +72,19 @@ def paired_deltas(task, crl: list[dict], base: list[dict], key: str, n_boot: int
     return {k: {"delta": v, "ci95": list(cis.get(k, (float("nan"), float("nan"))))} for k, v in point.items()}
 
 
+def build_env(cfg: DictConfig, task, tracker: RunTracker | None = None) -> SteeringEnv:
+    """Model, SAE and steering hook for a CRL run (coefficient semantics from ``cfg.policy``)."""
+    lm = load_model(cfg, tracker)
+    sae = load_sae_for(cfg, lm, tracker)
+    directions = steering_directions(cfg.policy, sae)
+    env = SteeringEnv(lm, sae, task, ResidualSteerer(lm.model, sae.layer, directions), float(cfg.policy.coefficient))
+    if tracker is not None:
+        tracker.log_metrics({"steer/coefficient": env.coefficient,
+                             "steer/distance": float(directions.distance(env.coefficient)),
+                             "steer/decoder_norm_mean": directions.decoder_norms.mean().item()})
+    return env
+
+
 def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     apply_budget(cfg)
     budget = cfg.budget
@@ -77,13 +92,8 @@ def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     train_pool, test_pool = task.split("train"), task.split("test", budget.get("eval_examples"))
     tracker.log_metrics({f"data/{s}_size": n for s, n in task.split_sizes().items()})
     tracker.log_metrics({"data/malformed_rows": task.n_malformed, "data/heldout_eval_size": len(test_pool)})
-    lm = load_model(cfg, tracker)
-    sae = load_sae_for(cfg, lm, tracker)
-    directions = steering_directions(cfg.policy, sae)
-    env = SteeringEnv(lm, sae, task, ResidualSteerer(lm.model, sae.layer, directions), float(cfg.policy.coefficient))
-    tracker.log_metrics({"steer/coefficient": env.coefficient,
-                         "steer/distance": float(directions.distance(env.coefficient)),
-                         "steer/decoder_norm_mean": directions.decoder_norms.mean().item()})
+    env = build_env(cfg, task, tracker)
+    lm, sae = env.lm, env.sae
     seed = int(cfg.seed)
     iterations = int(budget.iterations)
     ppo_cfg = config_dataclass(PPOConfig, cfg.ppo)
@@ -124,9 +134,18 @@ def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     end_ids = end_token_ids(lm.tokenizer, lm.model)
     crl_controller = controllers["crl"][1]
 
+    top_acts = TopActivations(sae.d_sae)
+
     def collect_interventions(batch_records, gen):
         traj = crl_controller.stacked()
         crl_controller.steps = []
+        valid = valid_steps(gen.new_tokens, end_ids)
+        later = valid[:, 1:] & valid[:, :-1]  # states of steps >= 1 sit on generated token t-1
+        if later.any():
+            states = traj["state"][:, 1:][later]
+            with torch.no_grad():
+                top_acts.update(sae.sae.encode(states.to(sae.sae.W_dec.dtype)).float().cpu(),
+                                gen.new_tokens[:, :-1][later])
         log_rows.extend(intervention_rows(batch_records, gen.new_tokens, traj, valid_steps(gen.new_tokens, end_ids),
                                           lm.tokenizer, episode_offset=episodes_seen[0]))
         episodes_seen[0] += len(batch_records)
@@ -145,6 +164,10 @@ def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                                  f"delta/crl_minus_{base}/{metric}_ci_low": v["ci95"][0],
                                  f"delta/crl_minus_{base}/{metric}_ci_high": v["ci95"][1]})
     write_interpretability_outputs(tracker, task.name, log_rows, records, out_dir)
+    usage = Counter(r["feature"] for r in log_rows)
+    syntactic, per_feature = usage_weighted_syntactic_share(dict(usage.most_common(50)), top_acts, lm.tokenizer)
+    tracker.log_metrics({"features/syntactic_share": syntactic, "features/distinct_heldout": float(len(usage))})
+    tracker.log_dict({str(k): v for k, v in per_feature.items()}, "interventions/feature_profiles.json")
     table = comparison_table(task.name, key, results, deltas, len(test_pool))
     print(table)
     tracker.log_text(table, "heldout/comparison.md")

@@ -61,5 +61,5 @@ class HarmBenchTask(RefusalTask):
     def metrics_from_records(self, records):
         out = super().metrics_from_records(records)
         judge = records[0]["judge"] if records else "none"
-        out[f"attack_success_rate[{judge}]"] = 1.0 - out[f"refusal_rate[{judge}]"]
+        out[f"attack_success_rate:{judge}"] = 1.0 - out[f"refusal_rate:{judge}"]
         return out

@@ -42,7 +42,7 @@ class RefusalTask(Task):
         groups = torch.tensor([index[r["group"]] for r in records], dtype=torch.long)
         out: dict[str, float] = {}
         for key in ("refused", "full_refusal", "partial_refusal", "correct"):
-            metric = GroupedMean(f"{'refusal_rate' if key == 'refused' else key}[{judge}]", names)
+            metric = GroupedMean(f"{'refusal_rate' if key == 'refused' else key}:{judge}", names)
             metric.update(torch.tensor([r[key] for r in records]), groups)
             out.update(metric.compute())
         out["reward"] = sum(r["reward"] for r in records) / max(1, len(records))
