@@ -7,7 +7,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check
 MLFLOW_DB ?= mlflow.db
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit test-integration ui train train-sae steer clean
+.PHONY: install browser test test-unit test-integration ui train train-sae steer clean
 
 # The venv is rebuilt only when pyproject.toml changes. torch is pinned and installed first so that
 # no dependency pulls a (multi-GB) CUDA build.
@@ -20,7 +20,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: install
+# Debian's chromium renders the HTML report in a real headless browser during the tests.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+test: install browser
 	$(PY) -m pytest -q --durations=15
 
 test-unit: install

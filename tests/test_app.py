@@ -83,7 +83,7 @@ def test_zero_coefficient_steer_in_process_changes_nothing(tmp_path, tiny_model_
 @pytest.mark.parametrize("overrides, error, message", [
     (["sae.layer=18"], CRLConfigError, r"sae\.layer=18 is out of range: the model has 18 layers, valid 0\.\.17"),
     (["sae.layer=-1"], CRLConfigError, r"valid 0\.\.17"),
-    (["mode=fly"], CRLConfigError, r"Unknown mode .fly.; valid modes: train, analyze, compare_layers, steer, train_sae, eval"),
+    (["mode=fly"], CRLConfigError, r"Unknown mode .fly.; valid modes: train, analyze, compare_layers, compare_sweep, steer, train_sae, eval"),
     (["model.package=no-such-model-pkg"], MissingDependencyError, r"pip install no-such-model-pkg"),
     (["sae=local", "sae.path=/nonexistent/sae"], CRLConfigError, r"No sae-lens SAE"),
 ])

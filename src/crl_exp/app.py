@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from crl_exp.errors import CRLConfigError
 from crl_exp.paths import default_cache_dir, ensure_writable_dir
 from crl_exp.saes.loading import preflight_sae, validate_layer
 from crl_exp.tracking import RunTracker, start_tracked_run
+from crl_exp.tracking.mlflow_run import current_sweep
+from crl_exp.tracking.sweep import config_hash, finished_run_with_hash
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +66,17 @@ def _mode_compare_layers(cfg: DictConfig, tracker: RunTracker) -> None:
     compare_layers(cfg, tracker)
 
 
+def _mode_compare_sweep(cfg: DictConfig, tracker: RunTracker) -> None:
+    from crl_exp.analysis.sweep_table import compare_sweep
+
+    compare_sweep(cfg, tracker)
+
+
 MODES: dict[str, Callable[[DictConfig, RunTracker], None]] = {
     "train": _mode_train,
     "analyze": _mode_analyze,
     "compare_layers": _mode_compare_layers,
+    "compare_sweep": _mode_compare_sweep,
     "steer": _mode_steer,
     "train_sae": _mode_train_sae,
     "eval": _mode_eval,
@@ -76,7 +87,7 @@ def preflight(cfg: DictConfig) -> None:
     """All checks that need no weights."""
     if cfg.mode not in MODES:
         raise CRLConfigError(f"Unknown mode {cfg.mode!r}; valid modes: {', '.join(MODES)}")
-    if cfg.mode in ("analyze", "compare_layers"):
+    if cfg.mode in ("analyze", "compare_layers", "compare_sweep"):
         return  # these read the model/SAE settings of the runs they analyse
     check_budget(cfg)
     n_layers = peek_n_layers(cfg.model)
@@ -133,5 +144,21 @@ def run(cfg: DictConfig) -> None:
     output_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
     tags = {"model": cfg.model.name, "layer": cfg.sae.layer, "sae_source": cfg.sae.source,
             "task": cfg.task.name, "steering": cfg.steering.kind}
-    with start_tracked_run(cfg, output_dir=output_dir, tags=tags) as tracker:
-        MODES[cfg.mode](cfg, tracker)
+    sweep = current_sweep()
+    if sweep is not None and not cfg.get("sweep", {}).get("force", False):
+        client = MlflowClient(sweep["tracking_uri"])
+        done = finished_run_with_hash(client, sweep["experiment_id"], config_hash(cfg))
+        if done is not None:
+            log.info("Skipping job: run %s already finished this config (sweep.force=true to rerun)", done)
+            if output_dir:
+                Path(output_dir, "SKIPPED").write_text(done)
+            return
+    try:
+        with start_tracked_run(cfg, output_dir=output_dir, tags=tags) as tracker:
+            MODES[cfg.mode](cfg, tracker)
+    except Exception:
+        if sweep is None:
+            raise
+        # In a sweep one failing job must not take the others down: it is recorded as FAILED (with its
+        # error text as an artifact) by start_tracked_run, counted on the parent run, and logged here.
+        log.exception("Sweep job failed (recorded as FAILED in MLflow); continuing with the other jobs")

@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from crl_exp.paths import PROJECT_ROOT
+from crl_exp.tracking.sweep import config_hash, job_tags, read_sweep_file
 
 log = logging.getLogger(__name__)
 
@@ -133,20 +134,36 @@ class RunTracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def current_sweep() -> dict[str, Any] | None:
+    """The sweep's MLflow ids when running as a Hydra multirun job (written by ``SweepCallback``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return read_sweep_file(HydraConfig.get().sweep.dir)
+
+
 @contextmanager
 def start_tracked_run(cfg: DictConfig, run_name: str | None = None, output_dir: str | Path | None = None,
                       tags: dict[str, Any] | None = None) -> Iterator[RunTracker]:
     """Open an MLflow run that records config, commit, versions and outputs folder; FAILED on exceptions."""
     lcfg = cfg.logger
-    uri = resolve_tracking_uri(lcfg.get("tracking_uri"))
-    exp_id = ensure_experiment(uri, lcfg.experiment_name, lcfg.get("artifact_location"))
+    sweep = current_sweep()
+    if sweep is not None:  # a multirun job: child of the sweep's parent run, in the sweep's experiment
+        uri, exp_id = sweep["tracking_uri"], sweep["experiment_id"]
+        tags = {**(tags or {}), "mlflow.parentRunId": sweep["parent_run_id"], **job_tags(cfg)}
+    else:
+        uri = resolve_tracking_uri(lcfg.get("tracking_uri"))
+        exp_id = ensure_experiment(uri, lcfg.experiment_name, lcfg.get("artifact_location"))
     client = MlflowClient(tracking_uri=uri)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run = client.create_run(exp_id, run_name=run_name or lcfg.get("run_name") or None,
                             tags={"mode": str(cfg.mode), "git_commit": git_commit(),
-                                  "outputs_dir": str(output_dir or ""), **(tags or {})})
+                                  "outputs_dir": str(output_dir or ""), "config_hash": config_hash(cfg),
+                                  **(tags or {})})
     tracker = RunTracker(client, run.info.run_id, uri)
-    log.info("MLflow run %s in experiment %r at %s", run.info.run_id, lcfg.experiment_name, uri)
+    log.info("MLflow run %s in experiment %s at %s", run.info.run_id, exp_id, uri)
     try:
         tracker.log_params(flatten(resolved))
         tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")

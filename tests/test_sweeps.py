@@ -1,0 +1,115 @@
+"""Hydra multiruns: joblib in parallel, failing jobs, skipping finished jobs, submitit, Ray, the sweep table."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from crl_exp.saes import resid_post_hook_name
+
+from test_saes import save_standard_sae
+
+
+@pytest.fixture
+def sweep_env(tmp_path, tiny_model_dir, data_dir):
+    save_standard_sae(tmp_path / "sae", 64, resid_post_hook_name(1), d_sae=32)
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = ["model=hf", f"model.path={tiny_model_dir}", "sae=local", f"sae.path={tmp_path / 'sae'}",
+            f"logger.tracking_uri={db}", f"data_dir={data_dir}", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    return tmp_path, db, base
+
+
+def multirun(tmp_path, args, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "crl_exp", "-m", *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def sweep_runs(db, prefix="crl-"):
+    client = MlflowClient(db)
+    (exp,) = [e for e in client.search_experiments() if "-sweep-" in e.name and e.name.startswith(prefix)]
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("kind") == "sweep_parent"]
+    children = [r for r in runs if r.data.tags.get("kind") != "sweep_parent"]
+    return client, exp, parents, children
+
+
+def test_joblib_parallel_training_sweep_logs_children_under_one_parent(sweep_env):
+    tmp_path, db, base = sweep_env
+    multirun(tmp_path, ["+experiment=bbq_layer12", *base, "sae.layer=0,1", "sae.allow_hook_mismatch=true",
+                        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "budget.iterations=2",
+                        "budget.episodes_per_iteration=4", "budget.eval_examples=4",
+                        "budget.static_feature.train_examples=4", "budget.static_feature.candidates=1",
+                        "masking=none", "policy.coefficient_scale=absolute", "policy.coefficient=5",
+                        "eval.n_bootstrap=20", "trainer.progress_bar=false"])
+    client, exp, parents, children = sweep_runs(db, "crl-bbq")
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.info.status == "FINISHED" and parent.data.tags["jobs_finished"] == "2"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"sweep_config.yaml", "sweep_overrides.txt"}
+    assert sorted(c.data.tags["layer"] for c in children) == ["0", "1"]
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["task"] == "bbq" and child.data.tags["masking"] == "none"
+        assert child.data.tags["seed"] == "0"
+        assert "heldout/crl/accuracy" in child.data.metrics and "delta/crl_minus_none/accuracy" in child.data.metrics
+
+
+def eval_sweep_args(base, features="0,999"):
+    return ["mode=eval", "task=bbq", "steering=fixed", f"steering.feature={features}", "steering.coefficient=1",
+            "steering.coefficient_scale=absolute", "sae.layer=1", "eval.limit=4", "eval.n_bootstrap=10", *base]
+
+
+def test_failing_job_is_recorded_and_others_finish_then_rerun_skips(sweep_env):
+    tmp_path, db, base = sweep_env
+    multirun(tmp_path, eval_sweep_args(base))  # feature 999 does not exist in a 32-feature SAE
+    client, exp, parents, children = sweep_runs(db, "crl-exp")
+    by_feature = {c.data.params["steering.feature"]: c for c in children}
+    assert by_feature["0"].info.status == "FINISHED"
+    failed = by_feature["999"]
+    assert failed.info.status == "FAILED"
+    error = client.download_artifacts(failed.info.run_id, "error.txt", str(tmp_path))
+    assert "steering.feature=999 is out of range" in open(error).read()
+    assert parents[0].data.tags["jobs_failed"] == "1" and parents[0].info.status == "FAILED"
+
+    # Rerunning the same sweep skips the finished job and retries the failed one.
+    multirun(tmp_path, eval_sweep_args(base))
+    client, exp, parents, children = sweep_runs(db, "crl-exp")
+    assert len([c for c in children if c.data.params["steering.feature"] == "0"]) == 1
+    assert len([c for c in children if c.data.params["steering.feature"] == "999"]) == 2
+    newest_parent = max(parents, key=lambda p: p.info.start_time)
+    assert newest_parent.data.tags["jobs_skipped"] == "1"
+    # ... unless forced.
+    multirun(tmp_path, [*eval_sweep_args(base), "sweep.force=true"])
+    client, exp, parents, children = sweep_runs(db, "crl-exp")
+    assert len([c for c in children if c.data.params["steering.feature"] == "0"]) == 2
+
+    # The sweep table: one row per job with its held-out metric.
+    proc = subprocess.run([sys.executable, "-m", "crl_exp", "mode=compare_sweep", f"compare.experiment_name={exp.name}",
+                           f"logger.tracking_uri={db}", "logger.experiment_name=summaries"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| bbq | 1 |" in proc.stdout and "FAILED" in proc.stdout
+
+
+def test_submitit_local_launcher_runs_a_job(sweep_env):
+    tmp_path, db, base = sweep_env
+    multirun(tmp_path, [*eval_sweep_args(base, "0"), "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"])
+    client, exp, parents, children = sweep_runs(db, "crl-exp")
+    assert [c.info.status for c in children] == ["FINISHED"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
+                    reason="hydra-ray-launcher is an optional extra (.[ray]); it pins cloudpickle<3, which conflicts "
+                           "with joblib>=1.6 used by the joblib launcher, so the test env does not install it")
+def test_ray_local_launcher_runs_a_job(sweep_env):
+    tmp_path, db, base = sweep_env
+    multirun(tmp_path, [*eval_sweep_args(base, "0"), "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=1"])
+    client, exp, parents, children = sweep_runs(db, "crl-exp")
+    assert [c.info.status for c in children] == ["FINISHED"]
