@@ -63,7 +63,7 @@ def main() -> None:
             opt = torch.optim.Adam(policy.parameters(), lr=1e-4, eps=1e-5)
             t1 = time.perf_counter()
             ppo_update(policy, opt, PPOConfig(target_kl=None), 0, traj["state"].flatten(0, 1)[flat],
-                       traj["feature"].flatten()[flat], traj["logprob"].flatten()[flat], adv.flatten()[flat],
+                       traj["feature"].flatten(0, 1)[flat], traj["logprob"].flatten()[flat], adv.flatten()[flat],
                        ret.flatten()[flat], traj["value"].flatten()[flat], None, torch.Generator().manual_seed(0))
             update_ratio.append((time.perf_counter() - t1) / rollout_seconds)
         row = {"batch_size": bs, "new_tokens": args.new_tokens, "plain_tokens_per_s": statistics.median(plain_tps),

@@ -269,3 +269,17 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     assert {"heldout/comparison.md", "heldout/summary.json", "heldout/static_feature.json"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/last.ckpt"]
     assert (tmp_path / "out" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_top_k_policy_steers_with_k_features_and_trains(tiny_lm, tmp_path):
+    env = planted_env(tiny_lm)
+    d = env.steerer.delta(torch.tensor([[1, 3]]), torch.tensor([4.0]))[0]
+    assert torch.allclose(d, 2.0 * env.steerer.directions.unit[1] + 2.0 * env.steerer.directions.unit[3])
+    module = make_module(env, 2)
+    module.top_k = 2
+    fit_policy(module, PromptDataModule(env.task, 12, seed=0), build_trainer(2, tmp_path / "ckpt", progress_bar=False))
+    features = module.last_rollout["trajectory"]["feature"]
+    assert features.shape[-1] == 2 and bool((features[..., 0] != features[..., 1]).all())
+    assert all(h["train/approx_kl"] == h["train/approx_kl"] for h in module.history)  # finite, not NaN
+    with pytest.raises(CRLConfigError, match="top_k"):
+        CRLModule(64, D_SAE, {"top_k": 9}, PPOConfig(), MaskingConfig(), 2)

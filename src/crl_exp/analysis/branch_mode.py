@@ -42,6 +42,9 @@ def run_branch_analysis(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
         module = CRLModule(env.lm.d_model, env.sae.d_sae, dict(src.policy), config_dataclass(PPOConfig, src.ppo),
                            masking_config(src.masking), int(src.budget.iterations), seed=int(src.seed))
         load_policy_state(module, ckpt)
+    if module.top_k != 1:
+        raise CRLConfigError("Branch-point tracking needs a top-1 policy (one feature per token); this run used "
+                             f"policy.top_k={module.top_k}")
     examples = task.split("test", int(acfg.episodes))
     if not examples:
         raise CRLConfigError(f"No held-out episodes to analyse for {task.name}")

@@ -1,7 +1,8 @@
 """The per-token intervention log (DESIGN §6): one row per (episode, generated step).
 
 Columns: episode, prompt_id, position (step index; step 0 acts on the last prompt token), token_id and
-token_text (the token generated at that step, i.e. what the intervention produced), feature, feature_prob,
+token_text (the token generated at that step, i.e. what the intervention produced), feature (the first of
+``features``, which lists all k with ``policy.top_k > 1``), feature_prob,
 feature_act (the chosen feature's own SAE activation on the pre-steering state), value (V_t), reward and
 correct (the episode's outcome), completion. Only steps that belong to the episode (up to and including
 EOS/stop) are logged.
@@ -14,14 +15,14 @@ from typing import Any
 import pandas as pd
 import torch
 
-COLUMNS = ["episode", "prompt_id", "position", "token_id", "token_text", "feature", "feature_prob", "feature_act",
-           "value", "reward", "correct"]
+COLUMNS = ["episode", "prompt_id", "position", "token_id", "token_text", "feature", "features", "feature_prob",
+           "feature_act", "value", "reward", "correct"]
 
 
 def log_rows(records: list[dict[str, Any]], new_tokens: torch.Tensor, trajectory: dict[str, torch.Tensor],
              valid: torch.Tensor, tokenizer, episode_offset: int = 0) -> list[dict[str, Any]]:
     """Rows for one rollout batch; ``trajectory`` is ``PolicyController.stacked()`` ([B, T] fields)."""
-    if trajectory["feature"].shape != valid.shape:
+    if trajectory["feature"].shape[:2] != valid.shape:
         raise ValueError(f"trajectory {tuple(trajectory['feature'].shape)} and tokens {tuple(valid.shape)} differ")
     rows = []
     for b, rec in enumerate(records):
@@ -29,8 +30,10 @@ def log_rows(records: list[dict[str, Any]], new_tokens: torch.Tensor, trajectory
             if not valid[b, t]:
                 break
             tok = int(new_tokens[b, t])
+            chosen = trajectory["feature"][b, t].flatten().tolist()  # 1 feature (top-1) or k (top-k)
             rows.append({"episode": episode_offset + b, "prompt_id": rec["id"], "position": t, "token_id": tok,
-                         "token_text": tokenizer.decode([tok]), "feature": int(trajectory["feature"][b, t]),
+                         "token_text": tokenizer.decode([tok]), "feature": int(chosen[0]),
+                         "features": ",".join(str(f) for f in chosen),
                          "feature_prob": float(trajectory["prob"][b, t]),
                          "feature_act": float(trajectory["feature_act"][b, t]),
                          "value": float(trajectory["value"][b, t]), "reward": float(rec["reward"]),

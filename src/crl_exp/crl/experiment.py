@@ -124,7 +124,7 @@ def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         "random": (env.steerer, RandomController(sae.d_sae, env.coefficient, seed=seed)),
         "static": (env.steerer, StaticController(selection.feature, env.coefficient)),
         "crl": (env.steerer, PolicyController(module.policy, env.coefficient, allowed=eval_mask, greedy=True,
-                                              sae=sae.sae)),
+                                              sae=sae.sae, top_k=module.top_k)),
     }
     key = primary_key(task, cfg)
     results: dict[str, Any] = {}

@@ -21,6 +21,7 @@ from crl_exp.crl.masking import AdaptiveFeatureMask, MaskingConfig
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.crl.ppo import PPOConfig, check_finite, compute_gae, ppo_update, terminal_rewards
 from crl_exp.crl.rollout import PolicyController, end_token_ids, valid_steps
+from crl_exp.errors import CRLConfigError
 from crl_exp.evaluation import rollout_batch
 from crl_exp.models import LoadedModel
 from crl_exp.saes import LoadedSAE
@@ -77,6 +78,9 @@ class CRLModule(L.LightningModule):
             self.policy = ActorCritic(d_model, d_sae, int(policy_cfg.get("hidden", 256)),
                                       bool(policy_cfg.get("shared_trunk", False)))
         self.ppo_cfg, self.total_iterations, self.seed = ppo_cfg, total_iterations, seed
+        self.top_k = int(policy_cfg.get("top_k", 1))
+        if not 1 <= self.top_k <= d_sae or (masking_cfg.schedule != "none" and self.top_k > masking_cfg.min_unmasked):
+            raise CRLConfigError(f"policy.top_k={self.top_k} must be in [1, d_sae] and <= masking.min_unmasked")
         self.mask = AdaptiveFeatureMask(d_sae, masking_cfg)
         self.env: SteeringEnv | None = None
         self.history: list[dict[str, float]] = []
@@ -105,7 +109,7 @@ class CRLModule(L.LightningModule):
                 group["lr"] = cfg.lr * (1.0 - iteration / max(1, self.total_iterations))
         seed = iteration_seed(self.seed, iteration)
         controller = PolicyController(self.policy, env.coefficient, allowed=self.mask.allowed(), seed=seed,
-                                      sae=env.sae.sae)
+                                      sae=env.sae.sae, top_k=self.top_k)
         t0 = time.perf_counter()
         records, gen = rollout_batch(env.task, env.lm, batch, env.steerer, controller)
         rollout_seconds = time.perf_counter() - t0
@@ -118,7 +122,7 @@ class CRLModule(L.LightningModule):
         flat = valid.flatten()
         t1 = time.perf_counter()
         stats = ppo_update(self.policy, optimizer, cfg, iteration,
-                           traj["state"].flatten(0, 1)[flat], traj["feature"].flatten()[flat],
+                           traj["state"].flatten(0, 1)[flat], traj["feature"].flatten(0, 1)[flat],
                            traj["logprob"].flatten()[flat], adv.flatten()[flat], ret.flatten()[flat],
                            traj["value"].flatten()[flat], self.mask.allowed(),
                            torch.Generator().manual_seed(seed), backward=self.manual_backward)
@@ -152,8 +156,6 @@ def config_dataclass(cls, node) -> Any:
     data = dict(node)
     unknown = set(data) - set(cls.__dataclass_fields__)
     if unknown:
-        from crl_exp.errors import CRLConfigError
-
         raise CRLConfigError(f"Unknown {cls.__name__} keys: {sorted(unknown)}")
     return cls(**data)
 

@@ -93,7 +93,11 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PPOCo
             logits, new_values = policy(states[idx], allowed)
             check_finite(iteration, logits=logits.masked_fill(torch.isneginf(logits), 0.0), values=new_values)
             dist = torch.distributions.Categorical(logits=logits)
-            new_logprob = dist.log_prob(actions[idx])
+            mb_actions = actions[idx]
+            if mb_actions.ndim == 2:  # top-k: sum of the k features' log-probs (as in the rollout)
+                new_logprob = dist.log_prob(mb_actions.T).sum(0)
+            else:
+                new_logprob = dist.log_prob(mb_actions)
             entropy = dist.entropy()
             logratio = new_logprob - old_logprobs[idx]
             ratio = logratio.exp()

@@ -30,8 +30,9 @@ class PolicyController:
     """Steering controller backed by an ``ActorCritic``; keeps a per-step record of what it did."""
 
     def __init__(self, policy: ActorCritic, coefficient: float, allowed: torch.Tensor | None = None,
-                 greedy: bool = False, seed: int = 0, sae=None):
+                 greedy: bool = False, seed: int = 0, sae=None, top_k: int = 1):
         self.policy, self.coefficient, self.allowed, self.greedy, self.sae = policy, coefficient, allowed, greedy, sae
+        self.top_k = top_k
         self.generator = torch.Generator().manual_seed(seed)
         self.steps: list[StepRecord] = []
 
@@ -40,17 +41,22 @@ class PolicyController:
         allowed = self.allowed.to(state.device) if self.allowed is not None else None
         dist, value = self.policy.distribution(state, allowed)
         probs = dist.probs
+        k = self.top_k
         if self.greedy:
-            feature = probs.argmax(-1)
-        else:
-            feature = torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(-1).to(state.device)
-        act = torch.zeros(len(feature))
+            chosen = probs.topk(k, dim=-1).indices
+        else:  # k distinct features; their log-probs are summed (independent-draw approximation for k > 1)
+            chosen = torch.multinomial(probs.cpu(), k, replacement=False, generator=self.generator).to(state.device)
+        act = torch.zeros(chosen.shape)
         if self.sae is not None:
             acts = self.sae.encode(state.to(self.sae.W_dec.dtype))
-            act = acts.gather(1, feature[:, None]).squeeze(1).float().cpu()
-        self.steps.append(StepRecord(state.detach().float().cpu(), feature.cpu(), dist.log_prob(feature).cpu(),
-                                     probs.gather(1, feature[:, None]).squeeze(1).cpu(), value.cpu(),
-                                     dist.entropy().cpu(), act))
+            act = acts.gather(1, chosen).float().cpu()
+        chosen_probs = probs.gather(1, chosen)
+        logprob = chosen_probs.clamp_min(1e-30).log().sum(-1)
+        squeeze = (lambda t: t.squeeze(1)) if k == 1 else (lambda t: t)
+        feature = squeeze(chosen)
+        self.steps.append(StepRecord(state.detach().float().cpu(), feature.cpu(), logprob.cpu(),
+                                     chosen_probs.sum(-1).cpu(), value.cpu(), dist.entropy().cpu(),
+                                     act.sum(-1) if k > 1 else squeeze(act)))
         return feature, torch.full((len(feature),), self.coefficient, device=state.device)
 
     def stacked(self) -> dict[str, torch.Tensor]:

@@ -26,7 +26,8 @@ from crl_exp.steering.directions import SteeringDirections
 
 NO_FEATURE = -1
 
-# A controller maps the residual state at the newest position [B, d_model] to (features [B] long, coeffs [B]).
+# A controller maps the residual state at the newest position [B, d_model] to (features [B] or [B, k] long,
+# coeffs [B]).
 Controller = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -78,12 +79,14 @@ class ResidualSteerer:
             self._handle = None
 
     def delta(self, features: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-        """The edit ``distance(c) * d(f)`` per row; zero for ``NO_FEATURE`` rows."""
-        active = features >= 0
-        idx = features.clamp_min(0)
-        dist = self.directions.distance(coefficients.to(self.directions.unit.dtype))
-        scale = torch.where(active, dist, torch.zeros_like(dist))
-        return self.directions.unit[idx] * scale[:, None]
+        """The edit ``distance(c) * d(f)`` per row; zero for ``NO_FEATURE`` rows.
+
+        ``features`` is ``[B]`` (top-1) or ``[B, k]`` (top-k: each of the k directions gets ``c / k``)."""
+        feats = features if features.ndim == 2 else features[:, None]
+        dist = self.directions.distance(coefficients.to(self.directions.unit.dtype)) / feats.shape[1]
+        scale = torch.where(feats >= 0, dist[:, None].expand(feats.shape), torch.zeros((), dtype=dist.dtype,
+                                                                                         device=dist.device))
+        return (self.directions.unit[feats.clamp_min(0)] * scale[..., None]).sum(1)
 
     def _hook(self, module: nn.Module, inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
