@@ -185,10 +185,13 @@ def test_layer_comparison_and_branch_analysis_from_mlflow_runs(tmp_path, tiny_mo
     for layer in (0, 1):
         save_standard_sae(tmp_path / f"sae{layer}", 64, resid_post_hook_name(layer), d_sae=32)
         run(cfg("+experiment=gsm8k_layer12", "sae=local", f"sae.path={tmp_path / f'sae{layer}'}",
-                f"sae.layer={layer}", *small))
+                f"sae.layer={layer}", *small, f"analysis.at_end_of_training={layer == 1}", "analysis.episodes=1",
+                "analysis.max_steps=1"))
     client = MlflowClient(db)
     train_runs = client.search_runs([client.get_experiment_by_name("crl-gsm8k").experiment_id])
     assert len(train_runs) == 2
+    with_branches = [r for r in train_runs if "branch/points" in r.data.metrics]
+    assert len(with_branches) == 1 and with_branches[0].data.tags["layer"] == "1"
     html = (tmp_path / "outputs" / train_runs[0].info.run_id / "interventions" / "report.html").read_text()
     assert "Most-used features" in html
 

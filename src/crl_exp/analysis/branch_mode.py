@@ -45,10 +45,15 @@ def run_branch_analysis(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
     if module.top_k != 1:
         raise CRLConfigError("Branch-point tracking needs a top-1 policy (one feature per token); this run used "
                              f"policy.top_k={module.top_k}")
+    return analyse_branches(env, module.policy, task, acfg, tracker, title=f"run {cfg.run_id}")
+
+
+def analyse_branches(env, policy, task, acfg: DictConfig, tracker: RunTracker, title: str = "") -> list[dict]:
+    """Branch points of ``policy`` on ``acfg.episodes`` held-out episodes; artifacts under ``branch_points/``."""
     examples = task.split("test", int(acfg.episodes))
     if not examples:
         raise CRLConfigError(f"No held-out episodes to analyse for {task.name}")
-    controller = PolicyController(module.policy, env.coefficient, greedy=True, sae=env.sae.sae)
+    controller = PolicyController(policy, env.coefficient, greedy=True, sae=env.sae.sae)
     records, gen = rollout_batch(task, env.lm, examples, env.steerer, controller)
     traj = controller.stacked()
     valid = valid_steps(gen.new_tokens, end_token_ids(env.lm.tokenizer, env.lm.model))
@@ -58,7 +63,7 @@ def run_branch_analysis(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
         episode = Episode(ex, gen.new_tokens[i][valid[i]].tolist(), traj["feature"][i][valid[i]].tolist(),
                           bool(rec["correct"] > 0.5))
         steps = list(range(min(len(episode.new_tokens), int(acfg.max_steps))))
-        result = track_branches(task, env.lm, env.steerer, module.policy, env.coefficient, episode, i,
+        result = track_branches(task, env.lm, env.steerer, policy, env.coefficient, episode, i,
                                 k_alternatives=int(acfg.k_alternatives), steps=steps)
         all_rows += result.rows
         points[i] = result.branch_points()
@@ -67,7 +72,7 @@ def run_branch_analysis(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
                                                                                           index=False)
     (out / "branch_points.json").write_text(json.dumps({str(k): v for k, v in points.items()}, indent=1))
     episodes = {i: {"prompt": r["prompt"], "completion": r["completion"]} for i, r in enumerate(records)}
-    (out / "report.html").write_text(render_report(log, episodes, f"Branch points: {task.name} (run {cfg.run_id})",
+    (out / "report.html").write_text(render_report(log, episodes, f"Branch points: {task.name} {title}",
                                                    branch_points=points))
     n_points = sum(len(v) for v in points.values())
     tracker.log_metrics({"branch/episodes": len(examples), "branch/points": n_points,

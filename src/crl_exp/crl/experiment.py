@@ -168,6 +168,10 @@ def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     syntactic, per_feature = usage_weighted_syntactic_share(dict(usage.most_common(50)), top_acts, lm.tokenizer)
     tracker.log_metrics({"features/syntactic_share": syntactic, "features/distinct_heldout": float(len(usage))})
     tracker.log_dict({str(k): v for k, v in per_feature.items()}, "interventions/feature_profiles.json")
+    if cfg.analysis.get("at_end_of_training") and module.top_k == 1:
+        from crl_exp.analysis.branch_mode import analyse_branches
+
+        analyse_branches(env, module.policy, task, cfg.analysis, tracker, title="(end of training)")
     table = comparison_table(task.name, key, results, deltas, len(test_pool))
     print(table)
     tracker.log_text(table, "heldout/comparison.md")
