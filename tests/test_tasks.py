@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from crl_exp.errors import CRLConfigError
 from crl_exp.paths import CONFIG_DIR
@@ -274,3 +275,40 @@ def test_examples_share_one_schema_across_tasks(data_dir):
         ex = make(name, data_dir).split("validation", limit=1)[0]
         assert isinstance(ex, Example)
         assert set(ex.to_row()) == {"id", "task", "question", "answer", "group", "choices", "context", "meta"}
+
+
+def test_chat_template_and_base_template_prompts(data_dir, tiny_lm):
+    from crl_exp.evaluation import render_prompt
+
+    xs = make("xstest", data_dir)
+    ex = xs.split("validation")[0]
+    assert render_prompt(xs, tiny_lm, ex) == f"User: {ex.question}\nAssistant:"
+    chat = make("xstest", data_dir, "task.template=chat")
+    with pytest.raises(CRLConfigError, match="no chat template"):
+        render_prompt(chat, tiny_lm, ex)
+    tiny_lm.tokenizer.chat_template = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+                                       "<end_of_turn>\n{% endfor %}<start_of_turn>model\n")
+    assert render_prompt(chat, tiny_lm, ex) == f"<start_of_turn>user\n{ex.question}<end_of_turn>\n<start_of_turn>model"
+
+
+def test_model_refusal_judge_with_a_local_classifier(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from crl_exp.tasks.judges import ModelRefusalJudge, build_judge
+
+    from conftest import byte_tokenizer
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=264, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                     num_labels=2, id2label={0: "compliance", 1: "refusal"}, label2id={"compliance": 0, "refusal": 1})
+    model = BertForSequenceClassification(cfg)
+    with torch.no_grad():  # make the classifier always answer "refusal"
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([-5.0, 5.0]))
+    model.save_pretrained(tmp_path / "judge")
+    byte_tokenizer().save_pretrained(tmp_path / "judge")
+    judge = build_judge(OmegaConf.create({"kind": "model", "model": str(tmp_path / "judge"), "refusal_labels": ["refusal"]}))
+    assert isinstance(judge, ModelRefusalJudge) and judge.name == f"model:{tmp_path / 'judge'}"
+    assert judge.classify(["a", "b"], ["Sure, here it is", "No."]) == [FULL_REFUSAL, FULL_REFUSAL]
+    with pytest.raises(ValueError, match="unknown"):
+        ModelRefusalJudge(str(tmp_path / "judge"), ["declined"])
