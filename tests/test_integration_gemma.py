@@ -65,7 +65,7 @@ def test_corrupted_conversion_is_detected_and_rebuilt(tmp_path, gemma):
     assert verify_manifest(path) is None
 
 
-def test_train_sae_command_on_gemma_logs_quality(tmp_path, data_dir):
+def test_train_sae_command_on_gemma_logs_quality(tmp_path, data_dir, gemma):
     db = tmp_path / "mlflow.db"
     cmd = [sys.executable, "-m", "crl_exp.sae", "sae.layer=6", "sae.training.d_sae=512", "sae.training.k=16",
            "sae.training.train_tokens=6000", "sae.training.heldout_tokens=1500", "sae.training.epochs=3",
