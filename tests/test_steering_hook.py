@@ -171,3 +171,13 @@ def test_coefficient_scales():
         SteeringDirections.from_decoder(W, "resid_norm")
     with pytest.raises(CRLConfigError):
         SteeringDirections.from_decoder(W, "percent")
+
+
+def test_stop_strings_end_rows_and_are_cut(tiny_lm):
+    plain = generate(tiny_lm, PROMPTS, max_new_tokens=10)
+    first = plain.completions[0]
+    stop = first[2:4]  # a string the first row is known to produce
+    stopped = generate(tiny_lm, PROMPTS, 10, stop_strings=[stop])
+    assert stopped.completions[0] == first[: first.find(stop)]
+    row = stopped.new_tokens[0].tolist()
+    assert row.count(tiny_lm.tokenizer.pad_token_id) > 0  # the row ended early and was padded

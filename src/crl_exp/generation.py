@@ -7,6 +7,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from crl_exp.models import LoadedModel
 from crl_exp.steering.hook import Controller, ResidualSteerer
@@ -23,6 +24,31 @@ class Generation:
     @property
     def n_generated(self) -> int:
         return int(self.new_tokens.numel())
+
+
+class StopOnStrings(StoppingCriteria):
+    """Ends a row once its generated text contains a stop string.
+
+    Replaces ``generate(stop_strings=...)``, whose ``StopStringCriteria`` pre-processes the whole vocabulary on
+    every call (about 3.5 s per call with Gemma's 262k tokens, measured); this only decodes each row's last few
+    tokens per step.
+    """
+
+    def __init__(self, tokenizer, stop_strings: list[str], prompt_length: int):
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, list(stop_strings), prompt_length
+        self.window = max(len(s) for s in self.stops) + 2  # tokens: each holds at least one character
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        tails = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:][:, -self.window:],
+                                            skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in tails], device=input_ids.device)
+
+
+def stop_criteria(tokenizer, stop_strings: list[str] | None, prompt_length: int) -> dict:
+    """``generate`` kwargs for stop strings (empty when there are none)."""
+    if not stop_strings:
+        return {}
+    return {"stopping_criteria": StoppingCriteriaList([StopOnStrings(tokenizer, stop_strings, prompt_length)])}
 
 
 def cut_at_stop_strings(text: str, stop_strings: list[str]) -> str:
@@ -46,9 +72,7 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: 
     """
     enc = lm.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(lm.device)
     ctx = steerer.attached(controller) if steerer is not None else nullcontext()
-    kwargs = {}
-    if stop_strings:
-        kwargs.update(stop_strings=list(stop_strings), tokenizer=lm.tokenizer)
+    kwargs = stop_criteria(lm.tokenizer, stop_strings, enc.input_ids.shape[1])
     if score_token_ids is not None:
         kwargs.update(output_logits=True, return_dict_in_generate=True)
     if min_new_tokens:

@@ -21,7 +21,7 @@ import torch
 
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.evaluation import render_prompt
-from crl_exp.generation import generate
+from crl_exp.generation import generate, stop_criteria
 from crl_exp.steering.controllers import StaticController
 from crl_exp.steering.hook import NO_FEATURE, ResidualSteerer
 from crl_exp.tasks import Task
@@ -171,7 +171,7 @@ def _cut(text: str, stops: list[str]) -> str:
 def continue_from_cache(lm, input_ids: torch.Tensor, cache, steerer: ResidualSteerer, controller,
                         max_new_tokens: int, stop_strings: list[str]) -> list[int]:
     """Generate from ``input_ids`` whose first ``cache`` positions are already cached (prefix reuse)."""
-    kwargs = {"stop_strings": list(stop_strings), "tokenizer": lm.tokenizer} if stop_strings else {}
+    kwargs = stop_criteria(lm.tokenizer, stop_strings, input_ids.shape[1])
     with steerer.attached(controller):
         out = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
