@@ -124,11 +124,8 @@ def test_planted_feature_is_found(tiny_lm, tmp_path):
     first, last = module.history[0], module.history[-3:]
     assert first["train/reward_mean"] < 0.5
     assert sum(h["train/reward_mean"] for h in last) / 3 >= 0.8 * rewards[PLANTED]
-    with torch.no_grad():
-        probs = module.policy.distribution(torch.randn(4, tiny_lm.d_model) * 0 + 1)[0].probs
-    state = env.lm.model  # noqa: F841 (keeps the env alive for clarity)
     share = PolicyShare.of(module, env)
-    assert share >= 0.8, f"planted feature share {share:.2f}, probs {probs}"
+    assert share >= 0.8, f"planted feature share {share:.2f}"
 
 
 class PolicyShare:

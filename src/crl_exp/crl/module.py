@@ -10,7 +10,7 @@ iteration with nothing logged twice. Metrics are logged with ``step = iteration`
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -27,7 +27,6 @@ from crl_exp.models import LoadedModel
 from crl_exp.saes import LoadedSAE
 from crl_exp.steering.hook import ResidualSteerer
 from crl_exp.tasks import Task
-from crl_exp.tasks.splits import subsample
 
 
 @dataclass
@@ -159,5 +158,3 @@ def config_dataclass(cls, node) -> Any:
         raise CRLConfigError(f"Unknown {cls.__name__} keys: {sorted(unknown)}")
     return cls(**data)
 
-
-__all__ = ["CRLModule", "PromptDataModule", "SteeringEnv", "asdict", "config_dataclass", "subsample"]
