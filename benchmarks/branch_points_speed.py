@@ -20,7 +20,7 @@ from omegaconf import open_dict
 from crl_exp.analysis.branch_points import Episode, track_branches
 from crl_exp.crl.experiment import build_env
 from crl_exp.crl.policy import ActorCritic
-from crl_exp.crl.rollout import PolicyController, end_token_ids, valid_steps
+from crl_exp.crl.rollout import PolicyController
 from crl_exp.evaluation import rollout_batch
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.tasks import build_task
@@ -45,7 +45,7 @@ def main() -> None:
     ctrl = PolicyController(policy, env.coefficient, greedy=True)
     records, gen = rollout_batch(task, env.lm, examples, env.steerer, ctrl)
     traj = ctrl.stacked()
-    valid = valid_steps(gen.new_tokens, end_token_ids(env.lm.tokenizer, env.lm.model))
+    valid = gen.valid
     timings, mismatches, n = {}, 0, 0
     results = {}
     for naive in (False, True):

@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.crl.ppo import PPOConfig, compute_gae, ppo_update, terminal_rewards
-from crl_exp.crl.rollout import PolicyController, end_token_ids, valid_steps
+from crl_exp.crl.rollout import PolicyController
 from crl_exp.generation import generate
 from crl_exp.paths import CONFIG_DIR, default_data_dir
 from crl_exp.runtime import load_model_and_sae
@@ -56,7 +56,7 @@ def main() -> None:
             traj = ctrl.stacked()
             rollout_seconds = time.perf_counter() - t0
             steered_tps.append(steered.n_generated / rollout_seconds)
-            valid = valid_steps(steered.new_tokens, end_token_ids(lm.tokenizer, lm.model))
+            valid = steered.valid
             rewards = terminal_rewards(torch.rand(bs), valid)
             adv, ret = compute_gae(rewards, traj["value"], valid, 1.0, 0.95)
             flat = valid.flatten()

@@ -14,7 +14,7 @@ from crl_exp.analysis.critic import analyse_critic, auroc, outcome_group
 from crl_exp.analysis.intervention_log import COLUMNS, log_rows, to_frame
 from crl_exp.analysis.report import render_report
 from crl_exp.crl.policy import ActorCritic
-from crl_exp.crl.rollout import PolicyController, end_token_ids, valid_steps
+from crl_exp.crl.rollout import PolicyController
 from crl_exp.evaluation import rollout_batch
 from test_crl_training import COEF, D_SAE, PLANTED, PROMPTS, PlantedTask, planted_env
 
@@ -45,7 +45,7 @@ def rollout(env, policy, task, prompts_idx=(0, 1, 2)):
     ctrl = PolicyController(policy, COEF, greedy=True, sae=env.sae.sae)
     records, gen = rollout_batch(task, env.lm, examples, env.steerer, ctrl)
     traj = ctrl.stacked()
-    valid = valid_steps(gen.new_tokens, end_token_ids(env.lm.tokenizer, env.lm.model))
+    valid = gen.valid
     return examples, records, gen, traj, valid
 
 

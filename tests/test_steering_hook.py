@@ -181,3 +181,17 @@ def test_stop_strings_end_rows_and_are_cut(tiny_lm):
     assert stopped.completions[0] == first[: first.find(stop)]
     row = stopped.new_tokens[0].tolist()
     assert row.count(tiny_lm.tokenizer.pad_token_id) > 0  # the row ended early and was padded
+
+
+def test_steps_after_a_stop_string_are_not_valid(tiny_lm):
+    """The forced pad after a stop string is no step: it gets no reward and enters no log (was marked valid)."""
+    plain = generate(tiny_lm, PROMPTS, max_new_tokens=10)
+    first = plain.completions[0]
+    stop = first[2:4]
+    stopped = generate(tiny_lm, PROMPTS, 10, stop_strings=[stop])
+    end = first.find(stop) + len(stop)  # byte-level tokens: one character each
+    assert stopped.valid[0].tolist() == [t < end for t in range(stopped.new_tokens.shape[1])]
+    pad = tiny_lm.tokenizer.pad_token_id
+    assert pad in stopped.new_tokens[0].tolist()
+    assert pad not in stopped.new_tokens[stopped.valid].tolist()
+    assert stopped.valid[1].all() or not stopped.valid[1][-1]  # rows that did not stop keep their steps

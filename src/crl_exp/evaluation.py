@@ -20,7 +20,7 @@ from crl_exp.runtime import load_model, load_sae_for
 from crl_exp.steering.factory import build_steerer
 from crl_exp.tasks import Task, build_task
 from crl_exp.tasks.metrics import bootstrap_ci
-from crl_exp.tasks.schema import Example
+from crl_exp.tasks.schema import LETTERS, Example
 from crl_exp.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,13 @@ def letter_token_ids(tokenizer, letters: str) -> tuple[torch.Tensor, torch.Tenso
     return torch.tensor(ids), torch.tensor(owner)
 
 
-def option_probabilities(logits: torch.Tensor, owner: torch.Tensor, n_options: int) -> torch.Tensor:
-    """[B, n_options] probabilities of each letter, normalised over the option letters only."""
-    probs = logits.softmax(-1)
-    per_letter = torch.zeros(len(logits), n_options).index_add_(1, owner, probs)
-    return per_letter / per_letter.sum(-1, keepdim=True)
+def option_probabilities(logits: torch.Tensor, logsumexp: torch.Tensor, owner: torch.Tensor,
+                         n_options: int) -> torch.Tensor:
+    """[B, n_options] probability of each letter (all its spellings summed) under the *full* next-token
+    distribution. Not renormalised over the letters: that would let a policy push mass off the letters for free.
+    """
+    probs = (logits - logsumexp[:, None]).exp()
+    return torch.zeros(len(logits), n_options).index_add_(1, owner, probs)
 
 
 def render_prompt(task: Task, lm: LoadedModel, ex: Example) -> str:
@@ -64,13 +66,13 @@ def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=Non
     letter_ids = owner = None
     n_options = max((len(e.choices) for e in batch), default=0)
     if task.kind == "multiple_choice":
-        letter_ids, owner = letter_token_ids(lm.tokenizer, "ABCDEFGHIJ"[:n_options])
+        letter_ids, owner = letter_token_ids(lm.tokenizer, LETTERS[:n_options])
     prompts = [render_prompt(task, lm, ex) for ex in batch]
     gen = generate(lm, prompts, task.max_new_tokens, steerer, controller, add_special_tokens=not chat,
                    stop_strings=task.stop_strings, score_token_ids=letter_ids)
     option_probs = None
     if gen.first_step_logits is not None:
-        option_probs = option_probabilities(gen.first_step_logits, owner, n_options)
+        option_probs = option_probabilities(gen.first_step_logits, gen.first_step_logsumexp, owner, n_options)
     scored = task.score_batch(batch, prompts, gen.completions, option_probs)
     records = [{"id": ex.id, "group": ex.group, "question": ex.question, "answer": ex.answer, "prompt": prompt,
                 "completion": completion, **rec}

@@ -19,7 +19,9 @@ class Generation:
     completions: list[str]
     new_tokens: torch.Tensor  # [B, T_new] (pad after EOS)
     seconds: float
+    valid: torch.Tensor  # [B, T_new] bool: the steps that belong to each row's episode (see ``valid_steps``)
     first_step_logits: torch.Tensor | None = None  # [B, len(score_token_ids)] at the first generated position
+    first_step_logsumexp: torch.Tensor | None = None  # [B] log of the full-vocabulary softmax normaliser there
 
     @property
     def n_generated(self) -> int:
@@ -37,11 +39,17 @@ class StopOnStrings(StoppingCriteria):
     def __init__(self, tokenizer, stop_strings: list[str], prompt_length: int):
         self.tokenizer, self.stops, self.prompt_length = tokenizer, list(stop_strings), prompt_length
         self.window = max(len(s) for s in self.stops) + 2  # tokens: each holds at least one character
+        self.stopped_at: dict[int, int] = {}  # row -> index of the generated token that completed a stop string
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         tails = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:][:, -self.window:],
                                             skip_special_tokens=True)
-        return torch.tensor([any(s in t for s in self.stops) for t in tails], device=input_ids.device)
+        done = [any(s in t for s in self.stops) for t in tails]
+        step = input_ids.shape[1] - self.prompt_length - 1
+        for row, hit in enumerate(done):
+            if hit:
+                self.stopped_at.setdefault(row, step)
+        return torch.tensor(done, device=input_ids.device)
 
 
 def stop_criteria(tokenizer, stop_strings: list[str] | None, prompt_length: int) -> dict:
@@ -49,6 +57,39 @@ def stop_criteria(tokenizer, stop_strings: list[str] | None, prompt_length: int)
     if not stop_strings:
         return {}
     return {"stopping_criteria": StoppingCriteriaList([StopOnStrings(tokenizer, stop_strings, prompt_length)])}
+
+
+def stop_steps(kwargs: dict) -> dict[int, int]:
+    """Row -> step at which a stop string ended it, read back from ``stop_criteria``'s criterion after generate."""
+    criteria = kwargs.get("stopping_criteria") or []
+    return next((c.stopped_at for c in criteria if isinstance(c, StopOnStrings)), {})
+
+
+def end_token_ids(tokenizer, model) -> set[int]:
+    """Token ids that end a row: pad, the tokenizer's EOS and the generation config's EOS id(s)."""
+    ids = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    return {i for i in ids if i is not None}
+
+
+def valid_steps(new_tokens: torch.Tensor, end_ids: set[int], stopped_at: dict[int, int] | None = None) -> torch.Tensor:
+    """Bool [B, T]: the steps of each row's episode.
+
+    A row's episode ends with the step that emitted an end token (EOS) or completed a stop string: that step's
+    action still chose the ending, so it is valid; every later step (pads forced by ``generate``) is not.
+    """
+    is_end = torch.zeros_like(new_tokens, dtype=torch.bool)
+    for tok in end_ids:
+        is_end |= new_tokens == tok
+    for row, step in (stopped_at or {}).items():
+        if step < new_tokens.shape[1]:
+            is_end[row, step] = True
+    ended_before = torch.cumsum(is_end.long(), dim=1) - is_end.long() > 0
+    return ~ended_before
 
 
 def cut_at_stop_strings(text: str, stop_strings: list[str]) -> str:
@@ -68,7 +109,8 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: 
     """Greedy-decode ``prompts`` in one batch; with ``steerer`` every forward step is steered by ``controller``.
 
     ``stop_strings`` end a row early (and are cut from its completion); ``score_token_ids`` returns the raw
-    logits of those tokens at the first generated position (e.g. option letters, for constrained answers).
+    logits of those tokens at the first generated position (e.g. option letters, for constrained answers) and
+    the full-vocabulary log-normaliser there, so their probabilities are exact, not renormalised.
     """
     enc = lm.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(lm.device)
     ctx = steerer.attached(controller) if steerer is not None else nullcontext()
@@ -83,9 +125,13 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: 
                                 pad_token_id=lm.tokenizer.pad_token_id, **kwargs)
     seconds = time.perf_counter() - t0
     sequences = out.sequences if score_token_ids is not None else out
-    first = out.logits[0][:, score_token_ids.to(lm.device)].float().cpu() if score_token_ids is not None else None
+    first = lse = None
+    if score_token_ids is not None:
+        first = out.logits[0][:, score_token_ids.to(lm.device)].float().cpu()
+        lse = out.logits[0].float().logsumexp(-1).cpu()
     new = sequences[:, enc.input_ids.shape[1]:].cpu()
+    valid = valid_steps(new, end_token_ids(lm.tokenizer, lm.model), stop_steps(kwargs))
     texts = lm.tokenizer.batch_decode(new, skip_special_tokens=True)
     if stop_strings:
         texts = [cut_at_stop_strings(t, stop_strings) for t in texts]
-    return Generation(prompts, texts, new, seconds, first)
+    return Generation(prompts, texts, new, seconds, valid, first, lse)

@@ -17,7 +17,7 @@ from crl_exp.analysis.runs import download_checkpoint, load_policy_state, load_r
 from crl_exp.crl.experiment import apply_budget, build_env, masking_config
 from crl_exp.crl.module import CRLModule, config_dataclass
 from crl_exp.crl.ppo import PPOConfig
-from crl_exp.crl.rollout import PolicyController, end_token_ids, valid_steps
+from crl_exp.crl.rollout import PolicyController
 from crl_exp.errors import CRLConfigError
 from crl_exp.evaluation import rollout_batch
 from crl_exp.tasks import build_task
@@ -56,7 +56,7 @@ def analyse_branches(env, policy, task, acfg: DictConfig, tracker: RunTracker, t
     controller = PolicyController(policy, env.coefficient, greedy=True, sae=env.sae.sae)
     records, gen = rollout_batch(task, env.lm, examples, env.steerer, controller)
     traj = controller.stacked()
-    valid = valid_steps(gen.new_tokens, end_token_ids(env.lm.tokenizer, env.lm.model))
+    valid = gen.valid
     log = to_frame(log_rows(records, gen.new_tokens, traj, valid, env.lm.tokenizer))
     all_rows, points = [], {}
     for i, (ex, rec) in enumerate(zip(examples, records, strict=True)):

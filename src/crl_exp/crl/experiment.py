@@ -26,7 +26,7 @@ from crl_exp.analysis.report import render_report
 from crl_exp.crl.masking import MaskingConfig
 from crl_exp.crl.module import CRLModule, PromptDataModule, SteeringEnv, config_dataclass
 from crl_exp.crl.ppo import PPOConfig
-from crl_exp.crl.rollout import PolicyController, end_token_ids, valid_steps
+from crl_exp.crl.rollout import PolicyController
 from crl_exp.crl.static_feature import select_static_feature
 from crl_exp.crl.trainer import build_trainer, fit_policy
 from crl_exp.evaluation import log_evaluation, run_episodes, summarize
@@ -131,7 +131,6 @@ def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     records: dict[str, list[dict]] = {}
     log_rows: list[dict] = []
     episodes_seen = [0]
-    end_ids = end_token_ids(lm.tokenizer, lm.model)
     crl_controller = controllers["crl"][1]
 
     top_acts = TopActivations(sae.d_sae)
@@ -139,14 +138,14 @@ def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     def collect_interventions(batch_records, gen):
         traj = crl_controller.stacked()
         crl_controller.steps = []
-        valid = valid_steps(gen.new_tokens, end_ids)
+        valid = gen.valid
         later = valid[:, 1:] & valid[:, :-1]  # states of steps >= 1 sit on generated token t-1
         if later.any():
             states = traj["state"][:, 1:][later]
             with torch.no_grad():
                 top_acts.update(sae.sae.encode(states.to(sae.sae.W_dec.dtype)).float().cpu(),
                                 gen.new_tokens[:, :-1][later])
-        log_rows.extend(intervention_rows(batch_records, gen.new_tokens, traj, valid_steps(gen.new_tokens, end_ids),
+        log_rows.extend(intervention_rows(batch_records, gen.new_tokens, traj, valid,
                                           lm.tokenizer, episode_offset=episodes_seen[0]))
         episodes_seen[0] += len(batch_records)
 

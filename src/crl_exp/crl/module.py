@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from crl_exp.crl.masking import AdaptiveFeatureMask, MaskingConfig
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.crl.ppo import PPOConfig, check_finite, compute_gae, ppo_update, terminal_rewards
-from crl_exp.crl.rollout import PolicyController, end_token_ids, valid_steps
+from crl_exp.crl.rollout import PolicyController
 from crl_exp.errors import CRLConfigError
 from crl_exp.evaluation import rollout_batch
 from crl_exp.models import LoadedModel
@@ -113,7 +113,7 @@ class CRLModule(L.LightningModule):
         records, gen = rollout_batch(env.task, env.lm, batch, env.steerer, controller)
         rollout_seconds = time.perf_counter() - t0
         traj = controller.stacked()
-        valid = valid_steps(gen.new_tokens, end_token_ids(env.lm.tokenizer, env.lm.model))
+        valid = gen.valid
         episode_rewards = torch.tensor([r["reward"] for r in records], dtype=torch.float)
         check_finite(iteration, rewards=episode_rewards)
         rewards = terminal_rewards(episode_rewards, valid)

@@ -63,22 +63,3 @@ class PolicyController:
         """Each field stacked to ``[B, T, ...]`` (T = number of forward steps)."""
         fields = StepRecord.__dataclass_fields__
         return {name: torch.stack([getattr(s, name) for s in self.steps], dim=1) for name in fields}
-
-
-def valid_steps(new_tokens: torch.Tensor, end_ids: set[int]) -> torch.Tensor:
-    """Bool [B, T]: step t belongs to the episode unless the row ended (EOS/pad) at an earlier step."""
-    is_end = torch.zeros_like(new_tokens, dtype=torch.bool)
-    for tok in end_ids:
-        is_end |= new_tokens == tok
-    ended_before = torch.cumsum(is_end.long(), dim=1) - is_end.long() > 0
-    return ~ended_before
-
-
-def end_token_ids(tokenizer, model) -> set[int]:
-    ids = {tokenizer.pad_token_id, tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif gen_eos:
-        ids.update(gen_eos)
-    return {i for i in ids if i is not None}

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from crl_exp.crl.rollout import end_token_ids, valid_steps
 from crl_exp.evaluation import rollout_batch
 from crl_exp.steering.controllers import StaticController
 from crl_exp.steering.hook import NO_FEATURE
@@ -42,7 +41,6 @@ def pearson_per_feature(acts: torch.Tensor, reward: torch.Tensor) -> torch.Tenso
 @torch.no_grad()
 def select_static_feature(env, examples, candidates: int, batch_size: int) -> StaticSelection:
     lm, sae, task, steerer = env.lm, env.sae.sae, env.task, env.steerer
-    end_ids = end_token_ids(lm.tokenizer, lm.model)
     mean_acts, rewards = [], []
     steerer.record_states = True
     try:
@@ -50,7 +48,7 @@ def select_static_feature(env, examples, candidates: int, batch_size: int) -> St
             batch = examples[start:start + batch_size]
             records, gen = rollout_batch(task, lm, batch, steerer, StaticController(NO_FEATURE, 0.0))
             states = torch.stack([s.state for s in steerer.steps], dim=1).float()  # [B, T, d]
-            valid = valid_steps(gen.new_tokens, end_ids).float()
+            valid = gen.valid.float()
             acts = sae.encode(states.to(sae.W_dec.dtype)).float().cpu()  # [B, T, d_sae]
             mean_acts.append((acts * valid[..., None]).sum(1) / valid.sum(1, keepdim=True).clamp_min(1))
             rewards += [r["reward"] for r in records]

@@ -18,7 +18,7 @@ import torch
 
 from crl_exp.errors import CRLConfigError
 from crl_exp.tasks import splits as splitting
-from crl_exp.tasks.schema import Example
+from crl_exp.tasks.schema import LETTERS, Example
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class Task(ABC):
         return list(self.cfg.get("stop_strings") or [])
 
     def option_letters(self, ex: Example) -> str:
-        return "ABCDEFGHIJ"[: len(ex.choices)]
+        return LETTERS[: len(ex.choices)]
 
     # ------------------------------------------------------------------ scoring
     @abstractmethod

@@ -2,22 +2,28 @@
 
 Local layout: ``bbq/<Category>.jsonl`` (upstream ``data/``); hub: a mirror with the same columns
 (default ``heegyu/bbq``, one config per category). No upstream split exists: rows are split by seeded
-fractions. Metrics: accuracy per context condition (unconstrained and constrained), the bias scores
+fractions of *templates* (``category/question_index``): rows of one template differ only in names, polarity
+and ambiguity, so hashing row ids would put near-twins of every test row into train. Metrics: accuracy per context condition (unconstrained and constrained), the bias scores
 s_DIS / s_AMB (see ``metrics.bbq_bias_scores``) and the invalid-answer rate.
 
-Which answer is "biased": for a negative question, the option whose group tag is one of the row's
-``stereotyped_groups``; for a non-negative question, the other non-unknown option.
+Which answer is "biased": for a negative question, the option that names one of the row's
+``stereotyped_groups``; for a non-negative question, the other non-unknown option. Categories label their
+stereotyped groups differently (the BBQ authors' analysis code handles this per category): most compare with
+the answer's group *tag* ("old", "gay"), but Nationality tags are regions ("Europe") while its stereotyped
+groups are nationalities ("British"), matched by the answer's *name*; the answer text is the last resort.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from crl_exp.errors import CRLConfigError
+from crl_exp.tasks import splits as splitting
 from crl_exp.tasks.metrics import ANTI_BIASED, BIASED, INVALID, UNKNOWN, BBQBiasScore
 from crl_exp.tasks.multiple_choice import MultipleChoiceTask, options_block
 from crl_exp.tasks.schema import LETTERS, Example
@@ -31,15 +37,23 @@ def _norm(tag: str) -> str:
 
 
 def answer_roles(row: dict[str, Any]) -> tuple[int, int | None]:
-    """(index of the 'unknown' option, index of the stereotyped-group option or None if not identifiable)."""
+    """(index of the 'unknown' option, index of the stereotyped-group option or None if not identifiable).
+
+    The target is the one non-unknown option whose tag, else name, else answer text names a stereotyped group.
+    """
     info = row["answer_info"]
     tags = [info[f"ans{i}"][1] for i in range(3)]
     unknown = [i for i, t in enumerate(tags) if t == "unknown"]
     if len(unknown) != 1:
         raise ValueError("no unique 'unknown' option in answer_info")
     stereotyped = {_norm(g) for g in row["additional_metadata"]["stereotyped_groups"]}
-    targets = [i for i, t in enumerate(tags) if i != unknown[0] and _norm(t) in stereotyped]
-    return unknown[0], (targets[0] if len(targets) == 1 else None)
+    others = [i for i in range(3) if i != unknown[0]]
+    for describe in (lambda i: {_norm(tags[i])}, lambda i: {_norm(info[f"ans{i}"][0])},
+                     lambda i: set(_norm(w) for w in re.findall(r"[\w-]+", str(row.get(f"ans{i}", ""))))):
+        targets = [i for i in others if describe(i) & stereotyped]
+        if len(targets) == 1:
+            return unknown[0], targets[0]
+    return unknown[0], None
 
 
 class BBQTask(MultipleChoiceTask):
@@ -81,7 +95,11 @@ class BBQTask(MultipleChoiceTask):
             answer=LETTERS[label], group=f"{row['category']}", context=row["context"],
             choices=(row["ans0"], row["ans1"], row["ans2"]),
             meta={"condition": condition, "polarity": row["question_polarity"], "unknown_index": unknown,
-                  "target_index": target, "category": row["category"]})
+                  "target_index": target, "category": row["category"],
+                  "template": f"{row['category']}/{row['question_index']}"})
+
+    def assign_split(self, ex: Example) -> str:
+        return splitting.assign(ex.meta["template"], self.seed, dict(self.cfg.split_fractions))
 
     def keep(self, ex: Example) -> bool:
         conditions = self.cfg.get("conditions") or ["ambig", "disambig"]

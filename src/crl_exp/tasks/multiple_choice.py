@@ -3,8 +3,10 @@
 DESIGN §5: report accuracy both *unconstrained* (the letter parsed from the generated text; anything else is
 invalid and wrong) and *constrained* (argmax of the model's probabilities over the option letters), plus the
 invalid-answer rate, because steering can "gain" accuracy just by removing invalid outputs. Rewards:
-``exact`` (1 if the unconstrained answer is right) or ``dense`` (probability of the right letter among the
-option letters), the latter giving small models a learning signal.
+``exact`` (1 if the unconstrained answer is right) or ``dense`` (probability of the right letter, all its
+spellings summed, under the *full* next-token distribution), the latter giving small models a learning signal.
+Renormalising over the option letters would let a policy push probability off the letters at no cost;
+``letter_mass`` (probability on any option letter) makes such a shift visible.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from crl_exp.tasks.base import Task
 from crl_exp.tasks.metrics import GroupedMean
 from crl_exp.tasks.parsing import parse_letter
-from crl_exp.tasks.schema import Example
+from crl_exp.tasks.schema import LETTERS, Example
 
 
 class MultipleChoiceTask(Task):
@@ -46,6 +48,7 @@ class MultipleChoiceTask(Task):
             if option_probs is not None:
                 probs = option_probs[i, : len(letters)]
                 rec["gold_prob"] = float(probs[letters.index(ex.answer)])
+                rec["letter_mass"] = float(probs.sum())
                 rec["constrained"] = letters[int(probs.argmax())]
                 rec["constrained_correct"] = float(rec["constrained"] == ex.answer)
             rec["reward"] = rec["gold_prob"] if self.reward_kind == "dense" and "gold_prob" in rec else float(correct)
@@ -65,10 +68,11 @@ class MultipleChoiceTask(Task):
         if records and "constrained_correct" in records[0]:
             out["accuracy_constrained"] = sum(r["constrained_correct"] for r in records) / len(records)
             out["gold_prob"] = sum(r["gold_prob"] for r in records) / len(records)
+            out["letter_mass"] = sum(r["letter_mass"] for r in records) / len(records)
         out["invalid_rate"] = sum(not r["valid"] for r in records) / max(1, len(records))
         out["reward"] = sum(r["reward"] for r in records) / max(1, len(records))
         return out
 
 
 def options_block(choices: tuple[str, ...]) -> str:
-    return "\n".join(f"{'ABCDEFGHIJ'[i]}. {c}" for i, c in enumerate(choices))
+    return "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))

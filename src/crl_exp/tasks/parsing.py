@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import re
 
+from crl_exp.tasks.schema import LETTERS
+
+# Upper-case letters only, or a lower-case one inside parentheses: a bare "a" is the English article.
+_LETTER = r"(?:\(([A-Ja-j])\)|([A-J])\)?)(?:[\s.:)\]]|$)"
 _LETTER_PATTERNS = [
-    re.compile(r"^\s*\(?([A-J])\)?(?:[\s.:)\]]|$)", re.IGNORECASE),  # " B", "B)", "(b)", "C.", "D:"
-    re.compile(r"answer\s*(?:is|:)?\s*\(?([A-J])\)?(?:[\s.:)\]]|$)", re.IGNORECASE),  # "The answer is C"
+    re.compile(r"^\s*" + _LETTER),  # " B", "B)", "(b)", "C.", "D:"
+    re.compile(r"(?i:answer)\s*(?:(?i:is)|:)?\s*" + _LETTER),  # "The answer is C", "answer: (d)"
 ]
 _GSM_GOLD = re.compile(r"####\s*(.+?)\s*$", re.MULTILINE)
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
 
 def parse_letter(text: str, n_options: int) -> str | None:
-    """Option letter at the start (``" B"``, ``"B)"``, ``"(b)"``) or after "answer is"; None if absent/invalid."""
-    valid = set("ABCDEFGHIJ"[:n_options])
+    """Option letter at the start (``" B"``, ``"B)"``, ``"(b)"``) or after "answer is"; None if absent/invalid.
+
+    A match that is not one of the options (e.g. the pronoun in "I think the answer is B") does not end the
+    search: the next pattern is tried.
+    """
+    valid = set(LETTERS[:n_options])
     for pattern in _LETTER_PATTERNS:
-        m = pattern.search(text or "")
-        if m:
-            letter = m.group(1).upper()
-            return letter if letter in valid else None
+        for m in pattern.finditer(text or ""):
+            letter = (m.group(1) or m.group(2)).upper()
+            if letter in valid:
+                return letter
     return None
 
 
