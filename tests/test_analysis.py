@@ -79,6 +79,8 @@ def test_planted_branch_point_is_found(tiny_lm):
     assert points[0]["chosen_feature"] == PLANTED and -1 in points[0]["flipping_alternatives"]
     scores = result.scores()
     assert scores[2] == 1.0 and scores[0] == scores[1] == scores[3] == 0.0
+    controls = [r for r in result.rows if r["control"]]
+    assert [r["alternative"] for r in controls] == [PLANTED] * 4 and result.control_flips() == []
 
 
 def test_cached_prefix_branches_match_from_scratch_replay(tiny_lm):
@@ -93,11 +95,13 @@ def test_cached_prefix_branches_match_from_scratch_replay(tiny_lm):
                       bool(records[0]["correct"]))
     cached = track_branches(task, env.lm, env.steerer, policy, COEF, episode, 0, k_alternatives=2)
     naive = track_branches(task, env.lm, env.steerer, policy, COEF, episode, 0, k_alternatives=2, naive=True)
-    assert len(cached.rows) == len(naive.rows) == len(episode.new_tokens) * 3
+    assert len(cached.rows) == len(naive.rows) == len(episode.new_tokens) * 4  # control + none + 2 next-best
     for a, b in zip(cached.rows, naive.rows, strict=True):
         assert (a["position"], a["alternative"]) == (b["position"], b["alternative"])
         assert a["tokens"] == b["tokens"], (a["position"], a["alternative"])
-    # Replaying the policy's own choice reproduces the episode: a sanity check of the replay itself.
+    # Replaying the policy's own choice (the control) reproduces the episode: a check of the replay itself.
+    for row in (r for r in cached.rows if r["control"]):
+        assert row["tokens"] == episode.new_tokens and not row["flips"]
     assert any(r["tokens"] != episode.new_tokens for r in cached.rows)
 
 
@@ -219,6 +223,8 @@ def test_layer_comparison_and_branch_analysis_from_mlflow_runs(tmp_path, tiny_mo
     analysis = client.search_runs([client.get_experiment_by_name("analyses").experiment_id])[0]
     assert analysis.data.tags["source_run_id"] == source
     assert analysis.data.metrics["branch/alternatives_evaluated"] == 2 * 2 * 3
+    assert analysis.data.metrics["branch/controls_evaluated"] == 2 * 2
+    assert analysis.data.metrics["branch/control_flips"] == 0
     with pytest.raises(CRLConfigError, match="Unknown MLflow run id"):
         run(cfg("mode=analyze", "run_id=0123456789abcdef", "logger.experiment_name=analyses"))
     with pytest.raises(CRLConfigError, match="not a CRL training run"):

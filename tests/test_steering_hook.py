@@ -195,3 +195,10 @@ def test_steps_after_a_stop_string_are_not_valid(tiny_lm):
     assert pad in stopped.new_tokens[0].tolist()
     assert pad not in stopped.new_tokens[stopped.valid].tolist()
     assert stopped.valid[1].all() or not stopped.valid[1][-1]  # rows that did not stop keep their steps
+
+
+def test_steered_tokens_are_the_newest_position_at_each_step(tiny_lm):
+    gen = generate(tiny_lm, PROMPTS, max_new_tokens=3)
+    enc = tiny_lm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert gen.steered_tokens[:, 0].tolist() == enc.input_ids[:, -1].tolist()
+    assert gen.steered_tokens[:, 1:].tolist() == gen.new_tokens[:, :-1].tolist()

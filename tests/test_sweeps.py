@@ -113,3 +113,19 @@ def test_ray_local_launcher_runs_a_job(sweep_env):
     multirun(tmp_path, [*eval_sweep_args(base, "0"), "hydra/launcher=ray", "+hydra.launcher.ray.init.num_cpus=1"])
     client, exp, parents, children = sweep_runs(db, "crl-exp")
     assert [c.info.status for c in children] == ["FINISHED"]
+
+
+def test_skip_cache_key_changes_with_the_code_version():
+    """A rerun after a code change must not reuse runs made by the old code (the key hashed the config only)."""
+    from hydra import compose, initialize_config_dir
+
+    from crl_exp.paths import CONFIG_DIR
+    from crl_exp.tracking.provenance import git_commit
+    from crl_exp.tracking.sweep import config_hash
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config")
+    assert config_hash(cfg, "abc123") == config_hash(cfg, "abc123")
+    assert config_hash(cfg, "abc123") != config_hash(cfg, "def456")
+    assert config_hash(cfg, "abc123") != config_hash(cfg, "abc123-dirty-0badc0de")
+    assert config_hash(cfg) == config_hash(cfg, git_commit())

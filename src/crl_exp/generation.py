@@ -22,6 +22,13 @@ class Generation:
     valid: torch.Tensor  # [B, T_new] bool: the steps that belong to each row's episode (see ``valid_steps``)
     first_step_logits: torch.Tensor | None = None  # [B, len(score_token_ids)] at the first generated position
     first_step_logsumexp: torch.Tensor | None = None  # [B] log of the full-vocabulary softmax normaliser there
+    last_prompt_tokens: torch.Tensor | None = None  # [B] each row's last prompt token (left padding: column -1)
+
+    @property
+    def steered_tokens(self) -> torch.Tensor:
+        """[B, T]: the token whose residual stream step t reads and steers (the newest position): the last prompt
+        token at step 0, generated token t-1 after that."""
+        return torch.cat([self.last_prompt_tokens[:, None], self.new_tokens[:, :-1]], dim=1)
 
     @property
     def n_generated(self) -> int:
@@ -134,4 +141,4 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: 
     texts = lm.tokenizer.batch_decode(new, skip_special_tokens=True)
     if stop_strings:
         texts = [cut_at_stop_strings(t, stop_strings) for t in texts]
-    return Generation(prompts, texts, new, seconds, valid, first, lse)
+    return Generation(prompts, texts, new, seconds, valid, first, lse, enc.input_ids[:, -1].cpu())

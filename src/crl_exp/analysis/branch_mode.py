@@ -53,20 +53,26 @@ def analyse_branches(env, policy, task, acfg: DictConfig, tracker: RunTracker, t
     examples = task.split("test", int(acfg.episodes))
     if not examples:
         raise CRLConfigError(f"No held-out episodes to analyse for {task.name}")
-    controller = PolicyController(policy, env.coefficient, greedy=True, sae=env.sae.sae)
-    records, gen = rollout_batch(task, env.lm, examples, env.steerer, controller)
-    traj = controller.stacked()
-    valid = gen.valid
-    log = to_frame(log_rows(records, gen.new_tokens, traj, valid, env.lm.tokenizer))
-    all_rows, points = [], {}
-    for i, (ex, rec) in enumerate(zip(examples, records, strict=True)):
-        episode = Episode(ex, gen.new_tokens[i][valid[i]].tolist(), traj["feature"][i][valid[i]].tolist(),
+    # Originals are generated one episode at a time (unpadded), exactly as the branches are replayed.
+    records, log, all_rows, points, noise = [], [], [], {}, 0
+    for i, ex in enumerate(examples):
+        controller = PolicyController(policy, env.coefficient, greedy=True, sae=env.sae.sae)
+        (rec,), gen = rollout_batch(task, env.lm, [ex], env.steerer, controller)
+        traj, valid = controller.stacked(), gen.valid
+        records.append(rec)
+        log += log_rows([rec], gen.new_tokens, traj, valid, env.lm.tokenizer, episode_offset=i)
+        episode = Episode(ex, gen.new_tokens[0][valid[0]].tolist(), traj["feature"][0][valid[0]].tolist(),
                           bool(rec["correct"] > 0.5))
         steps = list(range(min(len(episode.new_tokens), int(acfg.max_steps))))
         result = track_branches(task, env.lm, env.steerer, policy, env.coefficient, episode, i,
                                 k_alternatives=int(acfg.k_alternatives), steps=steps)
         all_rows += result.rows
         points[i] = result.branch_points()
+        noise += len(result.control_flips())
+    log = to_frame(log)
+    if noise:
+        print(f"WARNING: {noise} control continuations (the original action replayed) changed the outcome: "
+              f"numerical noise between the original generation and its cached replay")
     out = Path(tempfile.mkdtemp(prefix="branch-points-"))
     pd.DataFrame([{k: v for k, v in r.items() if k != "tokens"} for r in all_rows]).to_csv(out / "branches.csv",
                                                                                           index=False)
@@ -75,11 +81,14 @@ def analyse_branches(env, policy, task, acfg: DictConfig, tracker: RunTracker, t
     (out / "report.html").write_text(render_report(log, episodes, f"Branch points: {task.name} {title}",
                                                    branch_points=points))
     n_points = sum(len(v) for v in points.values())
+    n_controls = sum(r["control"] for r in all_rows)
     tracker.log_metrics({"branch/episodes": len(examples), "branch/points": n_points,
                          "branch/points_per_episode": n_points / len(examples),
-                         "branch/alternatives_evaluated": len(all_rows)})
+                         "branch/alternatives_evaluated": len(all_rows) - n_controls,
+                         "branch/controls_evaluated": n_controls, "branch/control_flips": noise})
     tracker.log_artifact(out, "branch_points")
-    print(f"{n_points} branch points in {len(examples)} episodes ({len(all_rows)} counterfactual continuations)")
+    print(f"{n_points} branch points in {len(examples)} episodes ({len(all_rows) - n_controls} counterfactual "
+          f"continuations; {noise} of {n_controls} controls flipped)")
     for ep, pts in points.items():
         for p in pts:
             print(f"  episode {ep} step {p['position']}: feature {p['chosen_feature']} "

@@ -7,6 +7,11 @@ each alternative choice (no steering, the policy's next-best features), generati
 snapshot: the alternative at step t, then the policy (greedy). The prefix is never regenerated. A step's *branch score* is the share
 of alternatives whose outcome (correct or not) differs from the original; a *branch point* has score > 0.
 
+Every step also replays the **original action** as a *control* alternative: it must reproduce the original
+outcome, so a control that flips is numerical noise (reported as ``control_flips``, never a branch point). The
+original episode must therefore come from the same unpadded, batch-1 path as the branches (``analyse_branches``
+generates it so); an episode from a left-padded batch can differ from its unpadded replay in the last bits.
+
 ``naive=True`` regenerates every branch from the prompt instead (replaying the recorded actions before t): the
 reference for the token-identity test and for the speed benchmark.
 """
@@ -41,9 +46,18 @@ class BranchResult:
     episode: int
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per (step, alternative)
 
+    @property
+    def alternatives(self) -> list[dict[str, Any]]:
+        """The counterfactual rows (controls excluded)."""
+        return [r for r in self.rows if not r["control"]]
+
+    def control_flips(self) -> list[dict[str, Any]]:
+        """Control rows (the original action replayed) whose outcome differs: numerical noise, not branching."""
+        return [r for r in self.rows if r["control"] and r["flips"]]
+
     def branch_points(self) -> list[dict[str, Any]]:
         by_step: dict[int, list[dict]] = {}
-        for r in self.rows:
+        for r in self.alternatives:
             by_step.setdefault(r["position"], []).append(r)
         out = []
         for pos, rows in sorted(by_step.items()):
@@ -57,7 +71,7 @@ class BranchResult:
 
     def scores(self) -> dict[int, float]:
         by_step: dict[int, list[bool]] = {}
-        for r in self.rows:
+        for r in self.alternatives:
             by_step.setdefault(r["position"], []).append(r["flips"])
         return {p: sum(v) / len(v) for p, v in sorted(by_step.items())}
 
@@ -124,7 +138,8 @@ def track_branches(task: Task, lm, steerer: ResidualSteerer, policy: ActorCritic
             continue
         if naive:
             state = _state_by_replay(lm, steerer, prompt, chat, policy, coefficient, episode.actions[: t + 1])
-        for alt in alternatives_for(policy, state, episode.actions[t], k_alternatives):
+        control = episode.actions[t]
+        for alt in [control, *alternatives_for(policy, state, control, k_alternatives)]:
             if naive:
                 ctrl = ScriptedController(policy, coefficient, episode.actions[:t], alt)
                 gen = generate(lm, [prompt], task.max_new_tokens, steerer, ctrl, add_special_tokens=not chat,
@@ -139,7 +154,7 @@ def track_branches(task: Task, lm, steerer: ResidualSteerer, policy: ActorCritic
             rec = task.score_batch([ex], [prompt], [completion], None)[0]
             correct = bool(rec["correct"] > 0.5)
             result.rows.append({"episode": episode_index, "prompt_id": ex.id, "position": t,
-                                "chosen_feature": episode.actions[t], "alternative": alt,
+                                "chosen_feature": episode.actions[t], "alternative": alt, "control": alt == control,
                                 "original_correct": episode.correct, "alternative_correct": correct,
                                 "flips": correct != episode.correct, "tokens": tokens,
                                 "completion": completion, "original_completion": original_completion})

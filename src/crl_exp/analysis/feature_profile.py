@@ -2,7 +2,8 @@
 
 Method (documented in the README): while the CRL policy runs on held-out episodes, every recorded residual
 state is encoded by the SAE and each feature's top-``k`` activating tokens are kept (the token whose residual
-it is: the input token at that step, so steps >= 1). A token counts as *syntactic* if, stripped and
+it is: the newest position at that step, i.e. the last prompt token at step 0 and generated token t-1 after
+that, so one-token tasks get a profile too). A token counts as *syntactic* if, stripped and
 lower-cased, it is empty/whitespace, punctuation, a digit string, or an English function word. A feature's
 syntactic share is the share of syntactic tokens among its top activations; a run's profile is the
 usage-weighted mean over the features the policy chose.

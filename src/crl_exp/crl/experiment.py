@@ -139,12 +139,10 @@ def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         traj = crl_controller.stacked()
         crl_controller.steps = []
         valid = gen.valid
-        later = valid[:, 1:] & valid[:, :-1]  # states of steps >= 1 sit on generated token t-1
-        if later.any():
-            states = traj["state"][:, 1:][later]
+        if valid.any():  # every steered position, step 0 (the last prompt token) included
             with torch.no_grad():
-                top_acts.update(sae.sae.encode(states.to(sae.sae.W_dec.dtype)).float().cpu(),
-                                gen.new_tokens[:, :-1][later])
+                top_acts.update(sae.sae.encode(traj["state"][valid].to(sae.sae.W_dec.dtype)).float().cpu(),
+                                gen.steered_tokens[valid])
         log_rows.extend(intervention_rows(batch_records, gen.new_tokens, traj, valid,
                                           lm.tokenizer, episode_offset=episodes_seen[0]))
         episodes_seen[0] += len(batch_records)

