@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from crl_exp.evaluation import run_evaluation
+from crl_exp.modes.eval import run as run_evaluation
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.tracking import start_tracked_run
 from crl_exp.tracking.provenance import git_commit

@@ -15,7 +15,7 @@ from crl_exp.analysis.intervention_log import COLUMNS, log_rows, to_frame
 from crl_exp.analysis.report import render_report
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.crl.rollout import PolicyController
-from crl_exp.evaluation import rollout_batch
+from crl_exp.episodes import rollout_batch
 from test_crl_training import COEF, D_SAE, PLANTED, PROMPTS, PlantedTask, planted_env
 
 

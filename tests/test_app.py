@@ -72,7 +72,7 @@ def test_zero_coefficient_steer_in_process_changes_nothing(tmp_path, tiny_model_
                        f"sae.path={tiny_sae_dir[0]}", "sae.layer=1", "steering.coefficient=0",
                        "steering.coefficient_scale=absolute", f"logger.tracking_uri=sqlite:///{tmp_path / 'db'}",
                        "generation.max_new_tokens=5"])
-    from crl_exp.steering.static import run_static_steering
+    from crl_exp.modes.steer import run as run_static_steering
     from crl_exp.tracking import start_tracked_run
 
     with start_tracked_run(cfg) as tracker:

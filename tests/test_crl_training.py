@@ -10,9 +10,10 @@ from omegaconf import OmegaConf
 from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
 from crl_exp.crl.masking import AdaptiveFeatureMask, MaskingConfig
-from crl_exp.crl.module import CRLModule, PromptDataModule, SteeringEnv
+from crl_exp.crl.module import CRLModule, PromptDataModule
 from crl_exp.crl.ppo import PPOConfig
 from crl_exp.crl.trainer import build_trainer, fit_policy
+from crl_exp.episodes import SteeringEnv
 from crl_exp.errors import CRLConfigError
 from crl_exp.generation import generate
 from crl_exp.models.architecture import decoder_layers

@@ -15,7 +15,7 @@ from crl_exp.errors import CRLConfigError
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.tasks import build_task
 from crl_exp.tasks.bbq import answer_kind
-from crl_exp.tasks.judges import FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL, StringMatchRefusalJudge
+from crl_exp.tasks.judges import FULL_REFUSAL
 from crl_exp.tasks.metrics import ANTI_BIASED, BIASED, INVALID, UNKNOWN, GroupedMean, bbq_bias_scores, bootstrap_ci
 from crl_exp.tasks.parsing import gsm8k_gold, normalise_number, parse_gsm8k_completion, parse_letter
 from crl_exp.tasks.schema import Example
@@ -162,7 +162,7 @@ def test_mc_scoring_unconstrained_constrained_and_dense(data_dir):
 
 
 def test_dense_reward_is_the_full_vocabulary_probability_of_the_gold_letter():
-    from crl_exp.evaluation import option_probabilities
+    from crl_exp.episodes import option_probabilities
 
     # vocabulary of 6 tokens; letter A has two spellings (ids 1, 3), letter B one (id 2)
     full = torch.tensor([[2.0, 1.0, 0.5, 0.0, 3.0, -1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
@@ -179,7 +179,7 @@ def test_dense_reward_is_the_full_vocabulary_probability_of_the_gold_letter():
 
 
 def test_dense_reward_from_a_real_rollout_matches_a_direct_forward(tiny_lm, data_dir):
-    from crl_exp.evaluation import render_prompt, rollout_batch
+    from crl_exp.episodes import render_prompt, rollout_batch
 
     task = make("mmlu", data_dir, "task.subjects=[anatomy]", "task.reward=dense")
     exs = task.split("test")[:2]
@@ -337,7 +337,7 @@ def test_examples_share_one_schema_across_tasks(data_dir):
 
 
 def test_chat_template_and_base_template_prompts(data_dir, tiny_lm):
-    from crl_exp.evaluation import render_prompt
+    from crl_exp.episodes import render_prompt
 
     xs = make("xstest", data_dir)
     ex = xs.split("validation")[0]

@@ -6,6 +6,7 @@ local SAEs, writable cache), then model, then SAE, then work. Bad input therefor
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from crl_exp.errors import CRLConfigError
+from crl_exp.models.loading import import_model_package
 from crl_exp.paths import default_cache_dir, ensure_writable_dir
 from crl_exp.saes.loading import preflight_sae, validate_layer
 from crl_exp.tracking import RunTracker, start_tracked_run
@@ -25,62 +27,21 @@ from crl_exp.tracking.sweep import config_hash, finished_run_with_hash
 log = logging.getLogger(__name__)
 
 
-def _mode_steer(cfg: DictConfig, tracker: RunTracker) -> None:
-    from crl_exp.steering.static import run_static_steering
-
-    run_static_steering(cfg, tracker)
-
-
-def _mode_train_sae(cfg: DictConfig, tracker: RunTracker) -> None:
-    from crl_exp.runtime import load_model_and_sae
-
-    lm, sae = load_model_and_sae(cfg, tracker)
-    print(f"SAE for {lm.name} layer {sae.layer} ({sae.source})")
-    for key, value in sae.metrics.items():
-        print(f"  {key:>20}: {value:.4f}")
-
-
-def _mode_eval(cfg: DictConfig, tracker: RunTracker) -> None:
-    from crl_exp.evaluation import run_evaluation
-
-    run_evaluation(cfg, tracker)
-
-
-def _mode_train(cfg: DictConfig, tracker: RunTracker) -> None:
-    from crl_exp.crl.experiment import run_training
-
-    run_training(cfg, tracker)
-
-
-def _mode_analyze(cfg: DictConfig, tracker: RunTracker) -> None:
-    if cfg.analysis.name != "branch_points":
-        raise CRLConfigError(f"Unknown analysis {cfg.analysis.name!r}; valid: branch_points")
-    from crl_exp.analysis.branch_mode import run_branch_analysis
-
-    run_branch_analysis(cfg, tracker)
-
-
-def _mode_compare_layers(cfg: DictConfig, tracker: RunTracker) -> None:
-    from crl_exp.analysis.layers import compare_layers
-
-    compare_layers(cfg, tracker)
-
-
-def _mode_compare_sweep(cfg: DictConfig, tracker: RunTracker) -> None:
-    from crl_exp.analysis.sweep_table import compare_sweep
-
-    compare_sweep(cfg, tracker)
-
-
-MODES: dict[str, Callable[[DictConfig, RunTracker], None]] = {
-    "train": _mode_train,
-    "analyze": _mode_analyze,
-    "compare_layers": _mode_compare_layers,
-    "compare_sweep": _mode_compare_sweep,
-    "steer": _mode_steer,
-    "train_sae": _mode_train_sae,
-    "eval": _mode_eval,
+# mode name -> module under crl_exp/modes with ``run(cfg, tracker)``; imported on use, so a mode's heavy imports
+# (Lightning, pandas, ...) cost nothing to the others and bad input fails before they load.
+MODES: dict[str, str] = {
+    "train": "train",
+    "analyze": "analyze",
+    "compare_layers": "compare_layers",
+    "compare_sweep": "compare_sweep",
+    "steer": "steer",
+    "train_sae": "train_sae",
+    "eval": "eval",
 }
+
+
+def runner(mode: str) -> Callable[[DictConfig, RunTracker], object]:
+    return importlib.import_module(f"crl_exp.modes.{MODES[mode]}").run
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -95,9 +56,7 @@ def preflight(cfg: DictConfig) -> None:
     preflight_sae(cfg.sae, cfg.model.get("d_model"))
     ensure_writable_dir(cfg.cache_dir or default_cache_dir(), "cache")
     if cfg.model.source == "gguf_package":
-        from crl_exp.models.loading import _import_package
-
-        _import_package(cfg.model.package)
+        import_model_package(cfg.model.package)
 
 
 def check_budget(cfg: DictConfig) -> None:
@@ -111,8 +70,7 @@ def check_budget(cfg: DictConfig) -> None:
                              f"budget=cpu with the embedded model)")
     if budget.device != str(cfg.model.device).split(":")[0]:
         raise CRLConfigError(f"budget={budget.name} expects model.device={budget.device}, got {cfg.model.device}")
-    from crl_exp.crl.experiment import masking_config
-    from crl_exp.crl.module import config_dataclass
+    from crl_exp.crl.config import config_dataclass, masking_config
     from crl_exp.crl.ppo import PPOConfig
 
     config_dataclass(PPOConfig, cfg.ppo)
@@ -155,7 +113,7 @@ def run(cfg: DictConfig) -> None:
             return
     try:
         with start_tracked_run(cfg, output_dir=output_dir, tags=tags) as tracker:
-            MODES[cfg.mode](cfg, tracker)
+            runner(cfg.mode)(cfg, tracker)
     except Exception:
         if sweep is None:
             raise

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from crl_exp.crl.policy import ActorCritic
-from crl_exp.evaluation import render_prompt
+from crl_exp.episodes import render_prompt
 from crl_exp.generation import generate, stop_criteria
 from crl_exp.steering.controllers import StaticController
 from crl_exp.steering.hook import NO_FEATURE, ResidualSteerer

@@ -1,4 +1,4 @@
-"""``mode=compare_layers``: per-layer comparison of the CRL runs of a sweep, read back from MLflow.
+"""Per-layer comparison of the CRL runs of a sweep, read back from MLflow.
 
 Per layer: task gain (CRL minus no steering on the primary metric, with its paired-bootstrap 95% CI), feature
 diversity (distinct features on held-out episodes and in the last training iteration) and the
@@ -9,15 +9,10 @@ is set, in which case each (model, task) group gets its own rows.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import pandas as pd
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
 
 from crl_exp.errors import CRLConfigError
-from crl_exp.tracking import RunTracker
 
 
 def collect_runs(client: MlflowClient, experiment_name: str) -> pd.DataFrame:
@@ -42,28 +37,6 @@ def collect_runs(client: MlflowClient, experiment_name: str) -> pd.DataFrame:
                      "distinct_features_train": m.get("train/distinct_features"),
                      "syntactic_share": m.get("features/syntactic_share")})
     return pd.DataFrame(rows)
-
-
-def compare_layers(cfg: DictConfig, tracker: RunTracker) -> pd.DataFrame:
-    ccfg = cfg.compare
-    client = MlflowClient(tracker.tracking_uri)
-    df = collect_runs(client, str(ccfg.experiment_name))
-    if df.empty:
-        raise CRLConfigError(f"No finished CRL training runs in experiment {ccfg.experiment_name!r}")
-    groups = df.groupby(["model", "task"]).size()
-    if len(groups) > 1 and not ccfg.get("group_by_task_model", False):
-        raise CRLConfigError(f"The sweep mixes models/tasks {list(groups.index)}; set "
-                             f"compare.group_by_task_model=true to compare them group by group")
-    table = df.sort_values(["model", "task", "layer"]).reset_index(drop=True)
-    out = Path(tempfile.mkdtemp(prefix="compare-layers-"))
-    table.to_csv(out / "layers.csv", index=False)
-    md = markdown_table(table.drop(columns=["run_id"]))
-    (out / "layers.md").write_text(md + "\n")
-    plot_layers(table, out / "layers.png")
-    tracker.log_artifact(out, "compare_layers")
-    tracker.set_tags({"analysis": "compare_layers", "source_experiment": ccfg.experiment_name})
-    print(md)
-    return table
 
 
 def markdown_table(df: pd.DataFrame) -> str:

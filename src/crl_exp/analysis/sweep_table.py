@@ -1,18 +1,10 @@
-"""``mode=compare_sweep``: one row per job of a sweep (config keys, held-out metric + CI, delta vs baseline),
-printed and logged as an artifact of the sweep's parent run."""
+"""The rows of a sweep table: one per job (config keys, held-out metric + CI, delta vs no steering)."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
-import pandas as pd
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig
 
-from crl_exp.analysis.layers import markdown_table
 from crl_exp.errors import CRLConfigError
-from crl_exp.tracking import RunTracker
 
 KEYS = ("task", "layer", "masking", "seed", "mode")
 
@@ -44,28 +36,3 @@ def job_row(run) -> dict:
     if delta in m:
         row.update(delta_vs_none=m[delta], delta_ci_low=m.get(f"{delta}_ci_low"), delta_ci_high=m.get(f"{delta}_ci_high"))
     return row
-
-
-def compare_sweep(cfg: DictConfig, tracker: RunTracker) -> pd.DataFrame:
-    client = MlflowClient(tracker.tracking_uri)
-    exp, parents = latest_parent(client, str(cfg.compare.experiment_name))
-    parent_ids = {p.info.run_id for p in parents}
-    children = [r for r in client.search_runs([exp.experiment_id])
-                if r.data.tags.get("mlflow.parentRunId") in parent_ids]
-    if not children:
-        raise CRLConfigError(f"The sweep in {exp.name!r} has no job runs yet")
-    # A rerun may have skipped jobs: the newest run per config hash represents the job.
-    newest: dict[str, object] = {}
-    for r in sorted(children, key=lambda r: r.info.start_time):
-        newest[r.data.tags.get("config_hash", r.info.run_id)] = r
-    table = pd.DataFrame([job_row(r) for r in newest.values()]).sort_values(["task", "layer", "masking"])
-    md = markdown_table(table.drop(columns=["run_id"]))
-    print(md)
-    parent = parents[0].info.run_id
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "sweep_table.md").write_text(md + "\n")
-        table.to_csv(Path(tmp) / "sweep_table.csv", index=False)
-        client.log_artifacts(parent, tmp, "comparison")
-        tracker.log_artifact(Path(tmp), "comparison")
-    tracker.set_tags({"analysis": "compare_sweep", "sweep_parent": parent})
-    return table

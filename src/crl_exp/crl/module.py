@@ -10,7 +10,6 @@ iteration with nothing logged twice. Metrics are logged with ``step = iteration`
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -21,23 +20,9 @@ from crl_exp.crl.masking import AdaptiveFeatureMask, MaskingConfig
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.crl.ppo import PPOConfig, check_finite, compute_gae, ppo_update, terminal_rewards
 from crl_exp.crl.rollout import PolicyController
+from crl_exp.episodes import SteeringEnv, rollout_batch
 from crl_exp.errors import CRLConfigError
-from crl_exp.evaluation import rollout_batch
-from crl_exp.models import LoadedModel
-from crl_exp.saes import LoadedSAE
-from crl_exp.steering.hook import ResidualSteerer
 from crl_exp.tasks import Task
-
-
-@dataclass
-class SteeringEnv:
-    """Frozen parts of a CRL run (never in checkpoints): the LM, its SAE, the task and the steering hook."""
-
-    lm: LoadedModel
-    sae: LoadedSAE
-    task: Task
-    steerer: ResidualSteerer
-    coefficient: float
 
 
 def iteration_seed(seed: int, iteration: int) -> int:
@@ -148,13 +133,3 @@ class CRLModule(L.LightningModule):
         self.log_dict({"reward": metrics["train/reward_mean"], "acc": metrics["train/accuracy"],
                        "kl": stats.get("approx_kl", 0.0)}, prog_bar=True, logger=False, on_step=True,
                       batch_size=len(batch))
-
-
-def config_dataclass(cls, node) -> Any:
-    """A dataclass from a config node, refusing unknown keys."""
-    data = dict(node)
-    unknown = set(data) - set(cls.__dataclass_fields__)
-    if unknown:
-        raise CRLConfigError(f"Unknown {cls.__name__} keys: {sorted(unknown)}")
-    return cls(**data)
-

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from crl_exp.evaluation import rollout_batch
+from crl_exp.episodes import rollout_batch
 from crl_exp.steering.controllers import StaticController
 from crl_exp.steering.hook import NO_FEATURE
 

@@ -129,7 +129,7 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 # GGUF package -> cached transformers checkpoint
 
 
-def _import_package(package: str):
+def import_model_package(package: str):
     module = package.replace("-", "_")
     try:
         return importlib.import_module(module)
@@ -144,7 +144,7 @@ def ensure_converted_gguf_package(
     package: str, name: str, cache_root: Path, pad_token: str | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """Return a verified converted checkpoint folder, converting (or rebuilding a damaged copy) if needed."""
-    mod = _import_package(package)  # fail fast with install advice before touching the cache
+    mod = import_model_package(package)  # fail fast with install advice before touching the cache
     cache_root = ensure_writable_dir(cache_root, "model cache")
     target = cache_root / "models" / name
     problem = verify_manifest(target)

@@ -155,6 +155,10 @@ class Task(ABC):
     def option_letters(self, ex: Example) -> str:
         return LETTERS[: len(ex.choices)]
 
+    def scored_letters(self, batch: list[Example]) -> str:
+        """Option letters whose first-step probabilities the rollout must return ("" = none needed)."""
+        return ""
+
     # ------------------------------------------------------------------ scoring
     @abstractmethod
     def score_batch(self, examples: list[Example], prompts: list[str], completions: list[str],

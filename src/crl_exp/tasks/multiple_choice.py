@@ -31,6 +31,9 @@ class MultipleChoiceTask(Task):
             raise ValueError(f"task.reward must be exact or dense, got {kind!r}")
         return kind
 
+    def scored_letters(self, batch: list[Example]) -> str:
+        return LETTERS[: max((len(e.choices) for e in batch), default=0)]
+
     def group_names(self) -> list[str]:
         if getattr(self, "_group_names", None) is None:
             self._group_names = sorted({e.group for s in ("train", "validation", "test") for e in self.split(s)})

@@ -16,43 +16,29 @@ from typing import Any
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import MLFlowLogger
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from crl_exp.analysis.branch_report import analyse_branches
 from crl_exp.analysis.critic import analyse_critic, plot_value_trajectories
 from crl_exp.analysis.feature_profile import TopActivations, usage_weighted_syntactic_share
 from crl_exp.analysis.intervention_log import log_rows as intervention_rows
 from crl_exp.analysis.intervention_log import to_frame
 from crl_exp.analysis.report import render_report
-from crl_exp.crl.masking import MaskingConfig
-from crl_exp.crl.module import CRLModule, PromptDataModule, SteeringEnv, config_dataclass
+from crl_exp.crl.config import apply_budget, config_dataclass, masking_config
+from crl_exp.crl.module import CRLModule, PromptDataModule
 from crl_exp.crl.ppo import PPOConfig
 from crl_exp.crl.rollout import PolicyController
 from crl_exp.crl.static_feature import select_static_feature
 from crl_exp.crl.trainer import build_trainer, fit_policy
-from crl_exp.evaluation import log_evaluation, run_episodes, summarize
-from crl_exp.runtime import load_model, load_sae_for
+from crl_exp.episodes import build_env, run_episodes, summarize
+from crl_exp.modes.evaluation_log import log_evaluation
 from crl_exp.steering.controllers import RandomController, StaticController
-from crl_exp.steering.factory import steering_directions
-from crl_exp.steering.hook import ResidualSteerer
 from crl_exp.tasks import build_task
 from crl_exp.tasks.metrics import bootstrap_ci
 from crl_exp.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 CONDITIONS = ("none", "random", "static", "crl")
-
-
-def masking_config(node: DictConfig) -> MaskingConfig:
-    data = {k: v for k, v in dict(node).items() if k != "eval_with_mask"}
-    return config_dataclass(MaskingConfig, data)
-
-
-def apply_budget(cfg: DictConfig) -> None:
-    """Cap generation length to the budget (the task config keeps its own value for other budgets)."""
-    cap = cfg.budget.get("max_new_tokens_cap")
-    if cap is not None and cfg.task.max_new_tokens > cap:
-        with open_dict(cfg):
-            cfg.task.max_new_tokens = int(cap)
 
 
 def primary_key(task, cfg: DictConfig) -> str:
@@ -72,20 +58,7 @@ def paired_deltas(task, crl: list[dict], base: list[dict], key: str, n_boot: int
     return {k: {"delta": v, "ci95": list(cis.get(k, (float("nan"), float("nan"))))} for k, v in point.items()}
 
 
-def build_env(cfg: DictConfig, task, tracker: RunTracker | None = None) -> SteeringEnv:
-    """Model, SAE and steering hook for a CRL run (coefficient semantics from ``cfg.policy``)."""
-    lm = load_model(cfg, tracker)
-    sae = load_sae_for(cfg, lm, tracker)
-    directions = steering_directions(cfg.policy, sae)
-    env = SteeringEnv(lm, sae, task, ResidualSteerer(lm.model, sae.layer, directions), float(cfg.policy.coefficient))
-    if tracker is not None:
-        tracker.log_metrics({"steer/coefficient": env.coefficient,
-                             "steer/distance": float(directions.distance(env.coefficient)),
-                             "steer/decoder_norm_mean": directions.decoder_norms.mean().item()})
-    return env
-
-
-def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
+def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     apply_budget(cfg)
     budget = cfg.budget
     task = build_task(cfg.task, cfg.get("data_dir"))
@@ -166,8 +139,6 @@ def run_training(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     tracker.log_metrics({"features/syntactic_share": syntactic, "features/distinct_heldout": float(len(usage))})
     tracker.log_dict({str(k): v for k, v in per_feature.items()}, "interventions/feature_profiles.json")
     if cfg.analysis.get("at_end_of_training") and module.top_k == 1:
-        from crl_exp.analysis.branch_mode import analyse_branches
-
         analyse_branches(env, module.policy, task, cfg.analysis, tracker, title="(end of training)")
     table = comparison_table(task.name, key, results, deltas, len(test_pool))
     print(table)

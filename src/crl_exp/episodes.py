@@ -1,12 +1,14 @@
-"""``mode=eval``: score a task split with no / random / fixed steering, with bootstrap CIs and a per-example table.
+"""The steering environment every consumer shares: frozen LM + SAE + task + hook, and episodes in it.
 
-The same ``run_episodes`` serves every later comparison (baselines and CRL) so numbers are computed one way.
+An *episode* is one prompt's (steered) generation, scored by its task. Training (``crl``), the analyses and
+every mode runner roll out episodes through ``rollout_batch``/``run_episodes`` here, so a number is computed one
+way wherever it appears: prompts rendered by ``render_prompt``, option-letter probabilities under the full
+next-token distribution, records scored by the task.
 """
 
 from __future__ import annotations
 
-import logging
-import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,13 +19,36 @@ from crl_exp.errors import CRLConfigError
 from crl_exp.generation import generate
 from crl_exp.models import LoadedModel
 from crl_exp.runtime import load_model, load_sae_for
-from crl_exp.steering.factory import build_steerer
-from crl_exp.tasks import Task, build_task
+from crl_exp.saes import LoadedSAE
+from crl_exp.steering.factory import steering_directions
+from crl_exp.steering.hook import ResidualSteerer
+from crl_exp.tasks import Task
 from crl_exp.tasks.metrics import bootstrap_ci
-from crl_exp.tasks.schema import LETTERS, Example
-from crl_exp.tracking import RunTracker
+from crl_exp.tasks.schema import Example
 
-log = logging.getLogger(__name__)
+
+@dataclass
+class SteeringEnv:
+    """Frozen parts of a CRL run (never in checkpoints): the LM, its SAE, the task and the steering hook."""
+
+    lm: LoadedModel
+    sae: LoadedSAE
+    task: Task
+    steerer: ResidualSteerer
+    coefficient: float
+
+
+def build_env(cfg: DictConfig, task: Task, tracker=None) -> SteeringEnv:
+    """Model, SAE and steering hook for a CRL run (coefficient semantics from ``cfg.policy``)."""
+    lm = load_model(cfg, tracker)
+    sae = load_sae_for(cfg, lm, tracker)
+    directions = steering_directions(cfg.policy, sae)
+    env = SteeringEnv(lm, sae, task, ResidualSteerer(lm.model, sae.layer, directions), float(cfg.policy.coefficient))
+    if tracker is not None:
+        tracker.log_metrics({"steer/coefficient": env.coefficient,
+                             "steer/distance": float(directions.distance(env.coefficient)),
+                             "steer/decoder_norm_mean": directions.decoder_norms.mean().item()})
+    return env
 
 
 def letter_token_ids(tokenizer, letters: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,15 +89,15 @@ def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=Non
     """Generate and score one batch; returns (per-example records, the ``Generation``)."""
     chat = task.cfg.get("template", "base") == "chat"
     letter_ids = owner = None
-    n_options = max((len(e.choices) for e in batch), default=0)
-    if task.kind == "multiple_choice":
-        letter_ids, owner = letter_token_ids(lm.tokenizer, LETTERS[:n_options])
+    letters = task.scored_letters(batch)
+    if letters:
+        letter_ids, owner = letter_token_ids(lm.tokenizer, letters)
     prompts = [render_prompt(task, lm, ex) for ex in batch]
     gen = generate(lm, prompts, task.max_new_tokens, steerer, controller, add_special_tokens=not chat,
                    stop_strings=task.stop_strings, score_token_ids=letter_ids)
     option_probs = None
     if gen.first_step_logits is not None:
-        option_probs = option_probabilities(gen.first_step_logits, gen.first_step_logsumexp, owner, n_options)
+        option_probs = option_probabilities(gen.first_step_logits, gen.first_step_logsumexp, owner, len(letters))
     scored = task.score_batch(batch, prompts, gen.completions, option_probs)
     records = [{"id": ex.id, "group": ex.group, "question": ex.question, "answer": ex.answer, "prompt": prompt,
                 "completion": completion, **rec}
@@ -114,49 +139,3 @@ def format_table(metrics: dict[str, float], cis: dict[str, tuple[float, float]])
         lo, hi = cis.get(key, (float("nan"), float("nan")))
         lines.append(f"{key:<{width}}  {value:8.4f}  [{lo:.4f}, {hi:.4f}]")
     return "\n".join(lines)
-
-
-def log_evaluation(tracker: RunTracker, prefix: str, metrics: dict, cis: dict, records: list[dict],
-                   extra: dict[str, float]) -> None:
-    tracker.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()})
-    tracker.log_metrics({f"{prefix}/{k}_ci_low": lo for k, (lo, _) in cis.items()})
-    tracker.log_metrics({f"{prefix}/{k}_ci_high": hi for k, (_, hi) in cis.items()})
-    tracker.log_metrics({f"{prefix}/{k}": v for k, v in extra.items()})
-    columns = sorted({k for r in records for k in r}, key=lambda k: (k not in ("id", "prompt", "completion"), k))
-    table = {c: [_jsonable(r.get(c)) for r in records] for c in columns}
-    tracker.log_table(table, f"{prefix}/examples.json")
-    tracker.log_dict({"metrics": metrics, "ci95": {k: list(v) for k, v in cis.items()}, **extra},
-                     f"{prefix}/summary.json")
-
-
-def _jsonable(v):
-    return v if v is None or isinstance(v, (str, int, float, bool)) else str(v)
-
-
-def run_evaluation(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
-    """Evaluate ``cfg.task`` on ``cfg.eval.split``; returns metrics, CIs, speed and split sizes."""
-    ecfg = cfg.eval
-    task = build_task(cfg.task, cfg.get("data_dir"))
-    examples = task.split(ecfg.split, ecfg.get("limit"))
-    if not examples:
-        raise CRLConfigError(f"{task.name} {ecfg.split} split is empty (after subsets)")
-    tracker.log_metrics({f"data/{s}_size": n for s, n in task.split_sizes().items()})
-    tracker.log_metrics({"data/malformed_rows": task.n_malformed, "eval/n_examples": len(examples)})
-    lm = load_model(cfg, tracker)
-    steerer = controller = None
-    if cfg.steering.kind != "none":
-        sae = load_sae_for(cfg, lm, tracker)
-        steerer, controller = build_steerer(cfg.steering, lm, sae, seed=int(cfg.seed))
-    t0 = time.perf_counter()
-    records, speed = run_episodes(task, lm, examples, int(ecfg.batch_size), steerer, controller,
-                                  desc=f"{task.name}/{ecfg.split} steering={cfg.steering.kind}")
-    speed["eval_seconds"] = time.perf_counter() - t0
-    metrics, cis = summarize(task, records, int(ecfg.n_bootstrap), int(cfg.seed))
-    prefix = f"eval/{task.name}/{ecfg.split}/{cfg.steering.kind}"
-    log_evaluation(tracker, prefix, metrics, cis, records, speed)
-    print(f"{task.name} | split={ecfg.split} (n={len(examples)}) | steering={cfg.steering.kind} | "
-          f"{speed['eval_seconds']:.0f}s, {speed['tokens_per_second']:.1f} generated tokens/s | "
-          f"malformed rows skipped: {task.n_malformed}")
-    print(format_table(metrics, cis))
-    return {"metrics": metrics, "ci95": cis, "speed": speed, "n": len(examples), "split_sizes": task.split_sizes(),
-            "malformed_rows": task.n_malformed}

@@ -31,7 +31,7 @@ def side_by_side(rows: list[dict], width: int | None = None) -> str:
     return "\n".join(lines)
 
 
-def run_static_steering(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
+def run(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
     lm, sae = load_model_and_sae(cfg, tracker)
     if cfg.steering.kind == "none":
         raise CRLConfigError("mode=steer compares baseline with steered text: use steering=fixed or steering=random")

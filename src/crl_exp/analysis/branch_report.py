@@ -1,4 +1,6 @@
-"""``mode=analyze analysis=branch_points run_id=...``: branch points of a trained policy on held-out episodes."""
+"""Branch points of a policy on held-out episodes, written as artifacts (``branch_points/``): CSV of every
+continuation, JSON of the branch points, an HTML report with them marked. Used by ``mode=analyze`` and at the
+end of training (``analysis.at_end_of_training``)."""
 
 from __future__ import annotations
 
@@ -7,48 +9,17 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from crl_exp.analysis.branch_points import Episode, track_branches
 from crl_exp.analysis.intervention_log import log_rows, to_frame
 from crl_exp.analysis.report import render_report
-from crl_exp.analysis.runs import download_checkpoint, load_policy_state, load_run_config
-from crl_exp.crl.experiment import apply_budget, build_env, masking_config
-from crl_exp.crl.module import CRLModule, config_dataclass
-from crl_exp.crl.ppo import PPOConfig
 from crl_exp.crl.rollout import PolicyController
+from crl_exp.episodes import rollout_batch
 from crl_exp.errors import CRLConfigError
-from crl_exp.evaluation import rollout_batch
-from crl_exp.tasks import build_task
-from crl_exp.tracking import RunTracker
 
 
-def run_branch_analysis(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
-    if not cfg.get("run_id"):
-        raise CRLConfigError("mode=analyze needs run_id=<MLflow run id of a mode=train run>")
-    client = MlflowClient(tracker.tracking_uri)
-    src = load_run_config(client, str(cfg.run_id))
-    acfg = cfg.analysis
-    with open_dict(src):
-        src.data_dir = cfg.get("data_dir") or src.get("data_dir")
-        src.cache_dir = cfg.get("cache_dir") or src.get("cache_dir")
-    apply_budget(src)
-    tracker.set_tags({"source_run_id": cfg.run_id, "analysis": "branch_points", "task": src.task.name})
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = download_checkpoint(client, str(cfg.run_id), Path(tmp))
-        task = build_task(src.task, src.get("data_dir"))
-        env = build_env(src, task)
-        module = CRLModule(env.lm.d_model, env.sae.d_sae, dict(src.policy), config_dataclass(PPOConfig, src.ppo),
-                           masking_config(src.masking), int(src.budget.iterations), seed=int(src.seed))
-        load_policy_state(module, ckpt)
-    if module.top_k != 1:
-        raise CRLConfigError("Branch-point tracking needs a top-1 policy (one feature per token); this run used "
-                             f"policy.top_k={module.top_k}")
-    return analyse_branches(env, module.policy, task, acfg, tracker, title=f"run {cfg.run_id}")
-
-
-def analyse_branches(env, policy, task, acfg: DictConfig, tracker: RunTracker, title: str = "") -> list[dict]:
+def analyse_branches(env, policy, task, acfg: DictConfig, tracker, title: str = "") -> list[dict]:
     """Branch points of ``policy`` on ``acfg.episodes`` held-out episodes; artifacts under ``branch_points/``."""
     examples = task.split("test", int(acfg.episodes))
     if not examples:

@@ -1,0 +1,45 @@
+"""``mode=eval``: score a task split with no / random / fixed steering, with bootstrap CIs and a per-example table."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from omegaconf import DictConfig
+
+from crl_exp.episodes import run_episodes, summarize
+from crl_exp.errors import CRLConfigError
+from crl_exp.modes.evaluation_log import format_table, log_evaluation
+from crl_exp.runtime import load_model, load_sae_for
+from crl_exp.steering.factory import build_steerer
+from crl_exp.tasks import build_task
+from crl_exp.tracking import RunTracker
+
+
+def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
+    """Evaluate ``cfg.task`` on ``cfg.eval.split``; returns metrics, CIs, speed and split sizes."""
+    ecfg = cfg.eval
+    task = build_task(cfg.task, cfg.get("data_dir"))
+    examples = task.split(ecfg.split, ecfg.get("limit"))
+    if not examples:
+        raise CRLConfigError(f"{task.name} {ecfg.split} split is empty (after subsets)")
+    tracker.log_metrics({f"data/{s}_size": n for s, n in task.split_sizes().items()})
+    tracker.log_metrics({"data/malformed_rows": task.n_malformed, "eval/n_examples": len(examples)})
+    lm = load_model(cfg, tracker)
+    steerer = controller = None
+    if cfg.steering.kind != "none":
+        sae = load_sae_for(cfg, lm, tracker)
+        steerer, controller = build_steerer(cfg.steering, lm, sae, seed=int(cfg.seed))
+    t0 = time.perf_counter()
+    records, speed = run_episodes(task, lm, examples, int(ecfg.batch_size), steerer, controller,
+                                  desc=f"{task.name}/{ecfg.split} steering={cfg.steering.kind}")
+    speed["eval_seconds"] = time.perf_counter() - t0
+    metrics, cis = summarize(task, records, int(ecfg.n_bootstrap), int(cfg.seed))
+    prefix = f"eval/{task.name}/{ecfg.split}/{cfg.steering.kind}"
+    log_evaluation(tracker, prefix, metrics, cis, records, speed)
+    print(f"{task.name} | split={ecfg.split} (n={len(examples)}) | steering={cfg.steering.kind} | "
+          f"{speed['eval_seconds']:.0f}s, {speed['tokens_per_second']:.1f} generated tokens/s | "
+          f"malformed rows skipped: {task.n_malformed}")
+    print(format_table(metrics, cis))
+    return {"metrics": metrics, "ci95": cis, "speed": speed, "n": len(examples), "split_sizes": task.split_sizes(),
+            "malformed_rows": task.n_malformed}
