@@ -16,7 +16,8 @@ from crl_exp.analysis.report import render_report
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.crl.rollout import PolicyController
 from crl_exp.episodes import rollout_batch
-from test_crl_training import COEF, D_SAE, PLANTED, PROMPTS, PlantedTask, planted_env
+
+from helpers import COEF, D_SAE, PLANTED, PLANTED_PROMPTS, PlantedTask, planted_env, save_standard_sae
 
 
 class ThirdTokenTask(PlantedTask):
@@ -51,7 +52,7 @@ def rollout(env, policy, task, prompts_idx=(0, 1, 2)):
 
 def test_intervention_log_schema_and_row_counts(tiny_lm):
     env = planted_env(tiny_lm)
-    task = ThirdTokenTask(PROMPTS, max_new_tokens=5)
+    task = ThirdTokenTask(PLANTED_PROMPTS, max_new_tokens=5)
     policy = ActorCritic(tiny_lm.d_model, D_SAE, hidden=16)
     examples, records, gen, traj, valid = rollout(env, policy, task)
     rows = log_rows(records, gen.new_tokens, traj, valid, tiny_lm.tokenizer, episode_offset=10)
@@ -68,7 +69,7 @@ def test_intervention_log_schema_and_row_counts(tiny_lm):
 
 def test_planted_branch_point_is_found(tiny_lm):
     env = planted_env(tiny_lm)
-    task = ThirdTokenTask(PROMPTS)
+    task = ThirdTokenTask(PLANTED_PROMPTS)
     policy = constant_policy(tiny_lm.d_model, PLANTED)
     examples, records, gen, traj, valid = rollout(env, policy, task, (0,))
     assert records[0]["correct"] == 1.0  # the planted feature writes the target at every step
@@ -85,7 +86,7 @@ def test_planted_branch_point_is_found(tiny_lm):
 
 def test_cached_prefix_branches_match_from_scratch_replay(tiny_lm):
     env = planted_env(tiny_lm)
-    task = ThirdTokenTask(PROMPTS, max_new_tokens=6)
+    task = ThirdTokenTask(PLANTED_PROMPTS, max_new_tokens=6)
     torch.manual_seed(5)
     policy = ActorCritic(tiny_lm.d_model, D_SAE, hidden=16)
     with torch.no_grad():
@@ -163,6 +164,7 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     assert 'title="feature 1 | p=0.500 | act=1.00 | V=0.700 | step 1"' in dom
 
 
+@pytest.mark.slow
 def test_layer_comparison_and_branch_analysis_from_mlflow_runs(tmp_path, tiny_model_dir, data_dir, monkeypatch):
     from hydra import compose, initialize_config_dir
     from mlflow.tracking import MlflowClient
@@ -172,7 +174,6 @@ def test_layer_comparison_and_branch_analysis_from_mlflow_runs(tmp_path, tiny_mo
     from crl_exp.paths import CONFIG_DIR
     from crl_exp.saes import resid_post_hook_name
 
-    from test_saes import save_standard_sae
 
     monkeypatch.chdir(tmp_path)
     db = f"sqlite:///{tmp_path / 'db'}"

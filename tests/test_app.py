@@ -17,7 +17,7 @@ from crl_exp.errors import CRLConfigError, MissingDependencyError
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.saes import resid_post_hook_name
 
-from test_saes import save_standard_sae
+from helpers import save_standard_sae
 
 CONF = str(CONFIG_DIR)
 
@@ -34,6 +34,7 @@ def tiny_sae_dir(tmp_path):
     return path, sae
 
 
+@pytest.mark.slow
 def test_steer_command_prints_side_by_side_and_logs_to_mlflow(tmp_path, tiny_model_dir, tiny_sae_dir):
     db = tmp_path / "mlflow.db"
     out = tmp_path / "out"

@@ -6,97 +6,18 @@ import copy
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
 from crl_exp.crl.masking import AdaptiveFeatureMask, MaskingConfig
 from crl_exp.crl.module import CRLModule, PromptDataModule
 from crl_exp.crl.ppo import PPOConfig
 from crl_exp.crl.trainer import build_trainer, fit_policy
-from crl_exp.episodes import SteeringEnv
 from crl_exp.errors import CRLConfigError
 from crl_exp.generation import generate
-from crl_exp.models.architecture import decoder_layers
-from crl_exp.saes.loading import LoadedSAE, resid_post_hook_name
-from crl_exp.steering import ResidualSteerer, StaticController, SteeringDirections
-from crl_exp.tasks.base import Task
-from crl_exp.tasks.schema import Example
+from crl_exp.saes.loading import resid_post_hook_name
+from crl_exp.steering import StaticController
 
-TARGET = "Z"
-LAYER = 1
-D_SAE = 8
-PLANTED = 5
-COEF = 15.0
-
-
-class PlantedTask(Task):
-    """Reward 1 when the first generated character is the target."""
-
-    name, kind, folder = "planted", "generation", ""
-
-    def __init__(self, prompts):
-        super().__init__(OmegaConf.create({"max_new_tokens": 1, "split_fractions": {"train": 1.0}}), None)
-        self._by_split = {"train": [Example(f"p{i}", "planted", p, TARGET, "all") for i, p in enumerate(prompts)],
-                          "validation": [], "test": []}
-
-    def read_local(self):
-        return iter(())
-
-    read_hub = read_local
-
-    def to_example(self, *a):
-        raise NotImplementedError
-
-    def user_text(self, ex):
-        return ex.question
-
-    def score_batch(self, examples, prompts, completions, option_probs=None):
-        out = []
-        for c in completions:
-            hit = float(c.startswith(TARGET))
-            out.append({"parsed": c[:1], "valid": True, "correct": hit, "reward": hit})
-        return out
-
-    def metrics_from_records(self, records):
-        return {"reward": sum(r["reward"] for r in records) / len(records)}
-
-
-PROMPTS = ["The cat sat", "Hello wor", "abc de", "One two thr", "Blue sky and", "It is a", "Rain falls on",
-           "We go to", "My friend", "Numbers like", "Quiet room", "Tea or"]
-
-
-def planted_env(tiny_lm) -> SteeringEnv:
-    """An SAE whose feature PLANTED points along the direction that most raises the target's logit."""
-    target_id = tiny_lm.tokenizer(TARGET, add_special_tokens=False).input_ids[0]
-    enc = tiny_lm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    grads = []
-    block = decoder_layers(tiny_lm.model)[LAYER]
-    captured = {}
-
-    def keep(module, inputs, output):
-        captured["h"] = output.detach().requires_grad_(True)
-        return captured["h"]
-
-    handle = block.register_forward_hook(keep)
-    try:
-        with torch.enable_grad():
-            logits = tiny_lm.model(**enc).logits[:, -1]
-            logits[:, target_id].sum().backward()
-    finally:
-        handle.remove()
-    grads = captured["h"].grad[:, -1]
-    direction = grads.mean(0) / grads.mean(0).norm()
-    cfg = StandardSAEConfig(d_in=tiny_lm.d_model, d_sae=D_SAE)
-    cfg.metadata.hook_name = resid_post_hook_name(LAYER)
-    sae = StandardSAE(cfg)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        sae.W_dec.copy_(torch.randn(D_SAE, tiny_lm.d_model, generator=g))
-        sae.W_dec[PLANTED] = direction
-        sae.W_enc.copy_(sae.W_dec.T)
-    loaded = LoadedSAE(sae, LAYER, cfg.metadata.hook_name, "planted")
-    steerer = ResidualSteerer(tiny_lm.model, LAYER, SteeringDirections.from_decoder(sae.W_dec))
-    return SteeringEnv(tiny_lm, loaded, PlantedTask(PROMPTS), steerer, COEF)
+from helpers import COEF, D_SAE, PLANTED, TARGET, planted_env, save_standard_sae
+from helpers import PLANTED_PROMPTS as PROMPTS
 
 
 def static_reward(env, feature: int) -> float:
@@ -233,13 +154,13 @@ def test_nan_reward_stops_with_a_diagnostic(tiny_lm, tmp_path):
         train(env, tmp_path, iterations=1)
 
 
+@pytest.mark.slow
 def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, tiny_model_dir, data_dir):
     import subprocess
     import sys
 
     from mlflow.tracking import MlflowClient
 
-    from test_saes import save_standard_sae
 
     save_standard_sae(tmp_path / "sae", 64, resid_post_hook_name(1), d_sae=32)
     db = tmp_path / "db"
@@ -252,6 +173,8 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| crl |" in proc.stdout and "| static |" in proc.stdout
+    logs = proc.stdout + proc.stderr  # every log line once (Lightning printed twice), no advertising tips
+    assert logs.count("GPU available") == 1 and "Tip:" not in logs
     client = MlflowClient(f"sqlite:///{db}")
     (run,) = client.search_runs([client.get_experiment_by_name("crl-bbq").experiment_id])
     assert run.info.status == "FINISHED"

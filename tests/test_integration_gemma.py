@@ -18,7 +18,8 @@ from crl_exp.models.loading import ensure_converted_gguf_package
 from crl_exp.paths import PROJECT_ROOT, default_cache_dir
 from crl_exp.steering import ResidualSteerer, StaticController
 
-from test_steering_hook import PROMPTS, random_directions, resid_change
+from helpers import STEER_PROMPTS as PROMPTS
+from helpers import random_directions, resid_change
 
 pytestmark = pytest.mark.integration
 

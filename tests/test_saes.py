@@ -6,26 +6,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from sae_lens import SAE
-from sae_lens.saes.standard_sae import StandardSAE, StandardSAEConfig
 
 from crl_exp.errors import CRLConfigError
 from crl_exp.saes import load_sae, resid_post_hook_name
 from crl_exp.saes.activations import collect_resid_post, pack_tokens, tokenize_texts
 from crl_exp.saes.training import SAETrainingSettings, evaluate_sae, train_topk_sae
 
+from helpers import save_standard_sae
+
 TEXTS = [f"Question {i}: what is {i} plus {i + 3}? The answer is {2 * i + 3}." for i in range(200)]
-
-
-def save_standard_sae(path, d_in: int, hook_name: str | None, d_sae: int = 32):
-    cfg = StandardSAEConfig(d_in=d_in, d_sae=d_sae)
-    cfg.metadata.hook_name = hook_name
-    cfg.metadata.model_name = "tiny"
-    sae = StandardSAE(cfg)
-    with torch.no_grad():
-        for p in sae.parameters():
-            p.normal_()
-    sae.save_model(path)
-    return sae
 
 
 def local_cfg(path, layer: int, **extra):
@@ -81,6 +70,7 @@ def test_harvest_drops_bos_and_matches_a_plain_forward(tiny_lm):
     assert torch.allclose(acts[:31], hidden[0, 1:], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_training_reduces_reconstruction_error(tiny_lm):
     tokenized = tokenize_texts(tiny_lm.tokenizer, TEXTS, max_tokens=6000)
     rows = pack_tokens(tokenized, 32, tiny_lm.tokenizer.bos_token_id)

@@ -9,80 +9,9 @@ from crl_exp.errors import CRLConfigError
 from crl_exp.generation import generate
 from crl_exp.models.architecture import decoder_layers
 from crl_exp.steering import NO_FEATURE, ResidualSteerer, StaticController, SteeringDirections
-from crl_exp.steering.hook import SteeringStep
 
-PROMPTS = ["Hello there, how are", "A", "The quick brown fox jumps over"]  # different lengths -> left padding
-
-
-def random_directions(d_model: int, d_sae: int = 16, seed: int = 1) -> SteeringDirections:
-    g = torch.Generator().manual_seed(seed)
-    # Non-unit rows on purpose: the steerer must normalise them.
-    return SteeringDirections.from_decoder(3.0 * torch.randn(d_sae, d_model, generator=g))
-
-
-class PreHookSteerer(ResidualSteerer):
-    """The known-wrong placement: a forward *pre*-hook on layers[L] edits resid_post of L-1."""
-
-    def attached(self, controller=None):
-        from contextlib import contextmanager
-
-        @contextmanager
-        def ctx():
-            self.controller = controller or self.controller
-            self.steps = []
-
-            def pre_hook(module, args, kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                feats, coefs = self.controller(hidden[:, -1])
-                self.steps.append(SteeringStep(feats, coefs))
-                hidden = hidden.clone()
-                hidden[:, -1] += self.delta(feats, coefs)
-                if args:
-                    return (hidden, *args[1:]), kwargs
-                return args, {**kwargs, "hidden_states": hidden}
-
-            handle = self._block.register_forward_pre_hook(pre_hook, with_kwargs=True)
-            try:
-                yield self
-            finally:
-                handle.remove()
-
-        return ctx()
-
-
-def capture_resid_post(lm, layer: int, enc, steerer=None, controller=None) -> torch.Tensor:
-    """Full-sequence output of layers[layer], recorded by a second hook registered after the steerer's."""
-    seen = []
-    ctx = steerer.attached(controller) if steerer is not None else None
-    if ctx is not None:
-        ctx.__enter__()
-    handle = decoder_layers(lm.model)[layer].register_forward_hook(
-        lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone()))
-    try:
-        with torch.no_grad():
-            lm.model(**enc)
-    finally:
-        handle.remove()
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
-    return seen[0]
-
-
-def resid_change(lm, steerer_cls, layer: int = 1) -> tuple[bool, bool]:
-    """(did the steerer change resid_post of ``layer`` at all, is the change exactly c*d(f) at the last position)."""
-    enc = lm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    dirs = random_directions(lm.d_model)
-    steerer = steerer_cls(lm.model, layer, dirs)
-    feats = torch.tensor([3, 7, NO_FEATURE])
-    coefs = torch.tensor([2.0, -1.5, 5.0])
-    base = capture_resid_post(lm, layer, enc)
-    steered = capture_resid_post(lm, layer, enc, steerer, StaticController(feats, coefs))
-    expected = torch.zeros_like(base)
-    expected[0, -1] = 2.0 * dirs.unit[3]
-    expected[1, -1] = -1.5 * dirs.unit[7]
-    # Exact up to float rounding of x + delta at the residual's magnitude (Gemma's residuals reach ~1e5).
-    atol = 1e-5 + 8 * torch.finfo(base.dtype).eps * base.abs().max().item()
-    return not torch.equal(steered, base), torch.allclose(steered - base, expected, rtol=0, atol=atol)
+from helpers import STEER_PROMPTS as PROMPTS
+from helpers import PreHookSteerer, capture_resid_post, random_directions, resid_change
 
 
 def test_resid_post_changes_by_exactly_c_times_direction_only_at_newest_position(tiny_lm):

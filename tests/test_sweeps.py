@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from crl_exp.saes import resid_post_hook_name
 
-from test_saes import save_standard_sae
+from helpers import save_standard_sae
 
 
 @pytest.fixture
@@ -39,6 +39,7 @@ def sweep_runs(db, prefix="crl-"):
     return client, exp, parents, children
 
 
+@pytest.mark.slow
 def test_joblib_parallel_training_sweep_logs_children_under_one_parent(sweep_env):
     tmp_path, db, base = sweep_env
     multirun(tmp_path, ["+experiment=bbq_layer12", *base, "sae.layer=0,1", "sae.allow_hook_mismatch=true",
@@ -66,6 +67,7 @@ def eval_sweep_args(base, features="0,999"):
             "steering.coefficient_scale=absolute", "sae.layer=1", "eval.limit=4", "eval.n_bootstrap=10", *base]
 
 
+@pytest.mark.slow
 def test_failing_job_is_recorded_and_others_finish_then_rerun_skips(sweep_env):
     tmp_path, db, base = sweep_env
     multirun(tmp_path, eval_sweep_args(base))  # feature 999 does not exist in a 32-feature SAE
@@ -98,6 +100,7 @@ def test_failing_job_is_recorded_and_others_finish_then_rerun_skips(sweep_env):
     assert "| bbq | 1 |" in proc.stdout and "FAILED" in proc.stdout
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_a_job(sweep_env):
     tmp_path, db, base = sweep_env
     multirun(tmp_path, [*eval_sweep_args(base, "0"), "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"])
@@ -105,6 +108,7 @@ def test_submitit_local_launcher_runs_a_job(sweep_env):
     assert [c.info.status for c in children] == ["FINISHED"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("hydra_plugins.hydra_ray_launcher") is None,
                     reason="hydra-ray-launcher is an optional extra (.[ray]); it pins cloudpickle<3, which conflicts "
                            "with joblib>=1.6 used by the joblib launcher, so the test env does not install it")

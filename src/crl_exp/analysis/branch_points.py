@@ -130,7 +130,7 @@ def track_branches(task: Task, lm, steerer: ResidualSteerer, policy: ActorCritic
             snapshot = copy.deepcopy(cache) if t in wanted else None
             steerer.record_states = True
             with torch.no_grad(), steerer.attached(StaticController(episode.actions[t], coefficient)):
-                out = lm.model(input_ids=full[:, P - 1 + t: P + t], past_key_values=cache, use_cache=True)
+                out = lm.model(input_ids=full[:, P - 1 + t: P + t], cache=cache, use_cache=True)
             steerer.record_states = False
             cache = out.past_key_values
             state = steerer.steps[-1].state[0]
@@ -189,6 +189,6 @@ def continue_from_cache(lm, input_ids: torch.Tensor, cache, steerer: ResidualSte
     kwargs = stop_criteria(lm.tokenizer, stop_strings, input_ids.shape[1])
     with steerer.attached(controller):
         out = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False,
+                                cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=lm.tokenizer.pad_token_id, **kwargs)
     return _strip_pad(out[0, input_ids.shape[1]:].tolist(), lm.tokenizer.pad_token_id)

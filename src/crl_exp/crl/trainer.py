@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -10,9 +11,31 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from crl_exp.crl.module import CRLModule, PromptDataModule
 
+LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+
+
+class _DropAdvertising(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def route_lightning_logs() -> None:
+    """Lightning prints through its own stderr handlers *and* (under Hydra) the root logger, so every line came
+    twice, plus advertising tips: send its records through the root logger only, without the tips."""
+    for name in LIGHTNING_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+        if not any(isinstance(f, _DropAdvertising) for f in logger.filters):
+            logger.addFilter(_DropAdvertising())
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdvertising) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropAdvertising())
+
 
 def build_trainer(iterations: int, checkpoint_dir: str | Path, logger: MLFlowLogger | None = None,
                   checkpoint_every: int = 1, progress_bar: bool = True) -> L.Trainer:
+    route_lightning_logs()
     checkpoint = ModelCheckpoint(dirpath=str(checkpoint_dir), filename="iter-{epoch:04d}", save_last=True,
                                  save_top_k=-1, every_n_epochs=checkpoint_every, save_on_train_epoch_end=True)
     return L.Trainer(max_epochs=iterations, accelerator="cpu", devices=1, logger=logger if logger else False,
