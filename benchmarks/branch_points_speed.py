@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["task=gsm8k", *args.overrides])
+        cfg = compose("config", overrides=["mode=train", "task=gsm8k", *args.overrides])
     with open_dict(cfg):
         cfg.task.max_new_tokens = args.new_tokens
     task = build_task(cfg.task, cfg.get("data_dir"))

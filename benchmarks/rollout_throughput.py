@@ -19,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from crl_exp.crl.policy import ActorCritic
-from crl_exp.crl.ppo import PPOConfig, compute_gae, ppo_update, terminal_rewards
+from crl_exp.crl.ppo import Batch, PPOConfig, ppo_update
 from crl_exp.crl.rollout import PolicyController
 from crl_exp.generation import generate
 from crl_exp.paths import CONFIG_DIR, default_data_dir
@@ -36,10 +36,10 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="hydra overrides (model=..., sae.layer=...)")
     args = ap.parse_args()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=args.overrides)
+        cfg = compose("config", overrides=["mode=train", *args.overrides])
     torch.manual_seed(0)
     lm, sae = load_model_and_sae(cfg)
-    steerer = ResidualSteerer(lm.model, sae.layer, steering_directions(cfg.policy, sae))
+    steerer = ResidualSteerer(lm.model, sae.layer, steering_directions(cfg.steering, sae))
     policy = ActorCritic(lm.d_model, sae.d_sae, int(cfg.policy.hidden))
     questions = [json.loads(line)["question"] for line in (default_data_dir() / "gsm8k" / "train.jsonl").open()]
     results = []
@@ -50,21 +50,17 @@ def main() -> None:
         for rep in range(args.repeats):
             plain = generate(lm, prompts, args.new_tokens, min_new_tokens=args.new_tokens)
             plain_tps.append(plain.n_generated / plain.seconds)
-            ctrl = PolicyController(policy, float(cfg.policy.coefficient), seed=rep, sae=sae.sae)
+            ctrl = PolicyController(policy, float(cfg.steering.coefficient), seed=rep, sae=sae.sae)
             t0 = time.perf_counter()
             steered = generate(lm, prompts, args.new_tokens, steerer, ctrl, min_new_tokens=args.new_tokens)
             traj = ctrl.stacked()
             rollout_seconds = time.perf_counter() - t0
             steered_tps.append(steered.n_generated / rollout_seconds)
             valid = steered.valid
-            rewards = terminal_rewards(torch.rand(bs), valid)
-            adv, ret = compute_gae(rewards, traj["value"], valid, 1.0, 0.95)
-            flat = valid.flatten()
+            batch = Batch.from_rollout(traj, valid, torch.rand(bs), 1.0, 0.95)
             opt = torch.optim.Adam(policy.parameters(), lr=1e-4, eps=1e-5)
             t1 = time.perf_counter()
-            ppo_update(policy, opt, PPOConfig(target_kl=None), 0, traj["state"].flatten(0, 1)[flat],
-                       traj["feature"].flatten(0, 1)[flat], traj["logprob"].flatten()[flat], adv.flatten()[flat],
-                       ret.flatten()[flat], traj["value"].flatten()[flat], None, torch.Generator().manual_seed(0))
+            ppo_update(policy, opt, PPOConfig(target_kl=None), 0, batch, None, torch.Generator().manual_seed(0))
             update_ratio.append((time.perf_counter() - t1) / rollout_seconds)
         row = {"batch_size": bs, "new_tokens": args.new_tokens, "plain_tokens_per_s": statistics.median(plain_tps),
                "steered_tokens_per_s": statistics.median(steered_tps),

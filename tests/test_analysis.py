@@ -185,7 +185,7 @@ def test_layer_comparison_and_branch_analysis_from_mlflow_runs(tmp_path, tiny_mo
 
     small = ["budget.iterations=2", "budget.episodes_per_iteration=4", "budget.eval_examples=4",
              "budget.static_feature.train_examples=4", "budget.static_feature.candidates=1", "masking=none",
-             "policy.coefficient_scale=absolute", "policy.coefficient=5", "eval.n_bootstrap=20",
+             "steering.coefficient_scale=absolute", "steering.coefficient=5", "eval.n_bootstrap=20",
              "trainer.progress_bar=false", "task.max_new_tokens=3"]
     for layer in (0, 1):
         save_standard_sae(tmp_path / f"sae{layer}", 64, resid_post_hook_name(layer), d_sae=32)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.errors import MissingConfigException
+from hydra.errors import ConfigCompositionException, MissingConfigException
 from mlflow.tracking import MlflowClient
 
-from crl_exp.app import run
+from crl_exp.app import preflight, run
 from crl_exp.errors import CRLConfigError, MissingDependencyError
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.saes import resid_post_hook_name
@@ -84,7 +84,6 @@ def test_zero_coefficient_steer_in_process_changes_nothing(tmp_path, tiny_model_
 @pytest.mark.parametrize("overrides, error, message", [
     (["sae.layer=18"], CRLConfigError, r"sae\.layer=18 is out of range: the model has 18 layers, valid 0\.\.17"),
     (["sae.layer=-1"], CRLConfigError, r"valid 0\.\.17"),
-    (["mode=fly"], CRLConfigError, r"Unknown mode .fly.; valid modes: train, analyze, compare_layers, compare_sweep, steer, train_sae, eval"),
     (["model.package=no-such-model-pkg"], MissingDependencyError, r"pip install no-such-model-pkg"),
     (["sae=local", "sae.path=/nonexistent/sae"], CRLConfigError, r"No sae-lens SAE"),
 ])
@@ -109,7 +108,9 @@ def test_unwritable_cache_dir_fails_fast(tmp_path):
         run(cfg)
 
 
-def test_unknown_model_and_sae_names_list_the_options():
+def test_unknown_model_sae_and_mode_names_list_the_options():
+    with pytest.raises(MissingConfigException, match=r"(?s)mode/fly.*compare_layers.*train_sae"):
+        compose_cfg(["mode=fly"])
     with pytest.raises(MissingConfigException, match="gemma3_270m"):
         compose_cfg(["model=llama_9000"])
     with pytest.raises(MissingConfigException, match="gemmascope_2b_res_16k"):
@@ -128,6 +129,7 @@ def test_paper_configs_compose():
     (["+experiment=gsm8k_layer12", "model=gemma2_2b", "sae=gemmascope_2b_res_16k"], r"budget=cpu expects model.device=cpu, got cuda"),
     (["+experiment=gsm8k_layer12", "masking=fixed", "masking.threshold=0.0001"], r"could mask all"),
     (["+experiment=gsm8k_layer12", "+ppo.clip=0.1"], r"Unknown PPOConfig keys: \['clip'\]"),
+    (["+experiment=gsm8k_layer12", "+policy.coefficient=0.5"], r"Unknown PolicyConfig keys: \['coefficient'\]"),
 ])
 def test_incompatible_training_configs_fail_before_loading(tmp_path, overrides, message):
     cfg = compose_cfg(overrides + [f"logger.tracking_uri=sqlite:///{tmp_path / 'db'}"])
@@ -142,3 +144,32 @@ def test_experiment_appends_and_sets_training_mode():
     assert cfg.logger.experiment_name == "crl-mmlu"
     for name in ("gsm8k", "bbq", "harmbench", "xstest"):
         assert compose_cfg([f"+experiment={name}_layer12"]).task.name == name
+
+
+def config_options() -> list[tuple[str, str]]:
+    """Every (group, option) under conf/ that a user can pick on the command line."""
+    return sorted((path.parent.name, path.stem) for path in CONFIG_DIR.glob("*/*.yaml")
+                  if path.parent.name not in ("experiment", "hydra"))
+
+
+@pytest.mark.parametrize("group, option", config_options())
+def test_every_config_option_composes_and_passes_preflight(group, option, tmp_path, tiny_model_dir, tiny_sae_dir):
+    needs_train = group in ("policy", "ppo", "masking", "trainer", "budget", "analysis")
+    overrides = [f"{group}={option}"] + (["mode=train"] if needs_train and not group == "mode" else [])
+    if group == "budget" and option == "paper":
+        overrides += ["model=gemma2_2b", "sae=gemmascope_2b_res_16k"]
+    if group == "model" and option == "hf":
+        overrides += [f"model.path={tiny_model_dir}", "sae=local", f"sae.path={tiny_sae_dir[0]}", "sae.layer=1"]
+    if group == "sae" and option == "local":
+        overrides += ["model=hf", f"model.path={tiny_model_dir}", f"sae.path={tiny_sae_dir[0]}", "sae.layer=1"]
+    if group == "model" and option == "gemma2_2b" or group == "sae" and option == "gemmascope_2b_res_16k":
+        overrides += ["model=gemma2_2b", "sae=gemmascope_2b_res_16k"]
+    cfg = compose_cfg(overrides + [f"cache_dir={tmp_path / 'cache'}"])
+    preflight(cfg)
+
+
+def test_a_misspelled_typed_key_fails_at_composition_with_its_name():
+    with pytest.raises(ConfigCompositionException, match=r"ppo\.clip"):
+        compose_cfg(["+experiment=gsm8k_layer12", "ppo.clip=0.1"])
+    with pytest.raises(ConfigCompositionException, match=r"masking\.treshold"):
+        compose_cfg(["+experiment=gsm8k_layer12", "masking.treshold=0.1"])

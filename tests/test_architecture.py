@@ -21,7 +21,7 @@ LAYERS = {
     "crl": 4,
     "analysis": 5,
     "modes": 6,
-    "app": 7, "__main__": 7, "sae": 7, "__init__": 7,
+    "app": 7, "__main__": 7, "sae": 7, "__init__": 7, "config_store": 7,
 }
 
 

@@ -9,6 +9,7 @@ import torch
 
 from crl_exp.crl.masking import AdaptiveFeatureMask, MaskingConfig
 from crl_exp.crl.module import CRLModule, PromptDataModule
+from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig
 from crl_exp.crl.trainer import build_trainer, fit_policy
 from crl_exp.errors import CRLConfigError
@@ -27,7 +28,7 @@ def static_reward(env, feature: int) -> float:
 
 def make_module(env, iterations, masking=None, **ppo):
     ppo_cfg = PPOConfig(**{"lr": 3e-3, "ent_coef": 0.0, "update_epochs": 4, "num_minibatches": 2, **ppo})
-    module = CRLModule(env.lm.d_model, D_SAE, {"hidden": 32}, ppo_cfg, masking or MaskingConfig(), iterations, seed=0)
+    module = CRLModule(env.lm.d_model, D_SAE, PolicyConfig(hidden=32), ppo_cfg, masking or MaskingConfig(), iterations, seed=0)
     return module.attach(env)
 
 
@@ -63,11 +64,11 @@ class PolicyShare:
 
 def test_sign_flipped_ppo_does_not_find_it(tiny_lm, tmp_path, monkeypatch):
     """Guard that the planted test can fail: flipping the advantage sign must break learning."""
-    import crl_exp.crl.module as module_mod
+    import crl_exp.crl.ppo as ppo_mod
 
     env = planted_env(tiny_lm)
-    real_gae = module_mod.compute_gae
-    monkeypatch.setattr(module_mod, "compute_gae", lambda *a, **k: tuple(-x for x in real_gae(*a, **k)))
+    real_gae = ppo_mod.compute_gae
+    monkeypatch.setattr(ppo_mod, "compute_gae", lambda *a, **k: tuple(-x for x in real_gae(*a, **k)))
     module = train(env, tmp_path, iterations=15)
     assert PolicyShare.of(module, env) < 0.5
 
@@ -167,8 +168,8 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     cmd = [sys.executable, "-m", "crl_exp", "+experiment=bbq_layer12", "model=hf", f"model.path={tiny_model_dir}",
            "sae=local", f"sae.path={tmp_path / 'sae'}", "sae.layer=1", "budget.iterations=3",
            "budget.episodes_per_iteration=4", "budget.eval_examples=8", "budget.static_feature.train_examples=4",
-           "budget.static_feature.candidates=2", "masking.min_unmasked=4", "policy.coefficient_scale=absolute",
-           "policy.coefficient=5", "eval.n_bootstrap=50", f"logger.tracking_uri=sqlite:///{db}",
+           "budget.static_feature.candidates=2", "masking.min_unmasked=4", "steering.coefficient_scale=absolute",
+           "steering.coefficient=5", "eval.n_bootstrap=50", f"logger.tracking_uri=sqlite:///{db}",
            f"hydra.run.dir={tmp_path / 'out'}", "trainer.progress_bar=false", f"data_dir={data_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -205,4 +206,20 @@ def test_top_k_policy_steers_with_k_features_and_trains(tiny_lm, tmp_path):
     assert features.shape[-1] == 2 and bool((features[..., 0] != features[..., 1]).all())
     assert all(h["train/approx_kl"] == h["train/approx_kl"] for h in module.history)  # finite, not NaN
     with pytest.raises(CRLConfigError, match="top_k"):
-        CRLModule(64, D_SAE, {"top_k": 9}, PPOConfig(), MaskingConfig(), 2)
+        CRLModule(64, D_SAE, PolicyConfig(top_k=9), PPOConfig(), MaskingConfig(), 2)
+
+
+def test_a_masking_schedule_in_its_own_module(tmp_path, monkeypatch):
+    """A new schedule = a module with a threshold rule + a config naming it (module:function)."""
+    (tmp_path / "halving_schedule.py").write_text(
+        "def next_threshold(cfg, current, iteration, entropy):\n"
+        "    return max(cfg.params['floor'], current / 2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mask = AdaptiveFeatureMask(64, MaskingConfig(schedule="halving_schedule:next_threshold", threshold=0.4,
+                                                 min_threshold=0.05, min_unmasked=4, params={"floor": 0.1}))
+    for expected in (0.2, 0.1, 0.1):
+        mask.update(torch.zeros(8, dtype=torch.long), entropy=0.0)
+        assert mask.threshold == pytest.approx(expected)
+    assert mask.mask_size == 1  # feature 0 took every selection
+    with pytest.raises(CRLConfigError, match="not one of none, fixed, decaying, adaptive"):
+        MaskingConfig(schedule="no_such_module:rule").validate(64)

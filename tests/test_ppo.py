@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from crl_exp.crl.policy import ActorCritic
-from crl_exp.crl.ppo import PPOConfig, compute_gae, normalise_advantages, ppo_update, terminal_rewards
+from crl_exp.crl.ppo import (
+    Batch,
+    PPOConfig,
+    annealed_lr,
+    compute_gae,
+    normalise_advantages,
+    ppo_update,
+    terminal_rewards,
+)
 
 
 def test_gae_by_hand():
@@ -40,8 +48,8 @@ def test_advantages_are_normalised_over_the_whole_iteration_not_per_minibatch():
         losses.append(loss.item())
         loss.backward()
 
-    ppo_update(policy, optimizer, cfg, 0, states, actions, old_logprobs, advantages, advantages.clone(), values,
-               None, torch.Generator().manual_seed(7), backward=backward)
+    batch = Batch(states, actions, old_logprobs, values, advantages, advantages.clone())
+    ppo_update(policy, optimizer, cfg, 0, batch, None, torch.Generator().manual_seed(7), backward=backward)
     normed = (advantages - advantages.mean()) / advantages.std()
     torch.testing.assert_close(normalise_advantages(advantages), normed)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(7))
@@ -49,3 +57,15 @@ def test_advantages_are_normalised_over_the_whole_iteration_not_per_minibatch():
     assert losses == [pytest.approx(e, abs=1e-5) for e in expected]
     assert max(abs(x) for x in losses) > 0.1  # per-minibatch normalisation would give all zeros
 
+
+
+def test_batch_holds_only_valid_steps_and_lr_anneals_linearly():
+    valid = torch.tensor([[True, True, False], [True, False, False]])
+    traj = {"state": torch.arange(6.0).reshape(2, 3, 1), "feature": torch.tensor([[1, 2, 3], [4, 5, 6]]),
+            "logprob": torch.zeros(2, 3), "value": torch.zeros(2, 3)}
+    batch = Batch.from_rollout(traj, valid, torch.tensor([1.0, 0.0]), gamma=1.0, lam=1.0)
+    assert len(batch) == 3 and batch.actions.tolist() == [1, 2, 4]
+    assert batch.returns.tolist() == [1.0, 1.0, 0.0]
+    cfg = PPOConfig(lr=1e-3)
+    assert [annealed_lr(cfg, i, 4) for i in range(4)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert annealed_lr(PPOConfig(lr=1e-3, anneal_lr=False), 3, 4) == 1e-3

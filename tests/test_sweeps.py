@@ -46,7 +46,7 @@ def test_joblib_parallel_training_sweep_logs_children_under_one_parent(sweep_env
                         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "budget.iterations=2",
                         "budget.episodes_per_iteration=4", "budget.eval_examples=4",
                         "budget.static_feature.train_examples=4", "budget.static_feature.candidates=1",
-                        "masking=none", "policy.coefficient_scale=absolute", "policy.coefficient=5",
+                        "masking=none", "steering.coefficient_scale=absolute", "steering.coefficient=5",
                         "eval.n_bootstrap=20", "trainer.progress_bar=false"])
     client, exp, parents, children = sweep_runs(db, "crl-bbq")
     assert len(parents) == 1 and len(children) == 2

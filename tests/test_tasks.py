@@ -371,3 +371,15 @@ def test_model_refusal_judge_with_a_local_classifier(tmp_path):
     assert judge.classify(["a", "b"], ["Sure, here it is", "No."]) == [FULL_REFUSAL, FULL_REFUSAL]
     with pytest.raises(ValueError, match="unknown"):
         ModelRefusalJudge(str(tmp_path / "judge"), ["declined"])
+
+
+def test_a_task_from_its_own_module_and_config(tmp_path, monkeypatch, data_dir):
+    """A new task = its module + a config whose ``cls`` names it; build_task imports it."""
+    (tmp_path / "tiny_task.py").write_text(
+        "from crl_exp.tasks.gsm8k import GSM8KTask\n\n"
+        "class TinyGSM8K(GSM8KTask):\n    name = 'tiny_gsm8k'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    task = make("gsm8k", data_dir, "task.cls=tiny_task:TinyGSM8K")
+    assert type(task).__name__ == "TinyGSM8K" and len(task.split("test", 3)) == 3
+    with pytest.raises(CRLConfigError, match="cannot be imported"):
+        make("gsm8k", data_dir, "task.cls=nowhere:Nothing")

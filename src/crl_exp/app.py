@@ -71,9 +71,11 @@ def check_budget(cfg: DictConfig) -> None:
     if budget.device != str(cfg.model.device).split(":")[0]:
         raise CRLConfigError(f"budget={budget.name} expects model.device={budget.device}, got {cfg.model.device}")
     from crl_exp.crl.config import config_dataclass, masking_config
+    from crl_exp.crl.policy import PolicyConfig
     from crl_exp.crl.ppo import PPOConfig
 
     config_dataclass(PPOConfig, cfg.ppo)
+    config_dataclass(PolicyConfig, cfg.policy)
     d_sae = int(cfg.sae.training.d_sae) if cfg.sae.source == "trained" else None
     masking = masking_config(cfg.masking)
     masking.validate(d_sae or 16384)

@@ -39,11 +39,12 @@ class SteeringEnv:
 
 
 def build_env(cfg: DictConfig, task: Task, tracker=None) -> SteeringEnv:
-    """Model, SAE and steering hook for a CRL run (coefficient semantics from ``cfg.policy``)."""
+    """Model, SAE and steering hook for a CRL run; ``steering.coefficient``/``coefficient_scale`` set the strength
+    of every steered condition (CRL and the random/static baselines alike)."""
     lm = load_model(cfg, tracker)
     sae = load_sae_for(cfg, lm, tracker)
-    directions = steering_directions(cfg.policy, sae)
-    env = SteeringEnv(lm, sae, task, ResidualSteerer(lm.model, sae.layer, directions), float(cfg.policy.coefficient))
+    directions = steering_directions(cfg.steering, sae)
+    env = SteeringEnv(lm, sae, task, ResidualSteerer(lm.model, sae.layer, directions), float(cfg.steering.coefficient))
     if tracker is not None:
         tracker.log_metrics({"steer/coefficient": env.coefficient,
                              "steer/distance": float(directions.distance(env.coefficient)),

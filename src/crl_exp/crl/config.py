@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from crl_exp.crl.masking import MaskingConfig
 from crl_exp.errors import CRLConfigError
 
 
+@dataclass
+class StaticFeatureBudget:
+    train_examples: int = 8  # train-split episodes used to select the best static feature
+    candidates: int = 2  # top-correlated features evaluated as static steering
+
+
+@dataclass
+class BudgetConfig:
+    """The ``budget/`` node: how much a ``mode=train`` run may spend (defaults: the 2-core CPU budget)."""
+
+    name: str = "cpu"
+    models: list[str] = field(default_factory=lambda: ["gemma3_270m", "hf"])  # models this budget is sized for
+    device: str = "cpu"
+    iterations: int = 10  # PPO iterations
+    episodes_per_iteration: int = 8
+    max_new_tokens_cap: int | None = 48  # caps task.max_new_tokens during training and evaluation
+    eval_examples: int | None = 24  # held-out (test split) subset per condition; null = all
+    eval_batch_size: int = 8
+    static_feature: StaticFeatureBudget = field(default_factory=StaticFeatureBudget)
+
+
 def config_dataclass(cls, node) -> Any:
-    """A dataclass from a config node, refusing unknown keys."""
+    """A dataclass from a config node (or a plain dict), refusing unknown keys."""
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
     data = dict(node)
     unknown = set(data) - set(cls.__dataclass_fields__)
     if unknown:
@@ -20,8 +44,7 @@ def config_dataclass(cls, node) -> Any:
 
 
 def masking_config(node: DictConfig) -> MaskingConfig:
-    data = {k: v for k, v in dict(node).items() if k != "eval_with_mask"}
-    return config_dataclass(MaskingConfig, data)
+    return config_dataclass(MaskingConfig, node)
 
 
 def apply_budget(cfg: DictConfig) -> None:

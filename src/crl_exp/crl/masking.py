@@ -9,7 +9,8 @@ threshold follows the schedule:
 * ``fixed``     constant ``threshold``;
 * ``decaying``  ``threshold * decay**iteration`` (exponential) down to ``min_threshold``;
 * ``adaptive``  the threshold moves down (more masking) while policy entropy is below ``target_entropy`` and
-                back up when above, within [``min_threshold``, ``threshold``].
+                back up when above, within [``min_threshold``, ``threshold``];
+* ``module:function``  any threshold rule in its own module (see ARCHITECTURE.md, "add a masking schedule").
 
 At least ``min_unmasked`` features always stay available (the least selected ones are released first), and
 a schedule that could mask every feature is refused when the config is read.
@@ -17,14 +18,14 @@ a schedule that could mask every feature is refused when the config is read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from crl_exp.errors import CRLConfigError
-
-SCHEDULES = ("none", "fixed", "decaying", "adaptive")
 
 
 @dataclass
@@ -38,10 +39,11 @@ class MaskingConfig:
     min_unmasked: int = 16
     target_entropy: float = 1.0
     adapt_rate: float = 0.8
+    eval_with_mask: bool = False  # held-out evaluation with the end-of-training mask (default: mask off)
+    params: dict[str, Any] = field(default_factory=dict)  # numbers a custom schedule needs (its own names)
 
     def validate(self, d_sae: int) -> None:
-        if self.schedule not in SCHEDULES:
-            raise CRLConfigError(f"masking.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        threshold_rule(self.schedule)  # unknown names fail here, with the valid ones
         if self.schedule == "none":
             return
         if not 1 <= self.min_unmasked < d_sae:
@@ -55,12 +57,48 @@ class MaskingConfig:
             raise CRLConfigError("masking needs period >= 1, 0 <= ema < 1 and 0 < decay <= 1")
 
 
+# ---------------------------------------------------------------- schedules
+# A schedule is a threshold rule: (config, current threshold, iteration, policy entropy) -> next threshold.
+ThresholdRule = Callable[["MaskingConfig", float, int, float], float]
+
+
+def fixed(cfg: MaskingConfig, current: float, iteration: int, entropy: float) -> float:
+    return cfg.threshold
+
+
+def decaying(cfg: MaskingConfig, current: float, iteration: int, entropy: float) -> float:
+    return max(cfg.min_threshold, cfg.threshold * cfg.decay ** iteration)
+
+
+def adaptive(cfg: MaskingConfig, current: float, iteration: int, entropy: float) -> float:
+    factor = cfg.adapt_rate if entropy < cfg.target_entropy else 1.0 / cfg.adapt_rate
+    return min(cfg.threshold, max(cfg.min_threshold, current * factor))
+
+
+THRESHOLD_RULES: dict[str, ThresholdRule | None] = {"none": None, "fixed": fixed, "decaying": decaying,
+                                                     "adaptive": adaptive}
+
+
+def threshold_rule(schedule: str) -> ThresholdRule | None:
+    """The built-in rule of that name, or ``module:function`` imported (a schedule in its own module)."""
+    if schedule in THRESHOLD_RULES:
+        return THRESHOLD_RULES[schedule]
+    module, _, name = schedule.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name) if name else None
+    except (ImportError, AttributeError):
+        pass
+    raise CRLConfigError(f"masking.schedule={schedule!r}: not one of {', '.join(THRESHOLD_RULES)} and not an "
+                         f"importable 'module:function'")
+
+
 class AdaptiveFeatureMask:
     """Mask state (EMA shares, masked-until iteration, current threshold); part of every checkpoint."""
 
     def __init__(self, d_sae: int, cfg: MaskingConfig):
         cfg.validate(d_sae)
         self.cfg, self.d_sae = cfg, d_sae
+        self.rule = threshold_rule(cfg.schedule)
         self.share = torch.zeros(d_sae)
         self.masked_until = torch.zeros(d_sae, dtype=torch.long)
         self.iteration = 0
@@ -80,21 +118,12 @@ class AdaptiveFeatureMask:
         share = counts / counts.sum().clamp_min(1)
         self.share = self.cfg.ema * self.share + (1 - self.cfg.ema) * share
         self.iteration += 1
-        if self.cfg.schedule == "none":
+        if self.rule is None:
             return
-        self.threshold = self._next_threshold(entropy)
+        self.threshold = float(self.rule(self.cfg, self.threshold, self.iteration, entropy))
         over = (self.share > self.threshold) & self.allowed()
         self.masked_until[over] = self.iteration + self.cfg.period
         self._keep_minimum_available()
-
-    def _next_threshold(self, entropy: float) -> float:
-        c = self.cfg
-        if c.schedule == "fixed":
-            return c.threshold
-        if c.schedule == "decaying":
-            return max(c.min_threshold, c.threshold * c.decay ** self.iteration)
-        factor = c.adapt_rate if entropy < c.target_entropy else 1.0 / c.adapt_rate
-        return min(c.threshold, max(c.min_threshold, self.threshold * factor))
 
     def _keep_minimum_available(self) -> None:
         allowed = self.allowed()

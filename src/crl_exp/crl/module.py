@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from crl_exp.crl.masking import AdaptiveFeatureMask, MaskingConfig
-from crl_exp.crl.policy import ActorCritic
-from crl_exp.crl.ppo import PPOConfig, check_finite, compute_gae, ppo_update, terminal_rewards
+from crl_exp.crl.policy import ActorCritic, PolicyConfig
+from crl_exp.crl.ppo import Batch, PPOConfig, annealed_lr, check_finite, ppo_update
 from crl_exp.crl.rollout import PolicyController
 from crl_exp.episodes import SteeringEnv, rollout_batch
 from crl_exp.errors import CRLConfigError
@@ -53,16 +53,15 @@ class PromptDataModule(L.LightningDataModule):
 
 
 class CRLModule(L.LightningModule):
-    def __init__(self, d_model: int, d_sae: int, policy_cfg: dict, ppo_cfg: PPOConfig, masking_cfg: MaskingConfig,
+    def __init__(self, d_model: int, d_sae: int, policy_cfg: PolicyConfig, ppo_cfg: PPOConfig, masking_cfg: MaskingConfig,
                  total_iterations: int, seed: int = 0):
         super().__init__()
         self.automatic_optimization = False
         with torch.random.fork_rng():  # seeded init without touching the global RNG
             torch.manual_seed(seed)
-            self.policy = ActorCritic(d_model, d_sae, int(policy_cfg.get("hidden", 256)),
-                                      bool(policy_cfg.get("shared_trunk", False)))
+            self.policy = ActorCritic(d_model, d_sae, policy_cfg.hidden, policy_cfg.shared_trunk)
         self.ppo_cfg, self.total_iterations, self.seed = ppo_cfg, total_iterations, seed
-        self.top_k = int(policy_cfg.get("top_k", 1))
+        self.top_k = policy_cfg.top_k
         if not 1 <= self.top_k <= d_sae or (masking_cfg.schedule != "none" and self.top_k > masking_cfg.min_unmasked):
             raise CRLConfigError(f"policy.top_k={self.top_k} must be in [1, d_sae] and <= masking.min_unmasked")
         self.mask = AdaptiveFeatureMask(d_sae, masking_cfg)
@@ -88,9 +87,8 @@ class CRLModule(L.LightningModule):
         iteration = self.current_epoch
         env, cfg = self.env, self.ppo_cfg
         optimizer = self.optimizers()
-        if cfg.anneal_lr:
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * (1.0 - iteration / max(1, self.total_iterations))
+        for group in optimizer.param_groups:
+            group["lr"] = annealed_lr(cfg, iteration, self.total_iterations)
         seed = iteration_seed(self.seed, iteration)
         controller = PolicyController(self.policy, env.coefficient, allowed=self.mask.allowed(), seed=seed,
                                       sae=env.sae.sae, top_k=self.top_k)
@@ -101,14 +99,9 @@ class CRLModule(L.LightningModule):
         valid = gen.valid
         episode_rewards = torch.tensor([r["reward"] for r in records], dtype=torch.float)
         check_finite(iteration, rewards=episode_rewards)
-        rewards = terminal_rewards(episode_rewards, valid)
-        adv, ret = compute_gae(rewards, traj["value"], valid, cfg.gamma, cfg.gae_lambda)
-        flat = valid.flatten()
+        batch_steps = Batch.from_rollout(traj, valid, episode_rewards, cfg.gamma, cfg.gae_lambda)
         t1 = time.perf_counter()
-        stats = ppo_update(self.policy, optimizer, cfg, iteration,
-                           traj["state"].flatten(0, 1)[flat], traj["feature"].flatten(0, 1)[flat],
-                           traj["logprob"].flatten()[flat], adv.flatten()[flat], ret.flatten()[flat],
-                           traj["value"].flatten()[flat], self.mask.allowed(),
+        stats = ppo_update(self.policy, optimizer, cfg, iteration, batch_steps, self.mask.allowed(),
                            torch.Generator().manual_seed(seed), backward=self.manual_backward)
         update_seconds = time.perf_counter() - t1
         chosen = traj["feature"][valid]

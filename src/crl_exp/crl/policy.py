@@ -11,10 +11,20 @@ removes its scale (Gemma residual norms are in the thousands) before the trunk.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.distributions import Categorical
+
+
+@dataclass
+class PolicyConfig:
+    """The ``policy/`` config node (the steering coefficient is ``steering.*``, shared with the baselines)."""
+
+    hidden: int = 256  # trunk width
+    shared_trunk: bool = False  # true: value head on the actor's trunk
+    top_k: int = 1  # features added per token; > 1 sums k directions (each c/k) at a cost in interpretability
 
 
 def _layer(linear: nn.Linear, gain: float) -> nn.Linear:

@@ -73,6 +73,39 @@ def terminal_rewards(episode_rewards: torch.Tensor, valid: torch.Tensor) -> torc
     return rewards
 
 
+@dataclass
+class Batch:
+    """One iteration's valid steps, flattened to [N, ...]: everything the update trains on, built once."""
+
+    states: torch.Tensor  # [N, d_model] detached residual states
+    actions: torch.Tensor  # [N] feature ids ([N, k] for top-k)
+    logprobs: torch.Tensor  # [N] log-probs of the actions when they were taken
+    values: torch.Tensor  # [N] critic values when they were taken
+    advantages: torch.Tensor  # [N] GAE advantages (not yet normalised)
+    returns: torch.Tensor  # [N] advantages + values: the critic's targets
+
+    @classmethod
+    def from_rollout(cls, trajectory: dict[str, torch.Tensor], valid: torch.Tensor, episode_rewards: torch.Tensor,
+                     gamma: float, lam: float) -> Batch:
+        """From ``PolicyController.stacked()`` ([B, T] fields), the valid-step mask and each episode's reward."""
+        rewards = terminal_rewards(episode_rewards, valid)
+        advantages, returns = compute_gae(rewards, trajectory["value"], valid, gamma, lam)
+        flat = valid.flatten()
+        return cls(trajectory["state"].flatten(0, 1)[flat], trajectory["feature"].flatten(0, 1)[flat],
+                   trajectory["logprob"].flatten()[flat], trajectory["value"].flatten()[flat],
+                   advantages.flatten()[flat], returns.flatten()[flat])
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+
+def annealed_lr(cfg: PPOConfig, iteration: int, total_iterations: int) -> float:
+    """CleanRL's linear annealing: lr at the first iteration, approaching 0 at the last (if ``anneal_lr``)."""
+    if not cfg.anneal_lr:
+        return cfg.lr
+    return cfg.lr * (1.0 - iteration / max(1, total_iterations))
+
+
 def normalise_advantages(advantages: torch.Tensor) -> torch.Tensor:
     """Zero mean, unit (sample) std over all of the iteration's valid steps; unchanged if fewer than 2."""
     if len(advantages) < 2:
@@ -86,14 +119,17 @@ def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 
 def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PPOConfig, iteration: int,
-               states: torch.Tensor, actions: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-               returns: torch.Tensor, old_values: torch.Tensor, allowed: torch.Tensor | None,
-               generator: torch.Generator, backward=None) -> dict[str, float]:
-    """Several epochs of minibatch PPO on flat step tensors (the iteration's valid steps); returns the mean
-    diagnostics over all minibatches run. Advantages are normalised once here, over every step, if ``norm_adv``."""
-    check_finite(iteration, advantages=advantages, returns=returns)
-    if cfg.norm_adv:
-        advantages = normalise_advantages(advantages)
+               batch: Batch, allowed: torch.Tensor | None, generator: torch.Generator,
+               backward=None) -> dict[str, float]:
+    """Several epochs of minibatch PPO on ``batch``; returns the diagnostics averaged over every minibatch run.
+
+    Advantages are normalised once, over the whole batch, if ``norm_adv``. ``backward`` lets Lightning's
+    ``manual_backward`` run the backward pass.
+    """
+    check_finite(iteration, advantages=batch.advantages, returns=batch.returns)
+    states, actions, old_logprobs = batch.states, batch.actions, batch.logprobs
+    returns, old_values = batch.returns, batch.values
+    advantages = normalise_advantages(batch.advantages) if cfg.norm_adv else batch.advantages
     n = len(states)
     mb_size = max(1, n // cfg.num_minibatches)
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")}

@@ -12,6 +12,7 @@ from crl_exp.analysis.branch_report import analyse_branches
 from crl_exp.analysis.runs import download_checkpoint, load_policy_state, load_run_config
 from crl_exp.crl.config import apply_budget, config_dataclass, masking_config
 from crl_exp.crl.module import CRLModule
+from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig
 from crl_exp.episodes import build_env
 from crl_exp.errors import CRLConfigError
@@ -38,7 +39,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
         ckpt = download_checkpoint(client, str(cfg.run_id), Path(tmp))
         task = build_task(src.task, src.get("data_dir"))
         env = build_env(src, task)
-        module = CRLModule(env.lm.d_model, env.sae.d_sae, dict(src.policy), config_dataclass(PPOConfig, src.ppo),
+        module = CRLModule(env.lm.d_model, env.sae.d_sae, config_dataclass(PolicyConfig, src.policy), config_dataclass(PPOConfig, src.ppo),
                            masking_config(src.masking), int(src.budget.iterations), seed=int(src.seed))
         load_policy_state(module, ckpt)
     if module.top_k != 1:

@@ -26,6 +26,7 @@ from crl_exp.analysis.intervention_log import to_frame
 from crl_exp.analysis.report import render_report
 from crl_exp.crl.config import apply_budget, config_dataclass, masking_config
 from crl_exp.crl.module import CRLModule, PromptDataModule
+from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig
 from crl_exp.crl.rollout import PolicyController
 from crl_exp.crl.static_feature import select_static_feature
@@ -70,7 +71,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     seed = int(cfg.seed)
     iterations = int(budget.iterations)
     ppo_cfg = config_dataclass(PPOConfig, cfg.ppo)
-    module = CRLModule(lm.d_model, sae.d_sae, dict(cfg.policy), ppo_cfg, masking_config(cfg.masking), iterations,
+    module = CRLModule(lm.d_model, sae.d_sae, config_dataclass(PolicyConfig, cfg.policy), ppo_cfg, masking_config(cfg.masking), iterations,
                        seed=seed).attach(env)
     data = PromptDataModule(task, int(budget.episodes_per_iteration), seed=seed)
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path("outputs") / tracker.run_id

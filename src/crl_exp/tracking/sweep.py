@@ -47,7 +47,7 @@ def config_hash(cfg: DictConfig, code_version: str | None = None) -> str:
 
 
 def job_tags(cfg: DictConfig) -> dict[str, str]:
-    return {"layer": str(cfg.sae.layer), "task": str(cfg.task.name), "masking": str(cfg.masking.schedule),
+    return {"layer": str(cfg.sae.layer), "task": str(cfg.task.name), "masking": str(cfg.get("masking", {}).get("schedule", "none")),
             "seed": str(cfg.seed), "config_hash": config_hash(cfg)}
 
 

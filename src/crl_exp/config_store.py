@@ -1,0 +1,24 @@
+"""Typed (structured) configs: the dataclasses behind ``ppo/``, ``masking/``, ``policy/`` and ``budget/``.
+
+Each default is defined once, in its dataclass; the YAML files of those groups start from the registered
+``base_*`` node and set only what differs. Composition then refuses an unknown or misspelled key with its name
+(``Key 'clip' not in 'PPOConfig'``) before anything runs.
+"""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+
+from crl_exp.crl.config import BudgetConfig
+from crl_exp.crl.masking import MaskingConfig
+from crl_exp.crl.policy import PolicyConfig
+from crl_exp.crl.ppo import PPOConfig
+
+STRUCTURED = {"ppo": PPOConfig, "masking": MaskingConfig, "policy": PolicyConfig, "budget": BudgetConfig}
+
+
+def register_configs() -> None:
+    """Register ``<group>/base_<group>`` for every typed group (idempotent; runs on ``import crl_exp``)."""
+    store = ConfigStore.instance()
+    for group, cls in STRUCTURED.items():
+        store.store(group=group, name=f"base_{group}", node=cls)
