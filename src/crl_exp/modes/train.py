@@ -25,11 +25,11 @@ from crl_exp.analysis.intervention_log import log_rows as intervention_rows
 from crl_exp.analysis.intervention_log import to_frame
 from crl_exp.analysis.report import render_report
 from crl_exp.crl.config import apply_budget, config_dataclass, masking_config
+from crl_exp.crl.feature_selection import select_static_feature
 from crl_exp.crl.module import CRLModule, PromptDataModule
 from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig
 from crl_exp.crl.rollout import PolicyController
-from crl_exp.crl.static_feature import select_static_feature
 from crl_exp.crl.trainer import build_trainer, fit_policy
 from crl_exp.episodes import build_env, run_episodes, summarize
 from crl_exp.modes.evaluation_log import log_evaluation

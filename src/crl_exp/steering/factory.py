@@ -17,17 +17,27 @@ def steering_directions(steering_cfg: DictConfig, sae: LoadedSAE) -> SteeringDir
                                            resid_norm=sae.metrics.get("resid_norm"))
 
 
+def _fixed(steering_cfg: DictConfig, sae: LoadedSAE, seed: int) -> StaticController:
+    feature = int(steering_cfg.feature)
+    if not 0 <= feature < sae.d_sae:
+        raise CRLConfigError(f"steering.feature={feature} is out of range: the SAE has features 0..{sae.d_sae - 1}")
+    return StaticController(feature, float(steering_cfg.coefficient))
+
+
+def _random(steering_cfg: DictConfig, sae: LoadedSAE, seed: int) -> RandomController:
+    return RandomController(sae.d_sae, float(steering_cfg.coefficient), seed=seed)
+
+
+# steering.kind -> the controller that picks each step's feature (none: no steerer at all)
+CONTROLLERS = {"none": None, "fixed": _fixed, "random": _random}
+
+
 def build_steerer(steering_cfg: DictConfig, lm: LoadedModel, sae: LoadedSAE, seed: int = 0):
     """(steerer, controller) for ``steering=none|fixed|random``; (None, None) for none."""
     kind = steering_cfg.kind
-    if kind == "none":
+    if kind not in CONTROLLERS:
+        raise CRLConfigError(f"Unknown steering.kind {kind!r}; valid: {', '.join(CONTROLLERS)}")
+    if CONTROLLERS[kind] is None:
         return None, None
-    steerer = ResidualSteerer(lm.model, sae.layer, steering_directions(steering_cfg, sae))
-    if kind == "fixed":
-        feature = int(steering_cfg.feature)
-        if not 0 <= feature < sae.d_sae:
-            raise CRLConfigError(f"steering.feature={feature} is out of range: the SAE has features 0..{sae.d_sae - 1}")
-        return steerer, StaticController(feature, float(steering_cfg.coefficient))
-    if kind == "random":
-        return steerer, RandomController(sae.d_sae, float(steering_cfg.coefficient), seed=seed)
-    raise CRLConfigError(f"Unknown steering.kind {kind!r}; valid: none, fixed, random")
+    controller = CONTROLLERS[kind](steering_cfg, sae, seed)
+    return ResidualSteerer(lm.model, sae.layer, steering_directions(steering_cfg, sae)), controller

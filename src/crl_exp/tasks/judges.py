@@ -126,11 +126,15 @@ class ModelRefusalJudge:
         return labels
 
 
+JUDGES = {
+    "string_match": lambda cfg: StringMatchRefusalJudge(),
+    "model": lambda cfg: ModelRefusalJudge(str(cfg.model), list(cfg.refusal_labels), int(cfg.get("batch_size", 16)),
+                                           str(cfg.get("device", "cpu"))),
+}
+
+
 def build_judge(cfg) -> RefusalJudge:
     kind = cfg.get("kind", "string_match")
-    if kind == "string_match":
-        return StringMatchRefusalJudge()
-    if kind == "model":
-        return ModelRefusalJudge(str(cfg.model), list(cfg.refusal_labels), int(cfg.get("batch_size", 16)),
-                                 str(cfg.get("device", "cpu")))
-    raise ValueError(f"Unknown judge kind {kind!r}; valid: string_match, model")
+    if kind not in JUDGES:
+        raise ValueError(f"Unknown judge kind {kind!r}; valid: {', '.join(JUDGES)}")
+    return JUDGES[kind](cfg)
