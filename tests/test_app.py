@@ -130,6 +130,9 @@ def test_paper_configs_compose():
     (["+experiment=gsm8k_layer12", "masking=fixed", "masking.threshold=0.0001"], r"could mask all"),
     (["+experiment=gsm8k_layer12", "+ppo.clip=0.1"], r"Unknown PPOConfig keys: \['clip'\]"),
     (["+experiment=gsm8k_layer12", "+policy.coefficient=0.5"], r"Unknown PolicyConfig keys: \['coefficient'\]"),
+    (["+experiment=mmlu_layer12", "budget.group_size=3"], r"group_size=3 must divide"),
+    (["+experiment=mmlu_layer12", "ppo.advantage=group"], r"set budget.group_size >= 2"),
+    (["+experiment=mmlu_layer12", "ppo.advantage=reinforce"], r"ppo.advantage must be gae or group"),
 ])
 def test_incompatible_training_configs_fail_before_loading(tmp_path, overrides, message):
     cfg = compose_cfg(overrides + [f"logger.tracking_uri=sqlite:///{tmp_path / 'db'}"])

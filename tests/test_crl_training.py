@@ -32,10 +32,10 @@ def make_module(env, iterations, masking=None, **ppo):
     return module.attach(env)
 
 
-def train(env, tmp_path, iterations=25, **kw):
+def train(env, tmp_path, iterations=25, group_size=1, **kw):
     module = make_module(env, iterations, **kw)
-    fit_policy(module, PromptDataModule(env.task, 12, seed=0), build_trainer(iterations, tmp_path / "ckpt",
-                                                                              progress_bar=False))
+    fit_policy(module, PromptDataModule(env.task, 12, seed=0, group_size=group_size),
+               build_trainer(iterations, tmp_path / "ckpt", progress_bar=False))
     return module
 
 
@@ -223,3 +223,14 @@ def test_a_masking_schedule_in_its_own_module(tmp_path, monkeypatch):
     assert mask.mask_size == 1  # feature 0 took every selection
     with pytest.raises(CRLConfigError, match="not one of none, fixed, decaying, adaptive"):
         MaskingConfig(schedule="no_such_module:rule").validate(64)
+
+
+def test_group_rollouts_with_group_advantage_find_the_planted_feature(tiny_lm, tmp_path):
+    """G=4 episodes of each of 3 prompts per iteration share a prefill; group-relative advantages still learn."""
+    env = planted_env(tiny_lm)
+    module = train(env, tmp_path, iterations=25, group_size=4, advantage="group")
+    batch = PromptDataModule(env.task, 12, seed=0, group_size=4).batch_for(0)
+    assert [e.id for e in batch[:4]] == [batch[0].id] * 4 and len({e.id for e in batch}) == 3
+    assert PolicyShare.of(module, env) >= 0.8
+    with pytest.raises(CRLConfigError, match="must divide"):
+        PromptDataModule(env.task, 12, group_size=5)

@@ -69,3 +69,14 @@ def test_batch_holds_only_valid_steps_and_lr_anneals_linearly():
     cfg = PPOConfig(lr=1e-3)
     assert [annealed_lr(cfg, i, 4) for i in range(4)] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
     assert annealed_lr(PPOConfig(lr=1e-3, anneal_lr=False), 3, 4) == 1e-3
+
+
+def test_group_advantage_is_reward_minus_the_group_mean_on_every_valid_step():
+    valid = torch.tensor([[True, True], [True, False], [True, True], [True, True]])
+    traj = {"state": torch.zeros(4, 2, 1), "feature": torch.zeros(4, 2, dtype=torch.long),
+            "logprob": torch.zeros(4, 2), "value": torch.full((4, 2), 0.3)}
+    rewards, groups = torch.tensor([1.0, 0.0, 0.2, 0.6]), torch.tensor([0, 0, 1, 1])
+    batch = Batch.from_rollout(traj, valid, rewards, 1.0, 0.95, advantage="group", groups=groups)
+    assert batch.advantages.tolist() == pytest.approx([0.5, 0.5, -0.5, -0.2, -0.2, 0.2, 0.2])
+    gae = Batch.from_rollout(traj, valid, rewards, 1.0, 0.95)
+    torch.testing.assert_close(batch.returns, gae.returns)  # the critic still learns the GAE returns

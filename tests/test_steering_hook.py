@@ -131,3 +131,34 @@ def test_steered_tokens_are_the_newest_position_at_each_step(tiny_lm):
     enc = tiny_lm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
     assert gen.steered_tokens[:, 0].tolist() == enc.input_ids[:, -1].tolist()
     assert gen.steered_tokens[:, 1:].tolist() == gen.new_tokens[:, :-1].tolist()
+
+
+def test_shared_prefix_rollout_matches_the_full_prompt_path(tiny_lm):
+    """One prefill per distinct prompt (left-padded, past Gemma 3's 16-token sliding window here) gives the same
+    tokens and actions as prefilling every row, and the same states, log-probs and values up to fp32 rounding."""
+    from crl_exp.crl.policy import ActorCritic
+    from crl_exp.crl.rollout import PolicyController
+
+    prompts = (["The quick brown fox jumps over the lazy dog, again and again"] * 3 + ["Short one"] * 2
+               + ["A much longer prompt that exceeds the sliding window of sixteen tokens easily."] * 3 + ["Q"])
+    steerer = ResidualSteerer(tiny_lm.model, 1, random_directions(tiny_lm.d_model, 16))
+    torch.manual_seed(0)
+    policy = ActorCritic(tiny_lm.d_model, 16, 16)
+    with torch.no_grad():
+        policy.actor_head.weight.normal_(0, 1)  # state-dependent choices
+    runs = {}
+    for share in (False, True):
+        controller = PolicyController(policy, 3.0, greedy=True)
+        runs[share] = generate(tiny_lm, prompts, 12, steerer, controller, share_prefix=share), controller.stacked()
+    (full, a), (shared, b) = runs[False], runs[True]
+    assert torch.equal(full.new_tokens, shared.new_tokens) and full.completions == shared.completions
+    assert torch.equal(a["feature"], b["feature"]) and torch.equal(full.valid, shared.valid)
+    for key in ("state", "logprob", "value"):
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-5)
+    assert len(set(a["feature"][:, 0].tolist())) > 1  # the policy did react to the state
+
+
+def test_a_one_token_batch_has_no_prefix_to_share(tiny_lm):
+    enc = tiny_lm.tokenizer(["", ""], return_tensors="pt", padding=True)
+    assert enc.input_ids.shape[1] == 1  # just <bos>
+    assert generate(tiny_lm, ["", ""], 3, share_prefix=True).new_tokens.shape == (2, 3)

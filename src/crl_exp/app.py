@@ -74,8 +74,16 @@ def check_budget(cfg: DictConfig) -> None:
     from crl_exp.crl.policy import PolicyConfig
     from crl_exp.crl.ppo import PPOConfig
 
-    config_dataclass(PPOConfig, cfg.ppo)
+    ppo = config_dataclass(PPOConfig, cfg.ppo)
     config_dataclass(PolicyConfig, cfg.policy)
+    if ppo.advantage not in ("gae", "group"):
+        raise CRLConfigError(f"ppo.advantage must be gae or group, got {ppo.advantage!r}")
+    group = int(budget.group_size)
+    if group < 1 or int(budget.episodes_per_iteration) % group:
+        raise CRLConfigError(f"budget.group_size={group} must divide budget.episodes_per_iteration="
+                             f"{budget.episodes_per_iteration}")
+    if ppo.advantage == "group" and group < 2:
+        raise CRLConfigError("ppo.advantage=group compares episodes of the same prompt: set budget.group_size >= 2")
     d_sae = int(cfg.sae.training.d_sae) if cfg.sae.source == "trained" else None
     masking = masking_config(cfg.masking)
     masking.validate(d_sae or 16384)

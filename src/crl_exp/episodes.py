@@ -86,8 +86,10 @@ def render_prompt(task: Task, lm: LoadedModel, ex: Example) -> str:
     return str(task.cfg.get("base_template") or "{text}").format(text=text)
 
 
-def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=None, controller=None):
-    """Generate and score one batch; returns (per-example records, the ``Generation``)."""
+def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=None, controller=None,
+                  share_prefix: bool = False):
+    """Generate and score one batch; returns (per-example records, the ``Generation``). ``share_prefix``: one
+    unsteered prefill per distinct prompt (see ``generate``), for groups of episodes of the same prompt."""
     chat = task.cfg.get("template", "base") == "chat"
     letter_ids = owner = None
     letters = task.scored_letters(batch)
@@ -95,7 +97,7 @@ def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=Non
         letter_ids, owner = letter_token_ids(lm.tokenizer, letters)
     prompts = [render_prompt(task, lm, ex) for ex in batch]
     gen = generate(lm, prompts, task.max_new_tokens, steerer, controller, add_special_tokens=not chat,
-                   stop_strings=task.stop_strings, score_token_ids=letter_ids)
+                   stop_strings=task.stop_strings, score_token_ids=letter_ids, share_prefix=share_prefix)
     option_probs = None
     if gen.first_step_logits is not None:
         option_probs = option_probabilities(gen.first_step_logits, gen.first_step_logsumexp, owner, len(letters))

@@ -109,11 +109,32 @@ def cut_at_stop_strings(text: str, stop_strings: list[str]) -> str:
 
 
 @torch.inference_mode()
+def shared_prefix_cache(lm: LoadedModel, prompts: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """KV cache of ``input_ids[:, :-1]`` (left-padded, so column -1 is every row's last prompt token), computed
+    once per distinct prompt and copied (``index_select``, never cropped: Gemma's sliding-window layers) to its rows."""
+    first_row: dict[str, int] = {}
+    inverse = torch.tensor([first_row.setdefault(p, len(first_row)) for p in prompts], device=input_ids.device)
+    rows = torch.tensor([prompts.index(p) for p in first_row], device=input_ids.device)
+    mask = attention_mask[rows, :-1]
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate() numbers left-padded rows
+    out = lm.model(input_ids=input_ids[rows, :-1], attention_mask=mask, position_ids=positions, use_cache=True,
+                   logits_to_keep=1)
+    cache = out.past_key_values
+    cache.reorder_cache(inverse)
+    return cache
+
+
+@torch.inference_mode()
 def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: ResidualSteerer | None = None,
              controller: Controller | None = None, add_special_tokens: bool = True,
              stop_strings: list[str] | None = None, score_token_ids: torch.Tensor | None = None,
-             min_new_tokens: int | None = None) -> Generation:
+             min_new_tokens: int | None = None, share_prefix: bool = False) -> Generation:
     """Greedy-decode ``prompts`` in one batch; with ``steerer`` every forward step is steered by ``controller``.
+
+    ``share_prefix``: only the newest position is ever steered, so everything before a prompt's last token is
+    the same under every action. Each *distinct* prompt's ``prompt[:-1]`` is prefilled once, unsteered, and its
+    KV cache copied to every row holding that prompt (a group of G samples costs one prefill); generation then
+    starts from the last prompt token, which is steered exactly as in the full-prompt path.
 
     ``stop_strings`` end a row early (and are cut from its completion); ``score_token_ids`` returns the raw
     logits of those tokens at the first generated position (e.g. option letters, for constrained answers) and
@@ -127,6 +148,8 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: 
     if min_new_tokens:
         kwargs.update(min_new_tokens=min_new_tokens)
     t0 = time.perf_counter()
+    if share_prefix and enc.input_ids.shape[1] >= 2:  # a 1-token prompt has no prefix to share
+        kwargs["cache"] = shared_prefix_cache(lm, prompts, enc.input_ids, enc.attention_mask)
     with ctx:
         out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=lm.tokenizer.pad_token_id, **kwargs)

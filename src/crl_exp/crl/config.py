@@ -26,6 +26,7 @@ class BudgetConfig:
     device: str = "cpu"
     iterations: int = 10  # PPO iterations
     episodes_per_iteration: int = 8
+    group_size: int = 1  # episodes per training prompt per iteration, sharing one prefill (must divide the above)
     max_new_tokens_cap: int | None = 48  # caps task.max_new_tokens during training and evaluation
     eval_examples: int | None = 24  # held-out (test split) subset per condition; null = all
     eval_batch_size: int = 8

@@ -30,19 +30,25 @@ def iteration_seed(seed: int, iteration: int) -> int:
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Serves the training prompts of iteration ``current_epoch`` (reload every epoch)."""
+    """Serves the training prompts of iteration ``current_epoch`` (reload every epoch).
 
-    def __init__(self, task: Task, episodes_per_iteration: int, seed: int = 0):
+    With ``group_size`` G > 1 an iteration holds ``episodes_per_iteration / G`` distinct prompts, each G times in
+    a row: G sampled episodes of one prompt share one prefill (``generate(share_prefix=True)``)."""
+
+    def __init__(self, task: Task, episodes_per_iteration: int, seed: int = 0, group_size: int = 1):
         super().__init__()
-        self.task, self.episodes, self.seed = task, episodes_per_iteration, seed
+        if group_size < 1 or episodes_per_iteration % group_size:
+            raise CRLConfigError(f"budget.group_size={group_size} must divide budget.episodes_per_iteration="
+                                 f"{episodes_per_iteration}")
+        self.task, self.episodes, self.seed, self.group_size = task, episodes_per_iteration, seed, group_size
 
     def batch_for(self, iteration: int) -> list:
         pool = self.task.split("train")
         if not pool:
             raise ValueError(f"{self.task.name} has an empty train split")
         g = torch.Generator().manual_seed(iteration_seed(self.seed, iteration))
-        idx = torch.randperm(len(pool), generator=g)[: self.episodes].tolist()
-        return [pool[i] for i in idx]
+        idx = torch.randperm(len(pool), generator=g)[: self.episodes // self.group_size].tolist()
+        return [pool[i] for i in idx for _ in range(self.group_size)]
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # a list of Examples (text); the rollout moves token tensors itself
@@ -93,13 +99,17 @@ class CRLModule(L.LightningModule):
         controller = PolicyController(self.policy, env.coefficient, allowed=self.mask.allowed(), seed=seed,
                                       sae=env.sae.sae, top_k=self.top_k)
         t0 = time.perf_counter()
-        records, gen = rollout_batch(env.task, env.lm, batch, env.steerer, controller)
+        grouped = len({ex.id for ex in batch}) < len(batch)
+        records, gen = rollout_batch(env.task, env.lm, batch, env.steerer, controller, share_prefix=grouped)
         rollout_seconds = time.perf_counter() - t0
         traj = controller.stacked()
         valid = gen.valid
         episode_rewards = torch.tensor([r["reward"] for r in records], dtype=torch.float)
         check_finite(iteration, rewards=episode_rewards)
-        batch_steps = Batch.from_rollout(traj, valid, episode_rewards, cfg.gamma, cfg.gae_lambda)
+        first: dict[str, int] = {}
+        groups = torch.tensor([first.setdefault(ex.id, len(first)) for ex in batch])
+        batch_steps = Batch.from_rollout(traj, valid, episode_rewards, cfg.gamma, cfg.gae_lambda,
+                                         advantage=cfg.advantage, groups=groups)
         t1 = time.perf_counter()
         stats = ppo_update(self.policy, optimizer, cfg, iteration, batch_steps, self.mask.allowed(),
                            torch.Generator().manual_seed(seed), backward=self.manual_backward)

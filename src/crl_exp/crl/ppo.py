@@ -46,6 +46,9 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     target_kl: float | None = 0.05
     adam_eps: float = 1e-5
+    # gae: GAE with the critic (default; the critic analyses need it) | group: each episode's reward minus the
+    # mean reward of the episodes of the same prompt (budget.group_size > 1), on every step of the episode
+    advantage: str = "gae"
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, gamma: float,
@@ -86,10 +89,15 @@ class Batch:
 
     @classmethod
     def from_rollout(cls, trajectory: dict[str, torch.Tensor], valid: torch.Tensor, episode_rewards: torch.Tensor,
-                     gamma: float, lam: float) -> Batch:
-        """From ``PolicyController.stacked()`` ([B, T] fields), the valid-step mask and each episode's reward."""
+                     gamma: float, lam: float, advantage: str = "gae", groups: torch.Tensor | None = None) -> Batch:
+        """From ``PolicyController.stacked()`` ([B, T] fields), the valid-step mask and each episode's reward;
+        ``groups`` [B] numbers the prompt of each episode (for ``advantage="group"``)."""
         rewards = terminal_rewards(episode_rewards, valid)
         advantages, returns = compute_gae(rewards, trajectory["value"], valid, gamma, lam)
+        if advantage == "group":
+            advantages = group_advantages(episode_rewards, groups)[:, None].expand(valid.shape) * valid.float()
+        elif advantage != "gae":
+            raise ValueError(f"ppo.advantage must be gae or group, got {advantage!r}")
         flat = valid.flatten()
         return cls(trajectory["state"].flatten(0, 1)[flat], trajectory["feature"].flatten(0, 1)[flat],
                    trajectory["logprob"].flatten()[flat], trajectory["value"].flatten()[flat],
@@ -97,6 +105,16 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.states)
+
+
+def group_advantages(episode_rewards: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+    """[B]: each episode's reward minus the mean reward of its group (episodes of the same prompt)."""
+    if groups is None:
+        raise ValueError("ppo.advantage=group needs groups of episodes of the same prompt (budget.group_size > 1)")
+    n_groups = int(groups.max()) + 1
+    sums = torch.zeros(n_groups).index_add_(0, groups, episode_rewards.float())
+    counts = torch.zeros(n_groups).index_add_(0, groups, torch.ones(len(groups)))
+    return episode_rewards.float() - (sums / counts)[groups]
 
 
 def annealed_lr(cfg: PPOConfig, iteration: int, total_iterations: int) -> float:

@@ -73,7 +73,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     ppo_cfg = config_dataclass(PPOConfig, cfg.ppo)
     module = CRLModule(lm.d_model, sae.d_sae, config_dataclass(PolicyConfig, cfg.policy), ppo_cfg, masking_config(cfg.masking), iterations,
                        seed=seed).attach(env)
-    data = PromptDataModule(task, int(budget.episodes_per_iteration), seed=seed)
+    data = PromptDataModule(task, int(budget.episodes_per_iteration), seed=seed, group_size=int(budget.group_size))
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path("outputs") / tracker.run_id
     logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=tracker.tracking_uri,
                           run_id=tracker.run_id)
