@@ -157,8 +157,10 @@ def config_options() -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("group, option", config_options())
 def test_every_config_option_composes_and_passes_preflight(group, option, tmp_path, tiny_model_dir, tiny_sae_dir):
-    needs_train = group in ("policy", "ppo", "masking", "trainer", "budget", "analysis")
-    overrides = [f"{group}={option}"] + (["mode=train"] if needs_train and not group == "mode" else [])
+    # groups that come with a mode (conf/mode/<mode>.yaml) are picked together with it
+    mode = {"policy": "train", "ppo": "train", "masking": "train", "trainer": "train", "budget": "train",
+            "analysis": "train", "eval": "eval"}.get(group)
+    overrides = [f"{group}={option}"] + ([f"mode={mode}"] if mode else [])
     if group == "budget" and option == "paper":
         overrides += ["model=gemma2_2b", "sae=gemmascope_2b_res_16k"]
     if group == "model" and option == "hf":
