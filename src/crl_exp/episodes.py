@@ -133,12 +133,3 @@ def summarize(task: Task, records: list[dict[str, Any]], n_boot: int, seed: int)
     cis = bootstrap_ci(len(records), lambda idx: task.metrics_from_records([records[i] for i in idx.tolist()]),
                        n_boot=n_boot, seed=seed)
     return metrics, cis
-
-
-def format_table(metrics: dict[str, float], cis: dict[str, tuple[float, float]]) -> str:
-    width = max(len(k) for k in metrics) if metrics else 10
-    lines = [f"{'metric':<{width}}  {'value':>8}  95% CI"]
-    for key, value in metrics.items():
-        lo, hi = cis.get(key, (float("nan"), float("nan")))
-        lines.append(f"{key:<{width}}  {value:8.4f}  [{lo:.4f}, {hi:.4f}]")
-    return "\n".join(lines)
