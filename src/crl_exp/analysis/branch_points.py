@@ -4,7 +4,8 @@ For an episode (prompt, generated tokens, the policy's actions), the steered pre
 cached token per step with that step's recorded edit, so the KV cache always holds exactly the prefix before
 step t (snapshots are copied, never cropped: cropping is wrong for sliding-window layers). For each step t and
 each alternative choice (no steering, the policy's next-best features), generation continues from the
-snapshot: the alternative at step t, then the policy (greedy). The prefix is never regenerated. A step's *branch score* is the share
+snapshot: the alternative at step t, then the policy (greedy); all alternatives of a step are rows of one cached
+``generate`` (the snapshot copied to every row). The prefix is never regenerated. A step's *branch score* is the share
 of alternatives whose outcome (correct or not) differs from the original; a *branch point* has score > 0.
 
 Every step also replays the **original action** as a *control* alternative: it must reproduce the original
@@ -77,9 +78,11 @@ class BranchResult:
 
 
 class ScriptedController:
-    """Replays ``forced`` actions (one per step), then ``first_free`` once, then the greedy policy."""
+    """Replays ``forced`` actions (one per step), then ``first_free`` once (one feature, or one per row), then
+    the greedy policy."""
 
-    def __init__(self, policy: ActorCritic, coefficient: float, forced: list[int], first_free: int | None = None):
+    def __init__(self, policy: ActorCritic, coefficient: float, forced: list[int],
+                 first_free: int | list[int] | None = None):
         self.policy, self.coefficient, self.forced, self.first_free = policy, coefficient, list(forced), first_free
         self.calls = 0
 
@@ -90,7 +93,8 @@ class ScriptedController:
         if t < len(self.forced):
             feature = torch.full((len(state),), self.forced[t], dtype=torch.long)
         elif t == len(self.forced) and self.first_free is not None:
-            feature = torch.full((len(state),), self.first_free, dtype=torch.long)
+            feature = (torch.tensor(self.first_free, dtype=torch.long) if isinstance(self.first_free, list)
+                       else torch.full((len(state),), self.first_free, dtype=torch.long))
         else:
             logits, _ = self.policy(state)
             feature = logits.argmax(-1).cpu()
@@ -139,19 +143,25 @@ def track_branches(task: Task, lm, steerer: ResidualSteerer, policy: ActorCritic
         if naive:
             state = _state_by_replay(lm, steerer, prompt, chat, policy, coefficient, episode.actions[: t + 1])
         control = episode.actions[t]
-        for alt in [control, *alternatives_for(policy, state, control, k_alternatives)]:
-            if naive:
+        alts = [control, *alternatives_for(policy, state, control, k_alternatives)]
+        if naive:
+            continuations = []
+            for alt in alts:
                 ctrl = ScriptedController(policy, coefficient, episode.actions[:t], alt)
                 gen = generate(lm, [prompt], task.max_new_tokens, steerer, ctrl, add_special_tokens=not chat,
                                stop_strings=task.stop_strings)
-                tokens = _strip_pad(gen.new_tokens[0].tolist(), lm.tokenizer.pad_token_id)
-            else:
-                ctrl = ScriptedController(policy, coefficient, [], alt)
-                tokens = episode.new_tokens[:t] + continue_from_cache(
-                    lm, full[:, : P + t], copy.deepcopy(snapshot), steerer, ctrl, task.max_new_tokens - t,
-                    task.stop_strings)
-            completion = _cut(lm.tokenizer.decode(tokens, skip_special_tokens=True), task.stop_strings)
-            rec = task.score_batch([ex], [prompt], [completion], None)[0]
+                continuations.append(_strip_pad(gen.new_tokens[0].tolist(), lm.tokenizer.pad_token_id))
+        else:  # every alternative of this step is a row of one cached generate
+            rows = copy.deepcopy(snapshot)
+            rows.reorder_cache(torch.zeros(len(alts), dtype=torch.long))
+            ctrl = ScriptedController(policy, coefficient, [], alts)
+            continuations = [episode.new_tokens[:t] + c for c in continue_from_cache(
+                lm, full[:, : P + t].repeat(len(alts), 1), rows, steerer, ctrl, task.max_new_tokens - t,
+                task.stop_strings)]
+        completions = [_cut(lm.tokenizer.decode(tokens, skip_special_tokens=True), task.stop_strings)
+                       for tokens in continuations]
+        records = task.score_batch([ex] * len(alts), [prompt] * len(alts), completions, None)
+        for alt, tokens, completion, rec in zip(alts, continuations, completions, records, strict=True):
             correct = bool(rec["correct"] > 0.5)
             result.rows.append({"episode": episode_index, "prompt_id": ex.id, "position": t,
                                 "chosen_feature": episode.actions[t], "alternative": alt, "control": alt == control,
@@ -184,11 +194,12 @@ def _cut(text: str, stops: list[str]) -> str:
 
 @torch.no_grad()
 def continue_from_cache(lm, input_ids: torch.Tensor, cache, steerer: ResidualSteerer, controller,
-                        max_new_tokens: int, stop_strings: list[str]) -> list[int]:
-    """Generate from ``input_ids`` whose first ``cache`` positions are already cached (prefix reuse)."""
+                        max_new_tokens: int, stop_strings: list[str]) -> list[list[int]]:
+    """Generate from ``input_ids`` [R, n] whose first ``cache`` positions are already cached (prefix reuse); the
+    R rows' new tokens, trailing pads removed."""
     kwargs = stop_criteria(lm.tokenizer, stop_strings, input_ids.shape[1])
     with steerer.attached(controller):
         out = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                 cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=lm.tokenizer.pad_token_id, **kwargs)
-    return _strip_pad(out[0, input_ids.shape[1]:].tolist(), lm.tokenizer.pad_token_id)
+    return [_strip_pad(row[input_ids.shape[1]:].tolist(), lm.tokenizer.pad_token_id) for row in out]

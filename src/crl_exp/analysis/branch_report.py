@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+from tqdm.auto import tqdm
 from omegaconf import DictConfig
 
 from crl_exp.analysis.branch_points import Episode, track_branches
@@ -26,7 +27,7 @@ def analyse_branches(env, policy, task, acfg: DictConfig, tracker, title: str = 
         raise CRLConfigError(f"No held-out episodes to analyse for {task.name}")
     # Originals are generated one episode at a time (unpadded), exactly as the branches are replayed.
     records, log, all_rows, points, noise = [], [], [], {}, 0
-    for i, ex in enumerate(examples):
+    for i, ex in enumerate(tqdm(examples, desc="branch points", unit="episode")):
         controller = PolicyController(policy, env.coefficient, greedy=True, sae=env.sae.sae)
         (rec,), gen = rollout_batch(task, env.lm, [ex], env.steerer, controller)
         traj, valid = controller.stacked(), gen.valid
