@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from crl_exp.analysis.branch_points import Episode, track_branches
 from crl_exp.analysis.intervention_log import log_rows, to_frame
