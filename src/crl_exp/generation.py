@@ -112,9 +112,14 @@ def cut_at_stop_strings(text: str, stop_strings: list[str]) -> str:
 def shared_prefix_cache(lm: LoadedModel, prompts: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """KV cache of ``input_ids[:, :-1]`` (left-padded, so column -1 is every row's last prompt token), computed
     once per distinct prompt and copied (``index_select``, never cropped: Gemma's sliding-window layers) to its rows."""
-    first_row: dict[str, int] = {}
-    inverse = torch.tensor([first_row.setdefault(p, len(first_row)) for p in prompts], device=input_ids.device)
-    rows = torch.tensor([prompts.index(p) for p in first_row], device=input_ids.device)
+    group: dict[str, int] = {}  # distinct prompt -> its row in the prefill batch
+    first_rows: list[int] = []
+    for i, p in enumerate(prompts):
+        if p not in group:
+            group[p] = len(first_rows)
+            first_rows.append(i)
+    inverse = torch.tensor([group[p] for p in prompts], device=input_ids.device)
+    rows = torch.tensor(first_rows, device=input_ids.device)
     mask = attention_mask[rows, :-1]
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate() numbers left-padded rows
     out = lm.model(input_ids=input_ids[rows, :-1], attention_mask=mask, position_ids=positions, use_cache=True,

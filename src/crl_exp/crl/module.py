@@ -99,15 +99,15 @@ class CRLModule(L.LightningModule):
         controller = PolicyController(self.policy, env.coefficient, allowed=self.mask.allowed(), seed=seed,
                                       sae=env.sae.sae, top_k=self.top_k)
         t0 = time.perf_counter()
-        grouped = len({ex.id for ex in batch}) < len(batch)
-        records, gen = rollout_batch(env.task, env.lm, batch, env.steerer, controller, share_prefix=grouped)
+        first: dict[str, int] = {}
+        groups = torch.tensor([first.setdefault(ex.id, len(first)) for ex in batch])  # prompt number per episode
+        records, gen = rollout_batch(env.task, env.lm, batch, env.steerer, controller,
+                                     share_prefix=len(first) < len(batch))
         rollout_seconds = time.perf_counter() - t0
         traj = controller.stacked()
         valid = gen.valid
         episode_rewards = torch.tensor([r["reward"] for r in records], dtype=torch.float)
         check_finite(iteration, rewards=episode_rewards)
-        first: dict[str, int] = {}
-        groups = torch.tensor([first.setdefault(ex.id, len(first)) for ex in batch])
         batch_steps = Batch.from_rollout(traj, valid, episode_rewards, cfg.gamma, cfg.gae_lambda,
                                          advantage=cfg.advantage, groups=groups)
         t1 = time.perf_counter()
