@@ -86,18 +86,30 @@ def render_prompt(task: Task, lm: LoadedModel, ex: Example) -> str:
     return str(task.cfg.get("base_template") or "{text}").format(text=text)
 
 
+def prompt_prefix(task: Task, ex: Example, prompt: str) -> str | None:
+    """The part of the rendered ``prompt`` up to the end of the task's few-shot prefix (template included)."""
+    shots = task.few_shot_prefix(ex)
+    if not shots:
+        return None
+    at = prompt.find(task.user_text(ex))
+    return prompt[: at + len(shots)] if at >= 0 else None
+
+
 def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=None, controller=None,
-                  share_prefix: bool = False):
+                  share_prefix: bool = False, cache_prefixes: bool = True):
     """Generate and score one batch; returns (per-example records, the ``Generation``). ``share_prefix``: one
-    unsteered prefill per distinct prompt (see ``generate``), for groups of episodes of the same prompt."""
+    unsteered prefill per distinct prompt (see ``generate``), for groups of episodes of the same prompt.
+    ``cache_prefixes``: start prompts from their task's cached few-shot prefix (exact; off only to measure)."""
     chat = task.cfg.get("template", "base") == "chat"
     letter_ids = owner = None
     letters = task.scored_letters(batch)
     if letters:
         letter_ids, owner = letter_token_ids(lm.tokenizer, letters)
     prompts = [render_prompt(task, lm, ex) for ex in batch]
+    prefixes = [prompt_prefix(task, ex, p) for ex, p in zip(batch, prompts, strict=True)] if cache_prefixes else []
     gen = generate(lm, prompts, task.max_new_tokens, steerer, controller, add_special_tokens=not chat,
-                   stop_strings=task.stop_strings, score_token_ids=letter_ids, share_prefix=share_prefix)
+                   stop_strings=task.stop_strings, score_token_ids=letter_ids, share_prefix=share_prefix,
+                   prefixes=prefixes if any(prefixes) else None)
     option_probs = None
     if gen.first_step_logits is not None:
         option_probs = option_probabilities(gen.first_step_logits, gen.first_step_logsumexp, owner, len(letters))

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import time
+import weakref
+from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from crl_exp.models import LoadedModel
 from crl_exp.steering.hook import Controller, ResidualSteerer
+
+# Bound on the few-shot prefix caches kept per model (``PrefixStore``). Gemma 3 270M in fp32 holds ~21 MB for a
+# 1,000-token prefix (global layers keep every token, sliding layers their 512-token window), so 1 GiB holds
+# all 57 MMLU subjects' 5-shot prefixes.
+DEFAULT_PREFIX_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -108,38 +115,137 @@ def cut_at_stop_strings(text: str, stop_strings: list[str]) -> str:
     return text[:cut]
 
 
+def cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of every layer of a transformers ``DynamicCache`` (sliding layers hold their window only)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(not getattr(layer, "is_initialized", True) for layer in layers):
+        raise RuntimeError(f"Unsupported KV cache {type(cache).__name__}: expected an initialised DynamicCache")
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def left_padded_cache(lm: LoadedModel, rows: list[list[tuple[torch.Tensor, torch.Tensor]] | None],
+                      lengths: list[int]) -> DynamicCache:
+    """One left-padded batch cache from per-row batch-1 caches of ``lengths[i]`` tokens (``None``: no tokens).
+
+    Every layer is laid out ``max(lengths)`` columns wide with each row right-aligned (zeros where a row has no
+    token: its attention mask hides them), then handed to ``DynamicCache``, which keeps a sliding layer's last
+    window itself and counts the full length, exactly as a left-padded prefill of the same rows would. Rows are
+    never cropped: a sliding layer's stored window is all it needs.
+    """
+    width = max(lengths)
+    template = next(r for r in rows if r is not None)
+    data = []
+    for layer, (k0, v0) in enumerate(template):
+        keys = k0.new_zeros((len(rows), k0.shape[1], width, k0.shape[3]))
+        values = v0.new_zeros((len(rows), v0.shape[1], width, v0.shape[3]))
+        for i, row in enumerate(rows):
+            if row is not None:
+                k, v = row[layer]
+                keys[i, :, width - k.shape[-2]:] = k[0]
+                values[i, :, width - v.shape[-2]:] = v[0]
+        data.append((keys, values))
+    return DynamicCache(ddp_cache_data=data, config=lm.model.config)
+
+
+def tensors_bytes(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+
+
+class PrefixStore:
+    """Few-shot prefix KV caches of one model (batch 1, unsteered), keyed by their token ids; least recently used
+    entries are evicted beyond ``max_bytes``. Entries are read, never written: users copy them into new caches."""
+
+    def __init__(self, max_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.bytes = self.hits = self.misses = 0
+
+    @torch.inference_mode()
+    def get(self, lm: LoadedModel, key: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if key in self.entries:
+            self.hits += 1
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        self.misses += 1
+        out = lm.model(input_ids=torch.tensor([key], device=lm.device), use_cache=True, logits_to_keep=1)
+        layers = cache_tensors(out.past_key_values)
+        self.entries[key] = layers
+        self.bytes += tensors_bytes(layers)
+        while self.bytes > self.max_bytes and len(self.entries) > 1:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= tensors_bytes(old)
+        return layers
+
+
+_STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def prefix_store(lm: LoadedModel) -> PrefixStore:
+    """The model's prefix store (one per model object, created on first use)."""
+    if lm.model not in _STORES:
+        _STORES[lm.model] = PrefixStore()
+    return _STORES[lm.model]
+
+
+def prefix_key(prefix_ids: list[int], prompt_ids: list[int]) -> tuple[int, ...]:
+    """The cacheable part of a declared prefix: its tokens minus the last (a prefix tokenised alone can end
+    differently than inside the prompt), cut further to where the prompt's own tokens agree, and always short of
+    the prompt's last token (the steered one)."""
+    n = min(len(prefix_ids) - 1, len(prompt_ids) - 1)
+    agree = 0
+    while agree < n and prefix_ids[agree] == prompt_ids[agree]:
+        agree += 1
+    return tuple(prompt_ids[:agree])
+
+
 @torch.inference_mode()
-def shared_prefix_cache(lm: LoadedModel, prompts: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """KV cache of ``input_ids[:, :-1]`` (left-padded, so column -1 is every row's last prompt token), computed
-    once per distinct prompt and copied (``index_select``, never cropped: Gemma's sliding-window layers) to its rows."""
-    group: dict[str, int] = {}  # distinct prompt -> its row in the prefill batch
-    first_rows: list[int] = []
-    for i, p in enumerate(prompts):
-        if p not in group:
-            group[p] = len(first_rows)
-            first_rows.append(i)
-    inverse = torch.tensor([group[p] for p in prompts], device=input_ids.device)
-    rows = torch.tensor(first_rows, device=input_ids.device)
-    mask = attention_mask[rows, :-1]
-    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate() numbers left-padded rows
-    out = lm.model(input_ids=input_ids[rows, :-1], attention_mask=mask, position_ids=positions, use_cache=True,
-                   logits_to_keep=1)
-    cache = out.past_key_values
-    cache.reorder_cache(inverse)
-    return cache
+def prompt_prefix_cache(lm: LoadedModel, prompts: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        prefixes: list[str | None] | None = None, add_special_tokens: bool = True) -> DynamicCache:
+    """KV cache of ``input_ids[:, :-1]`` (left-padded, so column -1 is every row's last prompt token).
+
+    Computed once per *distinct* prompt, unpadded (batch 1): from its few-shot prefix's stored cache when
+    ``prefixes`` declares one (``PrefixStore``), else from scratch; then laid out left-padded for all rows
+    (``left_padded_cache``; copies, never crops: Gemma's sliding-window layers).
+    """
+    store = prefix_store(lm)
+    per_prompt: dict[str, tuple[list | None, int]] = {}
+    for i, prompt in enumerate(prompts):
+        if prompt in per_prompt:
+            continue
+        ids = input_ids[i][attention_mask[i].bool()].tolist()
+        n = len(ids) - 1  # cached tokens: everything but the steered last one
+        start, base = 0, None
+        if prefixes is not None and prefixes[i]:
+            pre = lm.tokenizer(prefixes[i], add_special_tokens=add_special_tokens).input_ids
+            key = prefix_key(pre, ids)
+            if key:
+                start, base = len(key), store.get(lm, key)
+        layers = base
+        if n > start:
+            cache = left_padded_cache(lm, [base], [start]) if base is not None else None
+            out = lm.model(input_ids=torch.tensor([ids[start:n]], device=lm.device), cache=cache,
+                           use_cache=True, logits_to_keep=1)
+            layers = cache_tensors(out.past_key_values)
+        per_prompt[prompt] = (layers if n > 0 else None, n)
+    rows = [per_prompt[p] for p in prompts]
+    return left_padded_cache(lm, [r for r, _ in rows], [n for _, n in rows])
 
 
 @torch.inference_mode()
 def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: ResidualSteerer | None = None,
              controller: Controller | None = None, add_special_tokens: bool = True,
              stop_strings: list[str] | None = None, score_token_ids: torch.Tensor | None = None,
-             min_new_tokens: int | None = None, share_prefix: bool = False) -> Generation:
+             min_new_tokens: int | None = None, share_prefix: bool = False,
+             prefixes: list[str | None] | None = None) -> Generation:
     """Greedy-decode ``prompts`` in one batch; with ``steerer`` every forward step is steered by ``controller``.
 
     ``share_prefix``: only the newest position is ever steered, so everything before a prompt's last token is
     the same under every action. Each *distinct* prompt's ``prompt[:-1]`` is prefilled once, unsteered, and its
     KV cache copied to every row holding that prompt (a group of G samples costs one prefill); generation then
     starts from the last prompt token, which is steered exactly as in the full-prompt path.
+    ``prefixes`` (implies the same path): each row's few-shot prefix text (a leading part of its prompt, or
+    ``None``); each distinct prefix is prefilled once per model and kept (``PrefixStore``), so a prompt costs
+    only its own tail.
 
     ``stop_strings`` end a row early (and are cut from its completion); ``score_token_ids`` returns the raw
     logits of those tokens at the first generated position (e.g. option letters, for constrained answers) and
@@ -153,8 +259,9 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: 
     if min_new_tokens:
         kwargs.update(min_new_tokens=min_new_tokens)
     t0 = time.perf_counter()
-    if share_prefix and enc.input_ids.shape[1] >= 2:  # a 1-token prompt has no prefix to share
-        kwargs["cache"] = shared_prefix_cache(lm, prompts, enc.input_ids, enc.attention_mask)
+    if (share_prefix or prefixes) and enc.input_ids.shape[1] >= 2:  # 1-token prompts: no prefix to share
+        kwargs["cache"] = prompt_prefix_cache(lm, prompts, enc.input_ids, enc.attention_mask, prefixes,
+                                              add_special_tokens)
     with ctx:
         out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=lm.tokenizer.pad_token_id, **kwargs)

@@ -144,6 +144,11 @@ class Task(ABC):
     def user_text(self, ex: Example) -> str:
         """The prompt body (few-shot examples included) before any chat/base template."""
 
+    def few_shot_prefix(self, ex: Example) -> str | None:
+        """The leading part of ``user_text(ex)`` that many prompts share (few-shot exemplars), or ``None``.
+        Generation caches its KV once per model and starts every prompt from it (``generation.PrefixStore``)."""
+        return None
+
     @property
     def max_new_tokens(self) -> int:
         return int(self.cfg.max_new_tokens)

@@ -74,12 +74,14 @@ class GSM8KTask(Task):
             return False
         return True
 
-    def user_text(self, ex: Example) -> str:
+    def few_shot_prefix(self, ex: Example) -> str:
+        """The exemplars: the same for every question."""
         self.split("train")  # loads the exemplars
         shots = sorted(self._shots, key=lambda e: list(self.cfg.shot_rows).index(int(e.id.split("/")[1])))
-        parts = [f"Question: {s.question}\nAnswer: {s.meta['solution']}\n" for s in shots]
-        parts.append(f"Question: {ex.question}\nAnswer:")
-        return "\n".join(parts)
+        return "".join(f"Question: {s.question}\nAnswer: {s.meta['solution']}\n\n" for s in shots)
+
+    def user_text(self, ex: Example) -> str:
+        return f"{self.few_shot_prefix(ex)}Question: {ex.question}\nAnswer:"
 
     def score_batch(self, examples, prompts, completions, option_probs=None):
         records = []

@@ -68,11 +68,14 @@ class MMLUTask(MultipleChoiceTask):
     def keep(self, ex: Example) -> bool:
         return ex.meta["upstream_split"] == "test"  # dev rows are the few-shot pool only
 
-    def user_text(self, ex: Example) -> str:
+    def few_shot_prefix(self, ex: Example) -> str:
+        """The subject header and its dev-row exemplars: shared by every question of the subject."""
         self.split("test")  # make sure the dev pool is loaded
         subject = ex.group.replace("_", " ")
         parts = [f"The following are multiple choice questions (with answers) about {subject}.\n"]
         for shot in self._dev.get(ex.group, [])[: int(self.cfg.n_shots)]:
             parts.append(f"{shot.question}\n{options_block(shot.choices)}\nAnswer: {shot.answer}\n")
-        parts.append(f"{ex.question}\n{options_block(ex.choices)}\nAnswer:")
-        return "\n".join(parts)
+        return "\n".join(parts) + "\n"
+
+    def user_text(self, ex: Example) -> str:
+        return f"{self.few_shot_prefix(ex)}{ex.question}\n{options_block(ex.choices)}\nAnswer:"
