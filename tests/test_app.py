@@ -133,6 +133,10 @@ def test_paper_configs_compose():
     (["+experiment=mmlu_layer12", "budget.group_size=3"], r"group_size=3 must divide"),
     (["+experiment=mmlu_layer12", "ppo.advantage=group"], r"set budget.group_size >= 2"),
     (["+experiment=mmlu_layer12", "ppo.advantage=reinforce"], r"ppo.advantage must be gae or group"),
+    (["+experiment=mmlu_layer12", "budget.episodes_per_iteration=8192", "budget.group_size=512"],
+     r"a rollout of 8192 rows x \(3200 prompt \+ 1 new\) tokens of gemma3_270m needs an estimated \d+\.\d GiB "
+     r"\(weights 1.00 GiB, kv_cache .*more than the .* GiB of available RAM"),
+    (["+experiment=gsm8k_layer12", "budget.max_memory_gb=1"], r"more than the 1.0 GiB allowed by budget.max_memory_gb"),
 ])
 def test_incompatible_training_configs_fail_before_loading(tmp_path, overrides, message):
     cfg = compose_cfg(overrides + [f"logger.tracking_uri=sqlite:///{tmp_path / 'db'}"])

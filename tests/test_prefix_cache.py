@@ -67,3 +67,18 @@ def test_prefix_key_keeps_only_tokens_the_prompt_shares_and_never_its_last():
     assert prefix_key([2, 5, 6, 7], [2, 5, 9, 7, 8]) == (2, 5)  # cut where the tokenisations disagree
     assert prefix_key([2, 5, 6, 7, 8, 9], [2, 5, 6]) == (2, 5)  # the steered last prompt token is never cached
     assert prefix_key([3], [2, 5]) == ()
+
+
+def test_memory_estimate_kv_part_equals_a_real_cache(tiny_lm):
+    """The pre-load estimate's KV term is exactly the cache a generate holds (prompts inside the window)."""
+    from crl_exp.generation import cache_tensors, tensors_bytes
+    from crl_exp.models.memory import rollout_memory, shape_from_hf_config
+
+    prompts = ["abcdefgh"] * 3  # 8 tokens + BOS, under the 16-token sliding window
+    enc = tiny_lm.tokenizer(prompts, return_tensors="pt")
+    out = tiny_lm.model(**enc, use_cache=True)
+    actual = tensors_bytes(cache_tensors(out.past_key_values))
+    shape = shape_from_hf_config(tiny_lm.model.config, "float32")
+    estimate = rollout_memory(shape, rows=3, prompt_tokens=enc.input_ids.shape[1], new_tokens=0, prefill_rows=3)
+    assert estimate.parts["kv_cache"] == actual
+    assert estimate.total_bytes > actual + estimate.parts["logits"]

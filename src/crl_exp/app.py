@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from omegaconf import DictConfig
 
 from crl_exp.errors import CRLConfigError
 from crl_exp.models.loading import import_model_package
+from crl_exp.models.memory import ModelShape, rollout_memory, shape_from_hf_config
 from crl_exp.paths import default_cache_dir, ensure_writable_dir
 from crl_exp.saes.loading import preflight_sae, validate_layer
 from crl_exp.tracking import RunTracker, start_tracked_run
@@ -87,22 +89,82 @@ def check_budget(cfg: DictConfig) -> None:
     d_sae = int(cfg.sae.training.d_sae) if cfg.sae.source == "trained" else None
     masking = masking_config(cfg.masking)
     masking.validate(d_sae or 16384)
+    check_rollout_memory(cfg)
+
+
+def check_rollout_memory(cfg: DictConfig) -> None:
+    """Refuse a budget whose largest batched generate cannot fit, with the estimate that refused it."""
+    shape = peek_model_shape(cfg.model)
+    if shape is None:
+        return
+    budget, task = cfg.budget, cfg.task
+    episodes, eval_rows = int(budget.episodes_per_iteration), int(budget.eval_batch_size)
+    cap = budget.get("max_new_tokens_cap")
+    new_tokens = min(int(task.max_new_tokens), int(cap)) if cap is not None else int(task.max_new_tokens)
+    prompt_tokens = int(task.get("max_prompt_tokens") or 2048)
+    # grouped training prefills one prompt at a time; ungrouped training and evaluation prefill a whole batch
+    prefill_rows = max(eval_rows, 1 if int(budget.group_size) > 1 else episodes)
+    estimate = rollout_memory(shape, max(episodes, eval_rows), prompt_tokens, new_tokens, prefill_rows)
+    limit, source = memory_limit(cfg)
+    if limit is not None and estimate.total_bytes > limit:
+        raise CRLConfigError(
+            f"budget={budget.name}: a rollout of {max(episodes, eval_rows)} rows x ({prompt_tokens} prompt + "
+            f"{new_tokens} new) tokens of {cfg.model.name} needs an estimated {estimate.total_bytes / 2**30:.1f} GiB "
+            f"({estimate.describe()}), more than the {limit / 2**30:.1f} GiB {source}: lower "
+            f"budget.episodes_per_iteration (or budget.group_size / budget.eval_batch_size)")
+
+
+def memory_limit(cfg: DictConfig) -> tuple[int | None, str]:
+    """Bytes a rollout may use: ``budget.max_memory_gb``, else the GPU's memory or the machine's available RAM."""
+    if cfg.budget.get("max_memory_gb") is not None:
+        return int(float(cfg.budget.max_memory_gb) * 2**30), "allowed by budget.max_memory_gb"
+    if str(cfg.model.device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            return None, ""
+        return torch.cuda.get_device_properties(0).total_memory, "of GPU memory"
+    return available_ram(), "of available RAM"
+
+
+def available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def peek_model_shape(model_cfg: DictConfig) -> ModelShape | None:
+    """The model's shape from its config node, or from its config.json (no weights) for ``model=hf``."""
+    keys = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "n_params")
+    if all(model_cfg.get(k) for k in keys):
+        return ModelShape(**{k: int(model_cfg[k]) for k in keys}, dtype=str(model_cfg.dtype))
+    hf_cfg = read_hf_config(model_cfg)
+    return shape_from_hf_config(hf_cfg, str(model_cfg.dtype)) if hf_cfg is not None else None
+
+
+def read_hf_config(model_cfg: DictConfig):
+    """The transformers config of a ``model=hf`` model (config.json only), or ``None`` for other sources."""
+    if model_cfg.source != "hf" or not model_cfg.get("path"):
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_cfg.path))
+    except (OSError, ValueError) as exc:
+        raise CRLConfigError(f"Cannot read the config of model {model_cfg.path!r}: {exc}") from exc
 
 
 def peek_n_layers(model_cfg: DictConfig) -> int | None:
     """Layer count from the config, or from the model's config.json (no weights) for arbitrary HF models."""
     if model_cfg.get("n_layers"):
         return int(model_cfg.n_layers)
-    if model_cfg.source == "hf" and model_cfg.get("path"):
-        from transformers import AutoConfig
-
-        try:
-            hf_cfg = AutoConfig.from_pretrained(str(model_cfg.path))
-        except (OSError, ValueError) as exc:
-            raise CRLConfigError(f"Cannot read the config of model {model_cfg.path!r}: {exc}") from exc
-        text_cfg = getattr(hf_cfg, "text_config", None) or hf_cfg
-        return int(text_cfg.num_hidden_layers)
-    return None
+    hf_cfg = read_hf_config(model_cfg)
+    if hf_cfg is None:
+        return None
+    return int((getattr(hf_cfg, "text_config", None) or hf_cfg).num_hidden_layers)
 
 
 def run(cfg: DictConfig) -> None:

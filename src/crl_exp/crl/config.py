@@ -30,6 +30,7 @@ class BudgetConfig:
     max_new_tokens_cap: int | None = 48  # caps task.max_new_tokens during training and evaluation
     eval_examples: int | None = 24  # held-out (test split) subset per condition; null = all
     eval_batch_size: int = 8
+    max_memory_gb: float | None = None  # rollout memory allowed; null = the GPU's memory or the available RAM
     static_feature: StaticFeatureBudget = field(default_factory=StaticFeatureBudget)
 
 
