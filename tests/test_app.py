@@ -182,3 +182,39 @@ def test_a_misspelled_typed_key_fails_at_composition_with_its_name():
         compose_cfg(["+experiment=gsm8k_layer12", "ppo.clip=0.1"])
     with pytest.raises(ConfigCompositionException, match=r"masking\.treshold"):
         compose_cfg(["+experiment=gsm8k_layer12", "masking.treshold=0.1"])
+
+
+SMALL_SAE = ["sae.training.d_sae=64", "sae.training.k=4", "sae.training.train_tokens=1500",
+             "sae.training.heldout_tokens=300", "sae.training.context_size=32", "sae.training.epochs=1",
+             "sae.training.batch_size=64", "sae.training.harvest_batch_size=8"]
+
+
+def test_train_sae_mode_trains_several_layers_in_one_pass(tmp_path, tiny_model_dir):
+    db = tmp_path / "db"
+    cfg = compose_cfg(["mode=train_sae", "model=hf", f"model.path={tiny_model_dir}", "sae.layers=[0,2]", "sae.layer=0",
+                       f"cache_dir={tmp_path / 'cache'}", f"logger.tracking_uri=sqlite:///{db}", *SMALL_SAE])
+    run(cfg)
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    trained = sorted(r.data.tags["layer"] for r in runs if r.data.tags.get("kind") == "sae_training")
+    assert trained == ["0", "2"]
+    main = next(r for r in runs if r.data.tags.get("kind") != "sae_training")
+    assert {"sae/L0/explained_variance", "sae/L2/explained_variance"} <= set(main.data.metrics)
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "saes").rglob("crl_manifest.json")]
+    assert len(manifests) == 2 and all(m["harvested_layers"] == [0, 2] for m in manifests)
+    with pytest.raises(CRLConfigError, match="out of range"):
+        preflight(compose_cfg(["mode=train_sae", "sae.layers=[3,30]"]))
+
+
+def test_a_layer_sweep_prepares_its_saes_once_before_its_jobs(tmp_path, tiny_model_dir):
+    from crl_exp.modes.train_sae import SweepSAEs, swept_layers
+
+    assert swept_layers(["task=mmlu", "sae.layer=4,8,12"]) == [4, 8, 12]
+    assert swept_layers(["sae.layer=12", "seed=0,1"]) == []
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["model=hf", f"model.path={tiny_model_dir}",
+                                           f"cache_dir={tmp_path / 'cache'}", *SMALL_SAE], return_hydra_config=True)
+    cfg.hydra.overrides.task = ["sae.layer=0,1"]
+    SweepSAEs().on_multirun_start(cfg)
+    manifests = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "saes").rglob("crl_manifest.json")]
+    assert len(manifests) == 2 and all(m["harvested_layers"] == [0, 1] for m in manifests)

@@ -7,9 +7,11 @@ import torch
 from omegaconf import OmegaConf
 from sae_lens import SAE
 
+from crl_exp.cache_integrity import read_manifest
 from crl_exp.errors import CRLConfigError
 from crl_exp.saes import load_sae, resid_post_hook_name
-from crl_exp.saes.activations import collect_resid_post, pack_tokens, tokenize_texts
+from crl_exp.saes.activations import collect_resid_post, collect_resid_post_layers, pack_tokens, tokenize_texts
+from crl_exp.saes.loading import prepare_trained_saes
 from crl_exp.saes.training import SAETrainingSettings, evaluate_sae, train_topk_sae
 
 from helpers import save_standard_sae
@@ -121,3 +123,29 @@ def test_unwritable_cache_dir_is_refused(tmp_path, tiny_lm, data_dir):
     blocker.write_text("not a folder")
     with pytest.raises(CRLConfigError, match="not writable"):
         load_sae(trained_cfg(), tiny_lm, data_dir=data_dir, cache_dir=blocker / "cache")
+
+
+def test_one_harvest_for_several_layers_equals_one_per_layer(tiny_lm):
+    tokenized = tokenize_texts(tiny_lm.tokenizer, TEXTS, max_tokens=600)
+    rows = pack_tokens(tokenized, context_size=32, bos_token_id=tiny_lm.tokenizer.bos_token_id)
+    together = collect_resid_post_layers(tiny_lm.model, [2, 0, 1], rows, batch_size=4)
+    assert sorted(together) == [0, 1, 2]
+    for layer in (0, 1, 2):
+        assert torch.equal(together[layer], collect_resid_post(tiny_lm.model, layer, rows, batch_size=4))
+
+
+def test_several_layers_trained_in_one_pass_are_the_single_layer_saes(tmp_path, tiny_lm, data_dir):
+    """``prepare_trained_saes`` caches under the same keys as one-layer training, with the same weights."""
+    prepared = prepare_trained_saes(trained_cfg(), tiny_lm, [0, 2], data_dir=data_dir, cache_dir=tmp_path / "multi")
+    assert [p.layer for p in prepared] == [0, 2] and all(p.retrained_reason for p in prepared)
+    assert read_manifest(prepared[0].target)["harvested_layers"] == [0, 2]
+    seen = []
+    cached = load_sae(trained_cfg(layer=2), tiny_lm, data_dir=data_dir, cache_dir=tmp_path / "multi",
+                      on_trained=seen.append)
+    assert not seen and not cached.info["trained_now"]  # found under the one-layer key
+    alone = load_sae(trained_cfg(layer=2), tiny_lm, data_dir=data_dir, cache_dir=tmp_path / "single")
+    assert alone.info["trained_now"] and torch.equal(alone.sae.W_dec, cached.sae.W_dec)
+    again = prepare_trained_saes(trained_cfg(), tiny_lm, [0, 2], data_dir=data_dir, cache_dir=tmp_path / "multi")
+    assert not any(p.retrained_reason for p in again)
+    with pytest.raises(CRLConfigError, match="out of range"):
+        prepare_trained_saes(trained_cfg(), tiny_lm, [0, 7], data_dir=data_dir, cache_dir=tmp_path / "multi")

@@ -54,7 +54,8 @@ def preflight(cfg: DictConfig) -> None:
         return  # these read the model/SAE settings of the runs they analyse
     check_budget(cfg)
     n_layers = peek_n_layers(cfg.model)
-    validate_layer(cfg.sae.layer, n_layers)
+    for layer in [cfg.sae.layer, *(cfg.sae.get("layers") or [])]:
+        validate_layer(layer, n_layers)
     preflight_sae(cfg.sae, cfg.model.get("d_model"))
     ensure_writable_dir(cfg.cache_dir or default_cache_dir(), "cache")
     if cfg.model.source == "gguf_package":

@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 from crl_exp.models import LoadedModel, load_language_model
 from crl_exp.paths import default_data_dir
 from crl_exp.saes import LoadedSAE, load_sae
+from crl_exp.saes.loading import prepare_trained_saes
 from crl_exp.tracking import RunTracker
 
 
@@ -18,22 +19,41 @@ def load_model(cfg: DictConfig, tracker: RunTracker | None = None) -> LoadedMode
     return lm
 
 
+def log_sae_training(tracker: RunTracker | None, lm: LoadedModel, loaded: LoadedSAE) -> None:
+    """A nested MLflow run for an SAE trained now: its settings, corpus, held-out metrics and weights."""
+    if tracker is None:
+        return
+    child = tracker.child(f"sae-{lm.name}-L{loaded.layer}", tags={"kind": "sae_training", "layer": loaded.layer})
+    child.log_params({f"sae.training.{k}": v for k, v in loaded.info["settings"].items()})
+    child.log_params({"sae.corpus": loaded.info["corpus"], "model": lm.name, "layer": loaded.layer})
+    child.log_metrics({f"sae/{k}": v for k, v in loaded.metrics.items()})
+    child.log_metrics({"sae/train_seconds": loaded.info["train_seconds"]})
+    child.log_artifact(loaded.info["cache_dir"], "sae")
+    child.finish()
+
+
+def prepare_layer_saes(cfg: DictConfig, lm: LoadedModel, layers: list[int],
+                       tracker: RunTracker | None = None) -> list[LoadedSAE]:
+    """The ``sae=trained`` SAEs of several layers; the missing ones are trained after one shared harvest."""
+    prepared = prepare_trained_saes(cfg.sae, lm, layers, data_dir=cfg.get("data_dir") or default_data_dir(),
+                                    cache_dir=cfg.get("cache_dir"), device=str(lm.device))
+    loaded = []
+    for p in prepared:
+        node = cfg.sae.copy()
+        node.layer = p.layer
+        node.force_retrain = False  # trained just now if it had to be
+        sae = load_sae(node, lm, cache_dir=cfg.get("cache_dir"), device=str(lm.device))
+        if p.retrained_reason is not None:
+            sae.info["trained_now"] = True
+            log_sae_training(tracker, lm, sae)
+        loaded.append(sae)
+    return loaded
+
+
 def load_sae_for(cfg: DictConfig, lm: LoadedModel, tracker: RunTracker | None = None) -> LoadedSAE:
     """The configured SAE, validated against ``lm``; a freshly trained SAE also gets a nested MLflow run."""
-
-    def log_sae_training(loaded: LoadedSAE) -> None:
-        if tracker is None:
-            return
-        child = tracker.child(f"sae-{lm.name}-L{loaded.layer}", tags={"kind": "sae_training", "layer": loaded.layer})
-        child.log_params({f"sae.training.{k}": v for k, v in loaded.info["settings"].items()})
-        child.log_params({"sae.corpus": loaded.info["corpus"], "model": lm.name, "layer": loaded.layer})
-        child.log_metrics({f"sae/{k}": v for k, v in loaded.metrics.items()})
-        child.log_metrics({"sae/train_seconds": loaded.info["train_seconds"]})
-        child.log_artifact(loaded.info["cache_dir"], "sae")
-        child.finish()
-
     sae = load_sae(cfg.sae, lm, data_dir=cfg.get("data_dir") or default_data_dir(), cache_dir=cfg.get("cache_dir"),
-                   device=str(lm.device), on_trained=log_sae_training)
+                   device=str(lm.device), on_trained=lambda loaded: log_sae_training(tracker, lm, loaded))
     if tracker is not None:
         tracker.log_metrics({f"sae/{k}": v for k, v in sae.metrics.items()})
         tracker.set_tags({"sae": sae.source, "sae_hook": sae.hook_name, "d_sae": sae.d_sae})

@@ -1,6 +1,6 @@
-"""Harvest resid_post activations of one block from text, cheaply.
+"""Harvest resid_post activations of one or several blocks from text, cheaply.
 
-The forward pass stops right after block L (an exception from the hook), so neither the later blocks nor the
+The forward pass stops right after the deepest requested block (an exception from the hook), so neither the later blocks nor the
 262k-entry LM head are computed. Texts are packed into fixed-length rows that start with BOS; the BOS position
 is dropped because its residual norm is an outlier that would dominate SAE training.
 """
@@ -48,17 +48,29 @@ def pack_tokens(tokenized: list[list[int]], context_size: int, bos_token_id: int
 def collect_resid_post(model, layer: int, token_rows: torch.Tensor, batch_size: int = 16,
                        desc: str = "Collecting activations") -> torch.Tensor:
     """``[n_rows * (context_size - 1), d_model]`` fp32 activations of resid_post[layer], BOS dropped."""
-    block = decoder_layers(model)[layer]
-    captured: list[torch.Tensor] = []
+    return collect_resid_post_layers(model, [layer], token_rows, batch_size, desc)[layer]
 
-    def hook(module, inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        captured.append(hidden[:, 1:].reshape(-1, hidden.shape[-1]).float().cpu())
-        raise _StopForward
+
+@torch.inference_mode()
+def collect_resid_post_layers(model, layers: list[int], token_rows: torch.Tensor, batch_size: int = 16,
+                              desc: str = "Collecting activations") -> dict[int, torch.Tensor]:
+    """resid_post activations of every block in ``layers`` from one forward pass per batch, which stops after the
+    deepest of them: a layer sweep's SAEs cost one harvest, not one per layer."""
+    blocks = decoder_layers(model)
+    deepest = max(layers)
+    captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+
+    def hook_for(layer: int):
+        def hook(module, inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            captured[layer].append(hidden[:, 1:].reshape(-1, hidden.shape[-1]).float().cpu())
+            if layer == deepest:
+                raise _StopForward
+        return hook
 
     base = getattr(model, "base_model", model)  # skip the LM head: the hook stops the forward inside the trunk
     device = next(model.parameters()).device
-    handle = block.register_forward_hook(hook)
+    handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in sorted(set(layers))]
     try:
         for start in tqdm(range(0, len(token_rows), batch_size), desc=desc, unit="batch"):
             try:
@@ -66,5 +78,6 @@ def collect_resid_post(model, layer: int, token_rows: torch.Tensor, batch_size: 
             except _StopForward:
                 pass
     finally:
-        handle.remove()
-    return torch.cat(captured)
+        for handle in handles:
+            handle.remove()
+    return {layer: torch.cat(parts) for layer, parts in captured.items()}

@@ -139,40 +139,68 @@ def training_key(model_name: str, layer: int, training: dict[str, Any], corpus: 
 
 
 def trained_sae_dir(cache_dir: Path, model_name: str, layer: int, key: str) -> Path:
-    return cache_dir / "saes" / model_name / f"layer_{layer}" / key
+    """Inside ``cache_dir`` whatever the model is called (``model=hf`` names a model by its path)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "--", model_name).strip("-.") or "model"
+    return cache_dir / "saes" / safe / f"layer_{layer}" / key
 
 
 def load_or_train_sae(cfg: Any, lm, data_dir=None, cache_dir=None, device: str = "cpu", on_trained=None) -> LoadedSAE:
-    from crl_exp.saes.training import SAETrainingSettings
-
-    settings = SAETrainingSettings(**dict(cfg.training))
-    corpus = list(cfg.corpus)
     layer = int(cfg.layer)
-    cache_root = ensure_writable_dir(cache_dir or default_cache_dir(), "SAE cache")
-    key = training_key(lm.name, layer, asdict(settings), corpus)
-    target = trained_sae_dir(cache_root, lm.name, layer, key)
-    problem = verify_manifest(target)
-    retrained_reason = None
-    if problem is not None or bool(cfg.get("force_retrain", False)):
-        if target.exists():
-            log.warning("Cached SAE at %s is unusable (%s); retraining", target, problem or "force_retrain")
-        retrained_reason = problem or "force_retrain"
-        train_and_cache_sae(lm, layer, settings, corpus, data_dir or default_data_dir(), target, device)
-    manifest = read_manifest(target)
-    sae = SAE.load_from_disk(str(target), device=device)
-    loaded = LoadedSAE(sae, layer, sae.cfg.metadata.hook_name, f"trained:{target}", manifest["metrics"],
-                       {"cache_dir": str(target), "key": key, "trained_now": retrained_reason is not None,
-                        "settings": asdict(settings), "corpus": corpus,
+    (prepared,) = prepare_trained_saes(cfg, lm, [layer], data_dir, cache_dir, device)
+    manifest = read_manifest(prepared.target)
+    sae = SAE.load_from_disk(str(prepared.target), device=device)
+    loaded = LoadedSAE(sae, layer, sae.cfg.metadata.hook_name, f"trained:{prepared.target}", manifest["metrics"],
+                       {"cache_dir": str(prepared.target), "key": prepared.key,
+                        "trained_now": prepared.retrained_reason is not None,
+                        "settings": asdict(prepared.settings), "corpus": prepared.corpus,
                         "train_seconds": manifest.get("train_seconds")})
-    if retrained_reason is not None and on_trained is not None:
+    if prepared.retrained_reason is not None and on_trained is not None:
         on_trained(loaded)
     return loaded
 
 
-def train_and_cache_sae(lm, layer: int, settings, corpus: list[str], data_dir, target: Path,
-                        device: str = "cpu") -> None:
-    """Harvest activations, train with sae-lens, evaluate on held-out tokens, and commit to the cache."""
-    from crl_exp.saes.activations import collect_resid_post, pack_tokens, tokenize_texts
+@dataclass
+class PreparedSAE:
+    """A trained SAE's cache folder, and why it was (re)trained now (``None``: it was cached)."""
+
+    layer: int
+    target: Path
+    key: str
+    settings: Any
+    corpus: list[str]
+    retrained_reason: str | None
+
+
+def prepare_trained_saes(cfg: Any, lm, layers: list[int], data_dir=None, cache_dir=None,
+                         device: str = "cpu") -> list[PreparedSAE]:
+    """Make sure the ``sae=trained`` SAE of every layer in ``layers`` is cached: the missing ones are trained
+    after one shared harvesting pass (``mode=train_sae sae.layers=[...]``, and sweeps before their jobs)."""
+    from crl_exp.saes.training import SAETrainingSettings
+
+    settings = SAETrainingSettings(**dict(cfg.training))
+    corpus = list(cfg.corpus)
+    cache_root = ensure_writable_dir(cache_dir or default_cache_dir(), "SAE cache")
+    prepared = []
+    for layer in dict.fromkeys(int(x) for x in layers):
+        validate_layer(layer, lm.n_layers)
+        key = training_key(lm.name, layer, asdict(settings), corpus)
+        target = trained_sae_dir(cache_root, lm.name, layer, key)
+        problem = verify_manifest(target)
+        reason = problem or ("force_retrain" if bool(cfg.get("force_retrain", False)) else None)
+        if reason is not None and target.exists():
+            log.warning("Cached SAE at %s is unusable (%s); retraining", target, reason)
+        prepared.append(PreparedSAE(layer, target, key, settings, corpus, reason))
+    todo = {p.layer: p.target for p in prepared if p.retrained_reason is not None}
+    if todo:
+        train_and_cache_saes(lm, todo, settings, corpus, data_dir or default_data_dir(), device)
+    return prepared
+
+
+def train_and_cache_saes(lm, targets: dict[int, Path], settings, corpus: list[str], data_dir,
+                         device: str = "cpu") -> None:
+    """Harvest activations of every layer in ``targets`` in one pass, then per layer train with sae-lens,
+    evaluate on held-out tokens, and commit to its cache folder."""
+    from crl_exp.saes.activations import collect_resid_post_layers, pack_tokens, tokenize_texts
     from crl_exp.saes.corpus import benchmark_corpus
     from crl_exp.saes.training import evaluate_sae, train_topk_sae
 
@@ -186,22 +214,30 @@ def train_and_cache_sae(lm, layer: int, settings, corpus: list[str], data_dir, t
     train_rows = pack_tokens(tokenized[:-n_heldout_texts], settings.context_size, bos)
     train_rows = train_rows[: -(-settings.train_tokens // (settings.context_size - 1))]
     heldout_rows = pack_tokens(tokenized[-n_heldout_texts:], settings.context_size, bos)
-    train_acts = collect_resid_post(lm.model, layer, train_rows, settings.harvest_batch_size,
-                                    desc=f"Harvesting resid_post[{layer}] (train)")
-    heldout_acts = collect_resid_post(lm.model, layer, heldout_rows, settings.harvest_batch_size,
-                                      desc=f"Harvesting resid_post[{layer}] (held-out)")
+    layers = sorted(targets)
+    names = ",".join(map(str, layers))
+    train_acts = collect_resid_post_layers(lm.model, layers, train_rows, settings.harvest_batch_size,
+                                           desc=f"Harvesting resid_post[{names}] (train)")
+    heldout_acts = collect_resid_post_layers(lm.model, layers, heldout_rows, settings.harvest_batch_size,
+                                             desc=f"Harvesting resid_post[{names}] (held-out)")
     harvest_seconds = time.perf_counter() - t0
-    sae = train_topk_sae(train_acts, settings, model_name=lm.name, hook_name=resid_post_hook_name(layer),
-                         device=device)
-    metrics = evaluate_sae(sae, heldout_acts)
-    metrics["resid_norm"] = heldout_acts.norm(dim=-1).median().item()
-    total = time.perf_counter() - t0
-    log.info("Trained SAE for %s layer %d in %.0fs: EV %.3f, L0 %.1f, dead %.1f%%", lm.name, layer, total,
-             metrics["explained_variance"], metrics["l0"], 100 * metrics["dead_feature_share"])
-    tmp = staging_dir(target)
-    sae.save_model(str(tmp))
-    commit(tmp, target, metrics=metrics, train_seconds=total, harvest_seconds=harvest_seconds,
-           n_train_tokens=len(train_acts), n_heldout_tokens=len(heldout_acts))
+    n_train_tokens = len(train_acts[layers[0]])
+    for layer in layers:
+        t1 = time.perf_counter()
+        sae = train_topk_sae(train_acts.pop(layer), settings, model_name=lm.name,
+                             hook_name=resid_post_hook_name(layer), device=device)
+        held = heldout_acts.pop(layer)
+        metrics = evaluate_sae(sae, held)
+        metrics["resid_norm"] = held.norm(dim=-1).median().item()
+        seconds = time.perf_counter() - t1
+        log.info("Trained SAE for %s layer %d in %.0fs (+%.0fs shared harvest of layers %s): EV %.3f, L0 %.1f, "
+                 "dead %.1f%%", lm.name, layer, seconds, harvest_seconds, names, metrics["explained_variance"],
+                 metrics["l0"], 100 * metrics["dead_feature_share"])
+        tmp = staging_dir(targets[layer])
+        sae.save_model(str(tmp))
+        commit(tmp, targets[layer], metrics=metrics, train_seconds=seconds + harvest_seconds,
+               harvest_seconds=harvest_seconds, harvested_layers=layers,
+               n_train_tokens=n_train_tokens, n_heldout_tokens=len(held))
 
 
 def _texts_covering(tokenized: list[list[int]], n_tokens: int) -> int:
