@@ -84,9 +84,15 @@ def test_planted_branch_point_is_found(tiny_lm):
     assert [r["alternative"] for r in controls] == [PLANTED] * 4 and result.control_flips() == []
 
 
-def test_cached_prefix_branches_match_from_scratch_replay(tiny_lm):
+LONG_PROMPTS = ["x", "The quick brown fox jumps over the lazy dog, and then"]  # > the 16-token sliding window
+
+
+@pytest.mark.parametrize("prompts, new_tokens, max_rows", [(PLANTED_PROMPTS, 6, 64), (LONG_PROMPTS, 8, 7)])
+def test_cached_prefix_branches_match_from_scratch_replay(tiny_lm, prompts, new_tokens, max_rows):
+    """All steps' continuations as rows of left-padded cached generates (chunked by ``max_rows``) are
+    token-identical to regenerating each from the prompt, also past Gemma 3's sliding window."""
     env = planted_env(tiny_lm)
-    task = ThirdTokenTask(PLANTED_PROMPTS, max_new_tokens=6)
+    task = ThirdTokenTask(prompts, max_new_tokens=new_tokens)
     torch.manual_seed(5)
     policy = ActorCritic(tiny_lm.d_model, D_SAE, hidden=16)
     with torch.no_grad():
@@ -94,7 +100,8 @@ def test_cached_prefix_branches_match_from_scratch_replay(tiny_lm):
     examples, records, gen, traj, valid = rollout(env, policy, task, (1,))
     episode = Episode(examples[0], gen.new_tokens[0][valid[0]].tolist(), traj["feature"][0][valid[0]].tolist(),
                       bool(records[0]["correct"]))
-    cached = track_branches(task, env.lm, env.steerer, policy, COEF, episode, 0, k_alternatives=2)
+    cached = track_branches(task, env.lm, env.steerer, policy, COEF, episode, 0, k_alternatives=2,
+                            max_rows=max_rows)
     naive = track_branches(task, env.lm, env.steerer, policy, COEF, episode, 0, k_alternatives=2, naive=True)
     assert len(cached.rows) == len(naive.rows) == len(episode.new_tokens) * 4  # control + none + 2 next-best
     for a, b in zip(cached.rows, naive.rows, strict=True):

@@ -4,8 +4,9 @@ For an episode (prompt, generated tokens, the policy's actions), the steered pre
 cached token per step with that step's recorded edit, so the KV cache always holds exactly the prefix before
 step t (snapshots are copied, never cropped: cropping is wrong for sliding-window layers). For each step t and
 each alternative choice (no steering, the policy's next-best features), generation continues from the
-snapshot: the alternative at step t, then the policy (greedy); all alternatives of a step are rows of one cached
-``generate`` (the snapshot copied to every row). The prefix is never regenerated. A step's *branch score* is the share
+snapshot: the alternative at step t, then the policy (greedy). All continuations of an episode, every step's
+alternatives alike, are rows of one left-padded cached ``generate`` (``max_rows`` at a time): each row starts
+from its step's snapshot and is cut to the tokens its step had left. The prefix is never regenerated. A step's *branch score* is the share
 of alternatives whose outcome (correct or not) differs from the original; a *branch point* has score > 0.
 
 Every step also replays the **original action** as a *control* alternative: it must reproduce the original
@@ -19,7 +20,6 @@ reference for the token-identity test and for the speed benchmark.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.episodes import render_prompt
-from crl_exp.generation import generate, stop_criteria
+from crl_exp.generation import cache_tensors, generate, left_padded_cache, stop_criteria
 from crl_exp.steering.controllers import StaticController
 from crl_exp.steering.hook import NO_FEATURE, ResidualSteerer
 from crl_exp.tasks import Task
@@ -111,64 +111,101 @@ def alternatives_for(policy: ActorCritic, state: torch.Tensor, chosen: int, k: i
 
 def track_branches(task: Task, lm, steerer: ResidualSteerer, policy: ActorCritic, coefficient: float,
                    episode: Episode, episode_index: int, k_alternatives: int = 2, steps: list[int] | None = None,
-                   naive: bool = False) -> BranchResult:
+                   naive: bool = False, max_rows: int = 64) -> BranchResult:
+    """Every (step, alternative) continuation of ``episode``; ``max_rows``: continuations per cached generate."""
     ex = episode.example
     prompt = render_prompt(task, lm, ex)
     chat = task.cfg.get("template", "base") == "chat"
     prompt_ids = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=not chat).input_ids.to(lm.device)
     P, T = prompt_ids.shape[1], len(episode.new_tokens)
     full = torch.cat([prompt_ids, torch.tensor([episode.new_tokens[:-1]], device=lm.device, dtype=torch.long)], 1)
-    wanted = set(range(T) if steps is None else steps)
-    result = BranchResult(episode_index)
-    original_completion = lm.tokenizer.decode(episode.new_tokens, skip_special_tokens=True)
-    cache = None
-    if not naive:  # the prompt minus its last token, cached once
-        with torch.no_grad():
-            cache = lm.model(input_ids=prompt_ids[:, :-1], use_cache=True).past_key_values
-    for t in range(T):
-        if t > max(wanted, default=-1):
-            break
-        snapshot = None
-        if not naive:
-            # Snapshot the prefix cache before step t, then advance it by step t's own token and action.
-            snapshot = copy.deepcopy(cache) if t in wanted else None
-            steerer.record_states = True
-            with torch.no_grad(), steerer.attached(StaticController(episode.actions[t], coefficient)):
-                out = lm.model(input_ids=full[:, P - 1 + t: P + t], cache=cache, use_cache=True)
-            steerer.record_states = False
-            cache = out.past_key_values
-            state = steerer.steps[-1].state[0]
-        if t not in wanted:
-            continue
-        if naive:
+    wanted = sorted(set(range(T) if steps is None else steps) & set(range(T)))
+    jobs: list[tuple[int, int, bool]] = []  # (step, alternative, is the control)
+    continuations: list[list[int]] = []
+    if naive:
+        for t in wanted:
             state = _state_by_replay(lm, steerer, prompt, chat, policy, coefficient, episode.actions[: t + 1])
-        control = episode.actions[t]
-        alts = [control, *alternatives_for(policy, state, control, k_alternatives)]
-        if naive:
-            continuations = []
-            for alt in alts:
+            for alt in step_alternatives(policy, state, episode.actions[t], k_alternatives):
+                jobs.append((t, alt, alt == episode.actions[t]))
                 ctrl = ScriptedController(policy, coefficient, episode.actions[:t], alt)
                 gen = generate(lm, [prompt], task.max_new_tokens, steerer, ctrl, add_special_tokens=not chat,
                                stop_strings=task.stop_strings)
                 continuations.append(_strip_pad(gen.new_tokens[0].tolist(), lm.tokenizer.pad_token_id))
-        else:  # every alternative of this step is a row of one cached generate
-            rows = copy.deepcopy(snapshot)
-            rows.reorder_cache(torch.zeros(len(alts), dtype=torch.long))
-            ctrl = ScriptedController(policy, coefficient, [], alts)
-            continuations = [episode.new_tokens[:t] + c for c in continue_from_cache(
-                lm, full[:, : P + t].repeat(len(alts), 1), rows, steerer, ctrl, task.max_new_tokens - t,
-                task.stop_strings)]
-        completions = [_cut(lm.tokenizer.decode(tokens, skip_special_tokens=True), task.stop_strings)
-                       for tokens in continuations]
-        records = task.score_batch([ex] * len(alts), [prompt] * len(alts), completions, None)
-        for alt, tokens, completion, rec in zip(alts, continuations, completions, records, strict=True):
-            correct = bool(rec["correct"] > 0.5)
-            result.rows.append({"episode": episode_index, "prompt_id": ex.id, "position": t,
-                                "chosen_feature": episode.actions[t], "alternative": alt, "control": alt == control,
-                                "original_correct": episode.correct, "alternative_correct": correct,
-                                "flips": correct != episode.correct, "tokens": tokens,
-                                "completion": completion, "original_completion": original_completion})
+    else:
+        snapshots, states = replay_prefix(lm, steerer, full, P, episode.actions, coefficient, wanted)
+        for t in wanted:
+            jobs += [(t, alt, alt == episode.actions[t])
+                     for alt in step_alternatives(policy, states[t], episode.actions[t], k_alternatives)]
+        for start in range(0, len(jobs), max_rows):  # every continuation is a row of one cached generate
+            chunk = jobs[start:start + max_rows]
+            tails = continue_steps(lm, full, P, [t for t, _, _ in chunk], snapshots, steerer,
+                                   ScriptedController(policy, coefficient, [], [alt for _, alt, _ in chunk]),
+                                   task.max_new_tokens, task.stop_strings)
+            continuations += [episode.new_tokens[:t] + tail for (t, _, _), tail in zip(chunk, tails, strict=True)]
+    result = BranchResult(episode_index)
+    original_completion = lm.tokenizer.decode(episode.new_tokens, skip_special_tokens=True)
+    completions = [_cut(lm.tokenizer.decode(tokens, skip_special_tokens=True), task.stop_strings)
+                   for tokens in continuations]
+    records = task.score_batch([ex] * len(jobs), [prompt] * len(jobs), completions, None) if jobs else []
+    for (t, alt, control), tokens, completion, rec in zip(jobs, continuations, completions, records, strict=True):
+        correct = bool(rec["correct"] > 0.5)
+        result.rows.append({"episode": episode_index, "prompt_id": ex.id, "position": t,
+                            "chosen_feature": episode.actions[t], "alternative": alt, "control": control,
+                            "original_correct": episode.correct, "alternative_correct": correct,
+                            "flips": correct != episode.correct, "tokens": tokens,
+                            "completion": completion, "original_completion": original_completion})
     return result
+
+
+def step_alternatives(policy: ActorCritic, state: torch.Tensor, chosen: int, k: int) -> list[int]:
+    """The control (the original action) first, then no steering and the policy's next-best features."""
+    return [chosen, *alternatives_for(policy, state, chosen, k)]
+
+
+@torch.no_grad()
+def replay_prefix(lm, steerer: ResidualSteerer, full: torch.Tensor, P: int, actions: list[int], coefficient: float,
+                  wanted: list[int]):
+    """Replay the episode once, one cached token per step with its recorded edit. Returns, for each wanted step
+    t, the KV tensors of the prefix before step t (references: a cache update makes new tensors, so they stay
+    valid) and the policy's state at step t."""
+    cache = lm.model(input_ids=full[:, : P - 1], use_cache=True).past_key_values if P > 1 else None
+    snapshots: dict[int, tuple[list | None, int]] = {}
+    states: dict[int, torch.Tensor] = {}
+    for t in range(max(wanted, default=-1) + 1):
+        if t in wanted:
+            snapshots[t] = (cache_tensors(cache) if cache is not None else None, P - 1 + t)
+        steerer.record_states = True
+        try:
+            with steerer.attached(StaticController(actions[t], coefficient)):
+                cache = lm.model(input_ids=full[:, P - 1 + t: P + t], cache=cache, use_cache=True).past_key_values
+        finally:
+            steerer.record_states = False
+        states[t] = steerer.steps[-1].state[0]
+    return snapshots, states
+
+
+@torch.no_grad()
+def continue_steps(lm, full: torch.Tensor, P: int, steps: list[int], snapshots, steerer: ResidualSteerer,
+                   controller, max_new_tokens: int, stop_strings: list[str]) -> list[list[int]]:
+    """One left-padded cached generate whose row i continues the episode from step ``steps[i]`` (its prefix
+    cache from ``snapshots``); each row is cut to the tokens a generation from that step could still make."""
+    lengths = [snapshots[t][1] for t in steps]
+    width = max(lengths) + 1
+    input_ids = full.new_full((len(steps), width), lm.tokenizer.pad_token_id)
+    mask = torch.zeros_like(input_ids)
+    for i, t in enumerate(steps):
+        input_ids[i, width - (P + t):] = full[0, : P + t]
+        mask[i, width - (P + t):] = 1
+    cache = None
+    if max(lengths) > 0:
+        cache = left_padded_cache(lm, [snapshots[t][0] for t in steps], lengths)
+    kwargs = stop_criteria(lm.tokenizer, stop_strings, width)
+    with steerer.attached(controller):
+        out = lm.model.generate(input_ids=input_ids, attention_mask=mask, cache=cache,
+                                max_new_tokens=max_new_tokens - min(steps), do_sample=False,
+                                pad_token_id=lm.tokenizer.pad_token_id, **kwargs)
+    return [_strip_pad(row[width: width + max_new_tokens - t].tolist(), lm.tokenizer.pad_token_id)
+            for row, t in zip(out, steps, strict=True)]
 
 
 def _strip_pad(tokens: list[int], pad: int | None) -> list[int]:
@@ -190,16 +227,3 @@ def _cut(text: str, stops: list[str]) -> str:
     from crl_exp.generation import cut_at_stop_strings
 
     return cut_at_stop_strings(text, stops) if stops else text
-
-
-@torch.no_grad()
-def continue_from_cache(lm, input_ids: torch.Tensor, cache, steerer: ResidualSteerer, controller,
-                        max_new_tokens: int, stop_strings: list[str]) -> list[list[int]]:
-    """Generate from ``input_ids`` [R, n] whose first ``cache`` positions are already cached (prefix reuse); the
-    R rows' new tokens, trailing pads removed."""
-    kwargs = stop_criteria(lm.tokenizer, stop_strings, input_ids.shape[1])
-    with steerer.attached(controller):
-        out = lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                cache=cache, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=lm.tokenizer.pad_token_id, **kwargs)
-    return [_strip_pad(row[input_ids.shape[1]:].tolist(), lm.tokenizer.pad_token_id) for row in out]
