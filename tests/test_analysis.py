@@ -190,7 +190,7 @@ def test_layer_comparison_and_branch_analysis_from_mlflow_runs(tmp_path, tiny_mo
             return compose("config", overrides=[f"logger.tracking_uri={db}", f"data_dir={data_dir}",
                                                 "model=hf", f"model.path={tiny_model_dir}", *overrides])
 
-    small = ["budget.iterations=2", "budget.episodes_per_iteration=4", "budget.eval_examples=4",
+    small = ["budget.iterations=2", "budget.episodes_per_iteration=4", "budget.group_size=2", "budget.eval_examples=4",
              "budget.static_feature.train_examples=4", "budget.static_feature.candidates=1", "masking=none",
              "steering.coefficient_scale=absolute", "steering.coefficient=5", "eval.n_bootstrap=20",
              "trainer.progress_bar=false", "task.max_new_tokens=3"]

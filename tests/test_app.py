@@ -131,7 +131,7 @@ def test_paper_configs_compose():
     (["+experiment=gsm8k_layer12", "+ppo.clip=0.1"], r"Unknown PPOConfig keys: \['clip'\]"),
     (["+experiment=gsm8k_layer12", "+policy.coefficient=0.5"], r"Unknown PolicyConfig keys: \['coefficient'\]"),
     (["+experiment=mmlu_layer12", "budget.group_size=3"], r"group_size=3 must divide"),
-    (["+experiment=mmlu_layer12", "ppo.advantage=group"], r"set budget.group_size >= 2"),
+    (["+experiment=mmlu_layer12", "ppo.advantage=group", "budget.group_size=1"], r"set budget.group_size >= 2"),
     (["+experiment=mmlu_layer12", "ppo.advantage=reinforce"], r"ppo.advantage must be gae or group"),
     (["+experiment=mmlu_layer12", "budget.episodes_per_iteration=8192", "budget.group_size=512"],
      r"a rollout of 8192 rows x \(3200 prompt \+ 1 new\) tokens of gemma3_270m needs an estimated \d+\.\d GiB "
@@ -218,3 +218,15 @@ def test_a_layer_sweep_prepares_its_saes_once_before_its_jobs(tmp_path, tiny_mod
     SweepSAEs().on_multirun_start(cfg)
     manifests = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "saes").rglob("crl_manifest.json")]
     assert len(manifests) == 2 and all(m["harvested_layers"] == [0, 1] for m in manifests)
+
+
+def test_cpu_budget_sizes_the_heldout_set_by_generation_length():
+    from crl_exp.crl.config import heldout_size
+
+    mmlu, gsm8k = compose_cfg(["+experiment=mmlu_layer12"]), compose_cfg(["+experiment=gsm8k_layer12"])
+    assert heldout_size(mmlu.budget, mmlu.task.max_new_tokens) == 200
+    assert heldout_size(gsm8k.budget, gsm8k.task.max_new_tokens) == 64
+    paper = compose_cfg(["+experiment=gsm8k_layer12", "budget=paper"])
+    assert heldout_size(paper.budget, 512) is None
+    cpu = mmlu.budget
+    assert cpu.iterations * cpu.episodes_per_iteration >= 800 and cpu.episodes_per_iteration % cpu.group_size == 0

@@ -167,7 +167,7 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     db = tmp_path / "db"
     cmd = [sys.executable, "-m", "crl_exp", "+experiment=bbq_layer12", "model=hf", f"model.path={tiny_model_dir}",
            "sae=local", f"sae.path={tmp_path / 'sae'}", "sae.layer=1", "budget.iterations=3",
-           "budget.episodes_per_iteration=4", "budget.eval_examples=8", "budget.static_feature.train_examples=4",
+           "budget.episodes_per_iteration=4", "budget.group_size=2", "budget.eval_examples=8", "budget.static_feature.train_examples=4",
            "budget.static_feature.candidates=2", "masking.min_unmasked=4", "steering.coefficient_scale=absolute",
            "steering.coefficient=5", "eval.n_bootstrap=50", f"logger.tracking_uri=sqlite:///{db}",
            f"hydra.run.dir={tmp_path / 'out'}", "trainer.progress_bar=false", f"data_dir={data_dir}"]

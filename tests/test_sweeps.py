@@ -44,7 +44,7 @@ def test_joblib_parallel_training_sweep_logs_children_under_one_parent(sweep_env
     tmp_path, db, base = sweep_env
     multirun(tmp_path, ["+experiment=bbq_layer12", *base, "sae.layer=0,1", "sae.allow_hook_mismatch=true",
                         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "budget.iterations=2",
-                        "budget.episodes_per_iteration=4", "budget.eval_examples=4",
+                        "budget.episodes_per_iteration=4", "budget.group_size=2", "budget.eval_examples=4",
                         "budget.static_feature.train_examples=4", "budget.static_feature.candidates=1",
                         "masking=none", "steering.coefficient_scale=absolute", "steering.coefficient=5",
                         "eval.n_bootstrap=20", "trainer.progress_bar=false"])

@@ -13,23 +13,27 @@ from crl_exp.errors import CRLConfigError
 
 @dataclass
 class StaticFeatureBudget:
-    train_examples: int = 8  # train-split episodes used to select the best static feature
-    candidates: int = 2  # top-correlated features evaluated as static steering
+    train_examples: int = 32  # train-split episodes used to select the best static feature
+    candidates: int = 4  # top-correlated features evaluated as static steering
 
 
 @dataclass
 class BudgetConfig:
-    """The ``budget/`` node: how much a ``mode=train`` run may spend (defaults: the 2-core CPU budget)."""
+    """The ``budget/`` node: how much a ``mode=train`` run may spend (defaults: the 2-core CPU budget, sized so
+    every ``+experiment=<task>_layer12`` finishes in <= 15 minutes; measured times in conf/budget/cpu.yaml)."""
 
     name: str = "cpu"
     models: list[str] = field(default_factory=lambda: ["gemma3_270m", "hf"])  # models this budget is sized for
     device: str = "cpu"
-    iterations: int = 10  # PPO iterations
-    episodes_per_iteration: int = 8
-    group_size: int = 1  # episodes per training prompt per iteration, sharing one prefill (must divide the above)
+    iterations: int = 13  # PPO iterations
+    episodes_per_iteration: int = 64  # rows of one batched, steered generate
+    group_size: int = 8  # episodes per training prompt per iteration, sharing one prefill (must divide the above)
     max_new_tokens_cap: int | None = 48  # caps task.max_new_tokens during training and evaluation
-    eval_examples: int | None = 24  # held-out (test split) subset per condition; null = all
-    eval_batch_size: int = 8
+    eval_examples: int | None = 200  # held-out (test split) subset per condition; null = all
+    # the same for tasks that generate text (max_new_tokens > 1: gsm8k, xstest, harmbench), where an example
+    # costs up to max_new_tokens decoding steps instead of one; null = eval_examples
+    eval_examples_generating: int | None = 64
+    eval_batch_size: int = 16
     max_memory_gb: float | None = None  # rollout memory allowed; null = the GPU's memory or the available RAM
     static_feature: StaticFeatureBudget = field(default_factory=StaticFeatureBudget)
 
@@ -47,6 +51,13 @@ def config_dataclass(cls, node) -> Any:
 
 def masking_config(node: DictConfig) -> MaskingConfig:
     return config_dataclass(MaskingConfig, node)
+
+
+def heldout_size(budget: DictConfig, max_new_tokens: int) -> int | None:
+    """Held-out examples per condition for a task generating ``max_new_tokens`` tokens (``None``: all)."""
+    if max_new_tokens > 1 and budget.get("eval_examples_generating") is not None:
+        return int(budget.eval_examples_generating)
+    return budget.get("eval_examples")
 
 
 def apply_budget(cfg: DictConfig) -> None:

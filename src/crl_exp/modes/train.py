@@ -24,7 +24,7 @@ from crl_exp.analysis.feature_profile import TopActivations, usage_weighted_synt
 from crl_exp.analysis.intervention_log import log_rows as intervention_rows
 from crl_exp.analysis.intervention_log import to_frame
 from crl_exp.analysis.report import render_report
-from crl_exp.crl.config import apply_budget, config_dataclass, masking_config
+from crl_exp.crl.config import apply_budget, config_dataclass, heldout_size, masking_config
 from crl_exp.crl.feature_selection import select_static_feature
 from crl_exp.crl.module import CRLModule, PromptDataModule
 from crl_exp.crl.policy import PolicyConfig
@@ -63,7 +63,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     apply_budget(cfg)
     budget = cfg.budget
     task = build_task(cfg.task, cfg.get("data_dir"))
-    train_pool, test_pool = task.split("train"), task.split("test", budget.get("eval_examples"))
+    train_pool, test_pool = task.split("train"), task.split("test", heldout_size(budget, task.max_new_tokens))
     tracker.log_metrics({f"data/{s}_size": n for s, n in task.split_sizes().items()})
     tracker.log_metrics({"data/malformed_rows": task.n_malformed, "data/heldout_eval_size": len(test_pool)})
     env = build_env(cfg, task, tracker)
