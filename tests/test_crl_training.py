@@ -187,6 +187,7 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     for cond in ("none", "random", "static", "crl"):
         assert f"heldout/{cond}/accuracy" in metrics and f"heldout/{cond}/accuracy_ci_low" in metrics
     assert "delta/crl_minus_static/accuracy" in metrics and "delta/crl_minus_none/reward_ci_high" in metrics
+    assert metrics["power/crl_minus_static/n"] == 8 and "power/crl_minus_static/mde_reward" in metrics
     # one-token task: the feature profile reads the steered position (the last prompt token); it was NaN
     assert 0.0 <= metrics["features/syntactic_share"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "heldout")}

@@ -35,7 +35,7 @@ from crl_exp.episodes import build_env, run_episodes, summarize
 from crl_exp.modes.evaluation_log import log_evaluation
 from crl_exp.steering.controllers import RandomController, StaticController
 from crl_exp.tasks import build_task
-from crl_exp.tasks.metrics import bootstrap_ci
+from crl_exp.tasks.metrics import bootstrap_ci, mde_paired_binary, mde_paired_mean, wilson_interval
 from crl_exp.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,31 @@ def paired_deltas(task, crl: list[dict], base: list[dict], key: str, n_boot: int
 
     point = stat(torch.arange(len(crl)))
     cis = bootstrap_ci(len(crl), stat, n_boot=n_boot, seed=seed)
-    return {k: {"delta": v, "ci95": list(cis.get(k, (float("nan"), float("nan"))))} for k, v in point.items()}
+    out = {k: {"delta": v, "ci95": list(cis.get(k, (float("nan"), float("nan"))))} for k, v in point.items()}
+    out["power"] = detectable_effects(crl, base)
+    return out
+
+
+def detectable_effects(crl: list[dict], base: list[dict]) -> dict[str, float]:
+    """What this held-out set could detect (80% power, two-sided 5%): the minimum detectable difference in
+    per-example correctness given the observed share of discordant pairs, and in mean reward given the observed
+    spread of paired reward differences."""
+    n = len(crl)
+    correct = [(float(a["correct"]) > 0.5, float(b["correct"]) > 0.5) for a, b in zip(crl, base, strict=True)]
+    discordance = sum(a != b for a, b in correct) / n if n else float("nan")
+    diffs = torch.tensor([float(a["reward"]) - float(b["reward"]) for a, b in zip(crl, base, strict=True)])
+    sd = diffs.std().item() if n > 1 else float("nan")
+    return {"n": n, "discordance": discordance, "mde_correct": mde_paired_binary(n, discordance),
+            "mde_reward": mde_paired_mean(n, sd)}
+
+
+def proportion_ci(records: list[dict], value: float, bootstrap: tuple[float, float]) -> list[float]:
+    """A Wilson interval where the metric is the share of correct examples with 0/1 or n-1/n of them (the
+    percentile bootstrap degenerates there to [0, 0] or [1, 1]); the bootstrap interval otherwise."""
+    n, k = len(records), sum(float(r["correct"]) > 0.5 for r in records)
+    if n and abs(value - k / n) < 1e-9 and (k <= 1 or k >= n - 1):
+        return list(wilson_interval(k, n))
+    return list(bootstrap)
 
 
 def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
@@ -125,12 +149,17 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         recs, speed = run_episodes(task, lm, test_pool, bs, steerer, controller, desc=f"held-out {name}",
                                    on_batch=collect_interventions if name == "crl" else None)
         metrics, cis = summarize(task, recs, n_boot, seed)
+        if key in metrics and key in cis:
+            cis[key] = tuple(proportion_ci(recs, metrics[key], cis[key]))
         log_evaluation(tracker, f"heldout/{name}", metrics, cis, recs, speed)
         records[name] = recs
         results[name] = {"metrics": metrics, "ci95": {k: list(v) for k, v in cis.items()}}
     deltas = {b: paired_deltas(task, records["crl"], records[b], key, n_boot, seed) for b in ("none", "random", "static")}
     for base, d in deltas.items():
+        tracker.log_metrics({f"power/crl_minus_{base}/{k}": float(v) for k, v in d["power"].items()})
         for metric, v in d.items():
+            if metric == "power":
+                continue
             tracker.log_metrics({f"delta/crl_minus_{base}/{metric}": v["delta"],
                                  f"delta/crl_minus_{base}/{metric}_ci_low": v["ci95"][0],
                                  f"delta/crl_minus_{base}/{metric}_ci_high": v["ci95"][1]})
@@ -171,14 +200,18 @@ def write_interpretability_outputs(tracker: RunTracker, task_name: str, log_rows
 
 
 def comparison_table(task: str, key: str, results: dict, deltas: dict, n: int) -> str:
-    lines = [f"Held-out comparison on {task} (test split, n={n}); primary metric: {key}", "",
-             f"| condition | {key} | 95% CI | reward | 95% CI | CRL - condition ({key}) | 95% CI |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"Held-out comparison on {task} (test split, n={n}); primary metric: {key}. MDE: the smallest "
+             f"CRL - condition difference in per-example correctness (reward) this n detects with 80% power.", "",
+             f"| condition | {key} | 95% CI | reward | 95% CI | CRL - condition ({key}) | 95% CI | "
+             f"MDE correct | MDE reward |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in CONDITIONS:
         m, ci = results[name]["metrics"], results[name]["ci95"]
         k_ci, r_ci = ci.get(key, [float("nan")] * 2), ci.get("reward", [float("nan")] * 2)
         d = deltas.get(name, {}).get(key)
+        power = deltas.get(name, {}).get("power")
         d_txt = f"{d['delta']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "- | -"
+        d_txt += f" | {power['mde_correct']:.3f} | {power['mde_reward']:.3f}" if power else " | - | -"
         lines.append(f"| {name} | {m.get(key, float('nan')):.3f} | [{k_ci[0]:.3f}, {k_ci[1]:.3f}] | "
                      f"{m.get('reward', float('nan')):.3f} | [{r_ci[0]:.3f}, {r_ci[1]:.3f}] | {d_txt} |")
     return "\n".join(lines)

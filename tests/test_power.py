@@ -1,0 +1,48 @@
+"""Intervals and minimum detectable effects for the held-out comparison, against hand-checked cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from crl_exp.tasks.metrics import mde_paired_binary, mde_paired_mean, wilson_interval
+
+
+def test_wilson_interval_known_values_and_the_degenerate_cases():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)  # a bootstrap would say [0, 0]
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    lo, hi = wilson_interval(1, 200)
+    assert 0 < lo < 0.005 < hi < 0.03
+    assert all(math.isnan(x) for x in wilson_interval(0, 0))
+
+
+def test_mde_of_paired_proportions_inverts_connors_sample_size():
+    # Connor (1987): p_d = 0.2, delta = 0.1, alpha 0.05 two-sided, power 0.8 -> n = 155 pairs
+    needed = (1.959964 * math.sqrt(0.2) + 0.841621 * math.sqrt(0.2 - 0.01)) ** 2 / 0.01
+    assert math.ceil(needed) == 155
+    assert mde_paired_binary(155, 0.2) == pytest.approx(0.1, abs=1e-3)
+    assert mde_paired_binary(620, 0.2) < mde_paired_binary(155, 0.2) / 1.8  # ~1/sqrt(n)
+    assert math.isnan(mde_paired_binary(3, 0.05))  # too few pairs to detect anything possible
+    assert math.isnan(mde_paired_binary(100, 0.0))
+
+
+def test_mde_of_a_paired_mean():
+    assert mde_paired_mean(100, 1.0) == pytest.approx((1.959964 + 0.841621) / 10, abs=1e-5)
+
+
+def test_heldout_comparison_uses_wilson_at_the_edges_and_reports_the_mde():
+    from crl_exp.modes.train import detectable_effects, proportion_ci
+
+    recs = [{"correct": 0.0, "reward": 0.1}] * 19 + [{"correct": 1.0, "reward": 0.9}]
+    assert proportion_ci(recs, 0.05, (0.0, 0.15)) == pytest.approx(list(wilson_interval(1, 20)))
+    assert proportion_ci(recs, 0.40, (0.2, 0.6)) == [0.2, 0.6]  # not the share of correct examples
+    many = [{"correct": float(i % 2), "reward": 0.0} for i in range(20)]
+    assert proportion_ci(many, 0.5, (0.3, 0.7)) == [0.3, 0.7]  # away from the edges: bootstrap kept
+    base = [{"correct": float(i % 4 == 0), "reward": 0.0} for i in range(200)]
+    crl = [{"correct": float(i % 4 in (0, 1)), "reward": 0.1 * (i % 3)} for i in range(200)]
+    power = detectable_effects(crl, base)
+    assert power["n"] == 200 and power["discordance"] == pytest.approx(0.25)
+    assert power["mde_correct"] == pytest.approx(mde_paired_binary(200, 0.25))
+    assert 0 < power["mde_reward"] < 0.1
