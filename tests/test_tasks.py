@@ -383,3 +383,18 @@ def test_a_task_from_its_own_module_and_config(tmp_path, monkeypatch, data_dir):
     assert type(task).__name__ == "TinyGSM8K" and len(task.split("test", 3)) == 3
     with pytest.raises(CRLConfigError, match="cannot be imported"):
         make("gsm8k", data_dir, "task.cls=nowhere:Nothing")
+
+
+@pytest.mark.parametrize("name, n", [("mmlu", None), ("bbq", 32)])
+def test_static_selection_subset_covers_every_subject_and_category(data_dir, name, n):
+    """The static baseline's train subset spans every group; the file's first rows (the old choice) do not."""
+    task = make(name, data_dir)
+    train = task.split("train")
+    groups = {ex.group for ex in train}
+    n = n or len(groups)
+    subset = task.representative("train", n)
+    assert len(subset) == n and {ex.group for ex in subset} == groups
+    counts = [sum(ex.group == g for ex in subset) for g in groups]
+    assert max(counts) - min(counts) <= 1  # as even as n allows
+    assert len({ex.group for ex in train[:n]}) < len(groups)
+    assert [ex.id for ex in task.representative("train", n)] == [ex.id for ex in subset]  # seeded, stable

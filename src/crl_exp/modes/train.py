@@ -87,7 +87,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     apply_budget(cfg)
     budget = cfg.budget
     task = build_task(cfg.task, cfg.get("data_dir"))
-    train_pool, test_pool = task.split("train"), task.split("test", heldout_size(budget, task.max_new_tokens))
+    test_pool = task.split("test", heldout_size(budget, task.max_new_tokens))
     tracker.log_metrics({f"data/{s}_size": n for s, n in task.split_sizes().items()})
     tracker.log_metrics({"data/malformed_rows": task.n_malformed, "data/heldout_eval_size": len(test_pool)})
     env = build_env(cfg, task, tracker)
@@ -110,7 +110,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- baselines and CRL on held-out data
     n_boot, bs = int(cfg.eval.n_bootstrap), int(budget.eval_batch_size)
-    static_examples = train_pool[: int(budget.static_feature.train_examples)]
+    static_examples = task.representative("train", int(budget.static_feature.train_examples))
     selection = select_static_feature(env, static_examples, int(budget.static_feature.candidates), bs)
     tracker.log_dict({"feature": selection.feature, "train_reward": selection.train_reward,
                       "candidates": selection.candidates, "correlations": selection.correlations,

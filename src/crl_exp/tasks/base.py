@@ -136,6 +136,13 @@ class Task(ABC):
         keep = splitting.subsample([e.id for e in examples], limit, self.seed)
         return [examples[i] for i in keep]
 
+    def representative(self, name: str, limit: int | None) -> list[Example]:
+        """A seeded subset of a split covering every group (subject, category) as evenly as ``limit`` allows."""
+        examples = self.split(name)
+        keep = splitting.stratified_subsample([e.id for e in examples], [str(e.group) for e in examples], limit,
+                                              self.seed)
+        return [examples[i] for i in keep]
+
     def split_sizes(self) -> dict[str, int]:
         return {s: len(self.split(s)) for s in splitting.SPLITS}
 

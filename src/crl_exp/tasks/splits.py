@@ -36,3 +36,21 @@ def subsample(keys: list[str], n: int | None, seed: int) -> list[int]:
         return list(range(len(keys)))
     order = sorted(range(len(keys)), key=lambda i: unit_hash("sub:" + keys[i], seed))
     return sorted(order[:n])
+
+
+def stratified_subsample(keys: list[str], groups: list[str], n: int | None, seed: int) -> list[int]:
+    """Indices of a seeded subset of size ``n`` that covers every group before any group gets a second member
+    (round robin over groups, each group and its members in hash order): a representative subset of a split whose
+    file order is grouped (MMLU subjects, BBQ categories), where the first rows would be one group."""
+    if n is None or n >= len(keys):
+        return list(range(len(keys)))
+    members: dict[str, list[int]] = {}
+    for i in sorted(range(len(keys)), key=lambda i: unit_hash("strat:" + keys[i], seed)):
+        members.setdefault(groups[i], []).append(i)
+    queues = [members[g] for g in sorted(members, key=lambda g: unit_hash("group:" + g, seed))]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < n:
+        picked += [q[depth] for q in queues if depth < len(q)][: n - len(picked)]
+        depth += 1
+    return sorted(picked)
