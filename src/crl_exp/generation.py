@@ -30,6 +30,7 @@ class Generation:
     first_step_logits: torch.Tensor | None = None  # [B, len(score_token_ids)] at the first generated position
     first_step_logsumexp: torch.Tensor | None = None  # [B] log of the full-vocabulary softmax normaliser there
     last_prompt_tokens: torch.Tensor | None = None  # [B] each row's last prompt token (left padding: column -1)
+    reference_likelihood: torch.Tensor | None = None  # [B] see ``reference_likelihood``
 
     @property
     def steered_tokens(self) -> torch.Tensor:
@@ -231,12 +232,59 @@ def prompt_prefix_cache(lm: LoadedModel, prompts: list[str], input_ids: torch.Te
     return left_padded_cache(lm, [r for r, _ in rows], [n for _, n in rows])
 
 
+def kept_length(tokenizer, tokens: list[int], text: str) -> int:
+    """How many leading ``tokens`` decode to no more than ``text`` (a completion cut at a stop string / marker)."""
+    k = 0
+    while k < len(tokens) and text.startswith(tokenizer.decode(tokens[: k + 1], skip_special_tokens=True)):
+        k += 1
+    return k
+
+
+@torch.inference_mode()
+def reference_likelihood(lm: LoadedModel, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         new_tokens: torch.Tensor, kept: list[int], references: list[list[int]]) -> torch.Tensor:
+    """[B] exp(mean log-prob) of each row's ``references`` token ids right after its first ``kept[i]`` generated
+    tokens, teacher-forced (VeriFree's verifier-free reward), in one forward that reads the episode's own KV cache.
+
+    The cache holds the left-padded prompt (``input_ids``: W columns) and generated tokens 0..T-2. Row i masks
+    every cache column from its last kept token on and feeds that token again at its own position (the last
+    prompt token when nothing is kept), then the reference tokens, unsteered; rows are right-padded. So the
+    reasoning is read exactly as it was steered, and nothing after the cut is seen.
+    """
+    B, W = input_ids.shape
+    cache_mask = attention_mask.new_ones((B, cache.get_seq_length()))  # generated columns: kept up to the cut
+    cache_mask[:, :W] = attention_mask
+    feeds, starts = [], []
+    for i in range(B):
+        k = kept[i]
+        cache_mask[i, W + k - 1:] = 0
+        feeds.append([int(new_tokens[i, k - 1]) if k > 0 else int(input_ids[i, -1]), *references[i]])
+        starts.append(int(attention_mask[i].sum()) - 1 + k)
+    width = max(len(f) for f in feeds)
+    ids = input_ids.new_full((B, width), lm.tokenizer.pad_token_id)
+    feed_mask = torch.zeros_like(ids)
+    for i, f in enumerate(feeds):
+        ids[i, : len(f)] = torch.tensor(f)
+        feed_mask[i, : len(f)] = 1
+    positions = torch.tensor(starts, device=ids.device)[:, None] + torch.arange(width, device=ids.device)
+    out = lm.model(input_ids=ids, attention_mask=torch.cat([cache_mask, feed_mask], 1), position_ids=positions,
+                   cache=cache, use_cache=True)
+    logprobs = out.logits.float().log_softmax(-1)
+    scores = []
+    for i, ref in enumerate(references):
+        target = torch.tensor(ref, device=ids.device)
+        token_lp = logprobs[i, torch.arange(len(ref), device=ids.device), target]
+        scores.append(token_lp.mean().exp() if len(ref) else torch.tensor(float("nan")))
+    return torch.stack(scores).cpu()
+
+
 @torch.inference_mode()
 def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: ResidualSteerer | None = None,
              controller: Controller | None = None, add_special_tokens: bool = True,
              stop_strings: list[str] | None = None, score_token_ids: torch.Tensor | None = None,
              min_new_tokens: int | None = None, share_prefix: bool = False,
-             prefixes: list[str | None] | None = None) -> Generation:
+             prefixes: list[str | None] | None = None, references: list[str] | None = None,
+             reference_marker: str | None = None) -> Generation:
     """Greedy-decode ``prompts`` in one batch; with ``steerer`` every forward step is steered by ``controller``.
 
     ``share_prefix``: only the newest position is ever steered, so everything before a prompt's last token is
@@ -250,12 +298,17 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: 
     ``stop_strings`` end a row early (and are cut from its completion); ``score_token_ids`` returns the raw
     logits of those tokens at the first generated position (e.g. option letters, for constrained answers) and
     the full-vocabulary log-normaliser there, so their probabilities are exact, not renormalised.
+    ``references``: each row's reference answer text (e.g. ``#### 42``); ``Generation.reference_likelihood`` is
+    its teacher-forced likelihood after the row's completion, cut at ``reference_marker`` (the model's own answer
+    marker) and ended with a newline (``reference_likelihood``).
     """
     enc = lm.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(lm.device)
     ctx = steerer.attached(controller) if steerer is not None else nullcontext()
     kwargs = stop_criteria(lm.tokenizer, stop_strings, enc.input_ids.shape[1])
     if score_token_ids is not None:
         kwargs.update(output_logits=True, return_dict_in_generate=True)
+    if references is not None:
+        kwargs.update(return_dict_in_generate=True)
     if min_new_tokens:
         kwargs.update(min_new_tokens=min_new_tokens)
     t0 = time.perf_counter()
@@ -266,7 +319,7 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: 
         out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=lm.tokenizer.pad_token_id, **kwargs)
     seconds = time.perf_counter() - t0
-    sequences = out.sequences if score_token_ids is not None else out
+    sequences = out.sequences if "return_dict_in_generate" in kwargs else out
     first = lse = None
     if score_token_ids is not None:
         first = out.logits[0][:, score_token_ids.to(lm.device)].float().cpu()
@@ -276,4 +329,16 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: 
     texts = lm.tokenizer.batch_decode(new, skip_special_tokens=True)
     if stop_strings:
         texts = [cut_at_stop_strings(t, stop_strings) for t in texts]
-    return Generation(prompts, texts, new, seconds, valid, first, lse, enc.input_ids[:, -1].cpu())
+    likelihood = None
+    if references is not None:
+        kept_texts = [cut_at_stop_strings(t, [reference_marker]) if reference_marker else t for t in texts]
+        ends = end_token_ids(lm.tokenizer, lm.model)
+        kept = []
+        for row, text in zip(new.tolist(), kept_texts, strict=True):
+            content = row[: next((j for j, t in enumerate(row) if t in ends), len(row))]  # up to EOS/pad
+            kept.append(kept_length(lm.tokenizer, content, text))
+        ref_ids = [lm.tokenizer(("" if text.endswith("\n") else "\n") + ref, add_special_tokens=False).input_ids
+                   for text, ref in zip(kept_texts, references, strict=True)]
+        likelihood = reference_likelihood(lm, out.past_key_values, enc.input_ids, enc.attention_mask,
+                                          new.to(lm.device), kept, ref_ids)
+    return Generation(prompts, texts, new, seconds, valid, first, lse, enc.input_ids[:, -1].cpu(), likelihood)

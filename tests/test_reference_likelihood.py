@@ -1,0 +1,33 @@
+"""VeriFree-style reward: the reference answer's teacher-forced likelihood after the generated reasoning."""
+
+from __future__ import annotations
+
+import torch
+
+from crl_exp.generation import generate
+
+PROMPTS = ["ab", "hello", "xyz12"]  # different lengths: left padding; all inside the 16-token sliding window
+
+
+def by_hand(lm, prompt: str, kept_text: str, reference: str) -> float:
+    """exp(mean log p(reference | prompt + kept reasoning)), one unpadded forward from scratch."""
+    ids = lm.tokenizer(prompt).input_ids + lm.tokenizer(kept_text, add_special_tokens=False).input_ids
+    ref = lm.tokenizer(("" if kept_text.endswith("\n") else "\n") + reference, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = lm.model(input_ids=torch.tensor([ids + ref])).logits[0].float()
+    lp = logits[len(ids) - 1: len(ids) - 1 + len(ref)].log_softmax(-1)[torch.arange(len(ref)), torch.tensor(ref)]
+    return lp.mean().exp().item()
+
+
+def test_reference_likelihood_equals_a_hand_computed_teacher_forced_probability(tiny_lm):
+    plain = generate(tiny_lm, PROMPTS, 5)
+    first = plain.completions[0]
+    marker = next(ch for i, ch in enumerate(first) if i > 0 and first.find(ch) == i)  # cuts row 0 mid-reasoning
+    refs = ["# 7", "#12", "#"]  # cache + fed tokens stay inside the window, where the reward is exact
+    gen = generate(tiny_lm, PROMPTS, 5, references=refs, reference_marker=marker)
+    assert gen.completions == plain.completions  # scoring the reference does not change the episode
+    kept = [c[: c.find(marker)] if marker in c else c for c in plain.completions]
+    assert 0 < len(kept[0]) < len(first)
+    for i, prompt in enumerate(PROMPTS):
+        assert abs(gen.reference_likelihood[i].item() - by_hand(tiny_lm, prompt, kept[i], refs[i])) < 1e-5, i
+    assert ((gen.reference_likelihood > 0) & (gen.reference_likelihood < 1)).all()
