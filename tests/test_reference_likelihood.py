@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from crl_exp.errors import CRLConfigError
 from crl_exp.generation import generate
 
 PROMPTS = ["ab", "hello", "xyz12"]  # different lengths: left padding; all inside the 16-token sliding window
@@ -31,3 +33,37 @@ def test_reference_likelihood_equals_a_hand_computed_teacher_forced_probability(
     for i, prompt in enumerate(PROMPTS):
         assert abs(gen.reference_likelihood[i].item() - by_hand(tiny_lm, prompt, kept[i], refs[i])) < 1e-5, i
     assert ((gen.reference_likelihood > 0) & (gen.reference_likelihood < 1)).all()
+
+
+def test_gsm8k_reference_likelihood_is_the_reward_and_exact_match_the_metric(tiny_lm, data_dir):
+    from hydra import compose, initialize_config_dir
+
+    from crl_exp.episodes import rollout_batch
+    from crl_exp.paths import CONFIG_DIR
+    from crl_exp.tasks import build_task
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=gsm8k_layer12", "task.shot_rows=[]",
+                                           "task.max_new_tokens=6"])
+    assert cfg.task.reward == "reference_likelihood"
+    task = build_task(cfg.task, data_dir)
+    batch = task.split("train", 3)
+    records, gen = rollout_batch(task, tiny_lm, batch)
+    for rec, p in zip(records, gen.reference_likelihood.tolist(), strict=True):
+        assert rec["reward"] == rec["reference_likelihood"] == p and 0 < p < 1
+        assert rec["correct"] == 0.0  # a random tiny model does not solve GSM8K: the metric is still exact match
+    metrics = task.metrics_from_records(records)
+    assert metrics["exact_match"] == 0.0 and metrics["reward"] == pytest.approx(sum(gen.reference_likelihood) / 3)
+    exact = build_task(compose_task("gsm8k"), data_dir)
+    assert exact.reference_answers(batch) is None
+    with pytest.raises(CRLConfigError, match="task.reward for gsm8k"):
+        build_task(compose_task("gsm8k", "task.reward=likelihood"), data_dir)
+
+
+def compose_task(name, *overrides):
+    from hydra import compose, initialize_config_dir
+
+    from crl_exp.paths import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=[f"task={name}", *overrides]).task

@@ -109,11 +109,14 @@ def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=Non
     prefixes = [prompt_prefix(task, ex, p) for ex, p in zip(batch, prompts, strict=True)] if cache_prefixes else []
     gen = generate(lm, prompts, task.max_new_tokens, steerer, controller, add_special_tokens=not chat,
                    stop_strings=task.stop_strings, score_token_ids=letter_ids, share_prefix=share_prefix,
-                   prefixes=prefixes if any(prefixes) else None)
+                   prefixes=prefixes if any(prefixes) else None, references=task.reference_answers(batch),
+                   reference_marker=task.reference_marker)
     option_probs = None
     if gen.first_step_logits is not None:
         option_probs = option_probabilities(gen.first_step_logits, gen.first_step_logsumexp, owner, len(letters))
     scored = task.score_batch(batch, prompts, gen.completions, option_probs)
+    if gen.reference_likelihood is not None:
+        task.add_reference_likelihood(scored, gen.reference_likelihood.tolist())
     records = [{"id": ex.id, "group": ex.group, "question": ex.question, "answer": ex.answer, "prompt": prompt,
                 "completion": completion, **rec}
                for ex, prompt, completion, rec in zip(batch, prompts, gen.completions, scored, strict=True)]

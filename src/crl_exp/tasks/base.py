@@ -172,6 +172,19 @@ class Task(ABC):
         return ""
 
     # ------------------------------------------------------------------ scoring
+    def reference_answers(self, batch: list[Example]) -> list[str] | None:
+        """Reference answer texts whose likelihood after the completion is the reward
+        (``task.reward=reference_likelihood``; generation computes it), else ``None``."""
+        return None
+
+    reference_marker: str | None = None  # where a completion's own final answer starts (cut before scoring)
+
+    def add_reference_likelihood(self, records: list[dict[str, Any]], likelihoods: list[float]) -> None:
+        """Record each episode's reference likelihood; it is the reward (the metric stays exact match)."""
+        for rec, p in zip(records, likelihoods, strict=True):
+            rec["reference_likelihood"] = p
+            rec["reward"] = p
+
     @abstractmethod
     def score_batch(self, examples: list[Example], prompts: list[str], completions: list[str],
                     option_probs: torch.Tensor | None) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from crl_exp.errors import CRLConfigError
 from crl_exp.tasks import splits as splitting
 from crl_exp.tasks.base import Task
 from crl_exp.tasks.metrics import GroupedMean
@@ -28,9 +29,20 @@ class GSM8KTask(Task):
     kind = "generation"
     folder = "gsm8k"
 
+    reference_marker = "####"
+    REWARDS = ("exact", "reference_likelihood")
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._shots: list[Example] = []
+        if self.cfg.get("reward", "exact") not in self.REWARDS:
+            raise CRLConfigError(f"task.reward for gsm8k must be one of {self.REWARDS}, got {self.cfg.reward!r}")
+
+    def reference_answers(self, batch: list[Example]) -> list[str] | None:
+        """``#### <gold>``, the exemplars' answer line, when the reward is its likelihood (VeriFree)."""
+        if self.cfg.get("reward", "exact") != "reference_likelihood":
+            return None
+        return [f"#### {ex.answer}" for ex in batch]
 
     def read_local(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for split in ("train", "test"):
@@ -97,5 +109,7 @@ class GSM8KTask(Task):
         metric.update(torch.tensor([r["correct"] for r in records]), torch.zeros(len(records), dtype=torch.long))
         out = metric.compute()
         out["invalid_rate"] = sum(not r["valid"] for r in records) / max(1, len(records))
-        out["reward"] = out.get("exact_match", float("nan"))
+        out["reward"] = sum(r["reward"] for r in records) / len(records) if records else float("nan")
+        if records and all("reference_likelihood" in r for r in records):
+            out["reference_likelihood"] = sum(r["reference_likelihood"] for r in records) / len(records)
         return out
