@@ -211,6 +211,11 @@ def test_a_layer_sweep_prepares_its_saes_once_before_its_jobs(tmp_path, tiny_mod
 
     assert swept_layers(["task=mmlu", "sae.layer=4,8,12"]) == [4, 8, 12]
     assert swept_layers(["sae.layer=12", "seed=0,1"]) == []
+    assert swept_layers(["sae.layer=12", "sae.layer=3,6"]) == []  # the command line's single layer wins
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        sweep = compose("config", overrides=["+experiment=layer_sweep"], return_hydra_config=True)
+    params = sweep.hydra.sweeper.params
+    assert swept_layers([f"{k}={v}" for k, v in params.items()]) == [3, 6, 9, 12, 15]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=["model=hf", f"model.path={tiny_model_dir}",
                                            f"cache_dir={tmp_path / 'cache'}", *SMALL_SAE], return_hydra_config=True)

@@ -45,10 +45,11 @@ def print_metrics(model_name: str, saes: list) -> None:
 
 
 def swept_layers(overrides: list[str]) -> list[int]:
-    """The layers a multirun's ``sae.layer=...`` override sweeps over (empty when it does not sweep them)."""
+    """The layers a multirun's ``sae.layer=...`` override sweeps over (empty when it does not sweep them); the
+    first ``sae.layer`` override counts (pass command-line overrides before the sweeper's params)."""
     for override in OverridesParser.create().parse_overrides(overrides):
-        if override.get_key_element() == "sae.layer" and override.is_sweep_override():
-            return [int(v) for v in override.sweep_iterator()]
+        if override.get_key_element() == "sae.layer":
+            return [int(v) for v in override.sweep_iterator()] if override.is_sweep_override() else []
     return []
 
 
@@ -56,7 +57,8 @@ class SweepSAEs(Callback):
     """Before a layer sweep's jobs start: train the missing SAEs of every swept layer in one harvesting pass."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        layers = swept_layers(list(config.hydra.overrides.task))
+        params = config.hydra.get("sweeper", {}).get("params") or {}  # e.g. +experiment=layer_sweep's
+        layers = swept_layers([*config.hydra.overrides.task, *(f"{k}={v}" for k, v in params.items())])
         if len(layers) < 2 or config.sae.source != "trained":
             return
         log.info("Preparing the SAEs of layers %s in one harvesting pass before the sweep's jobs", layers)
