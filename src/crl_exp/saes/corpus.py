@@ -1,8 +1,9 @@
 """Offline text for SAE training: the *training* splits of the benchmark files (no hub, no test text).
 
-GSM8K train (~1.5M tokens) and the MMLU dev rows hold a few million tokens between them, far more than a
-CPU SAE run consumes. Texts are interleaved so every source is represented even when the token budget is
-small. Test splits are never read here, so an SAE never sees held-out questions.
+GSM8K train (~1.5M tokens) and the MMLU dev rows (the few-shot pool) hold most of the text; BBQ, XSTest and
+HarmBench contribute the prompts of their task's own *train* split (the same seeded split the tasks use, so
+validation and test prompts are never read). Texts are interleaved so every source is represented even when the
+token budget is small, and the SAE sees the distribution every task steers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from collections.abc import Iterator
 from itertools import zip_longest
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from crl_exp.errors import CRLConfigError
+from crl_exp.paths import CONFIG_DIR
 
 _CALC = re.compile(r"<<[^>]*>>")
 
@@ -38,7 +42,22 @@ def _mmlu_dev(root: Path) -> Iterator[str]:
                            f"Answer: {ans}")
 
 
-SOURCES = {"gsm8k_train": _gsm8k_train, "mmlu_dev": _mmlu_dev}
+def _task_train(name: str):
+    """The prompt bodies (``Task.user_text``) of a task's train split."""
+    def read(root: Path) -> Iterator[str]:
+        from crl_exp.tasks import build_task
+
+        cfg = OmegaConf.load(CONFIG_DIR / "task" / f"{name}.yaml")
+        cfg.pop("defaults", None)  # a judge is not needed to read prompts
+        cfg.judge = OmegaConf.load(CONFIG_DIR / "task" / "judge" / "string_match.yaml")
+        task = build_task(cfg, root)
+        for ex in task.split("train"):
+            yield task.user_text(ex)
+    return read
+
+
+SOURCES = {"gsm8k_train": _gsm8k_train, "mmlu_dev": _mmlu_dev, "bbq_train": _task_train("bbq"),
+           "xstest_train": _task_train("xstest"), "harmbench_train": _task_train("harmbench")}
 
 
 def benchmark_corpus(data_dir: str | Path, sources: list[str]) -> Iterator[str]:
