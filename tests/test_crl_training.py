@@ -167,13 +167,14 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     db = tmp_path / "db"
     cmd = [sys.executable, "-m", "crl_exp", "+experiment=bbq_layer12", "model=hf", f"model.path={tiny_model_dir}",
            "sae=local", f"sae.path={tmp_path / 'sae'}", "sae.layer=1", "budget.iterations=3",
-           "budget.episodes_per_iteration=4", "budget.group_size=2", "budget.eval_examples=8", "budget.static_feature.train_examples=4",
+           "budget.episodes_per_iteration=4", "budget.group_size=2", "budget.eval_examples=8", "budget.eval_sampled_seeds=2", "budget.static_feature.train_examples=4",
            "budget.static_feature.candidates=2", "masking.min_unmasked=4", "steering.coefficient_scale=absolute",
            "steering.coefficient=5", "eval.n_bootstrap=50", f"logger.tracking_uri=sqlite:///{db}",
            f"hydra.run.dir={tmp_path / 'out'}", "trainer.progress_bar=false", f"data_dir={data_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| crl |" in proc.stdout and "| static |" in proc.stdout
+    assert "| sampled (mean of 2 seeds) |" in proc.stdout and "| greedy, mask on |" in proc.stdout
     logs = proc.stdout + proc.stderr  # every log line once (Lightning printed twice), no advertising tips
     assert logs.count("GPU available") == 1 and "Tip:" not in logs
     client = MlflowClient(f"sqlite:///{db}")
@@ -188,6 +189,8 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
         assert f"heldout/{cond}/accuracy" in metrics and f"heldout/{cond}/accuracy_ci_low" in metrics
     assert "delta/crl_minus_static/accuracy" in metrics and "delta/crl_minus_none/reward_ci_high" in metrics
     assert metrics["power/crl_minus_static/n"] == 8 and "power/crl_minus_static/mde_reward" in metrics
+    assert "heldout/crl_sampled/accuracy_mean" in metrics and "heldout/crl_mask_on/accuracy" in metrics
+    assert 0.0 <= metrics["heldout/crl/masked_action_share"] <= 1.0
     # one-token task: the feature profile reads the steered position (the last prompt token); it was NaN
     assert 0.0 <= metrics["features/syntactic_share"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "heldout")}

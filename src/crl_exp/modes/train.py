@@ -163,6 +163,11 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
             tracker.log_metrics({f"delta/crl_minus_{base}/{metric}": v["delta"],
                                  f"delta/crl_minus_{base}/{metric}_ci_low": v["ci95"][0],
                                  f"delta/crl_minus_{base}/{metric}_ci_high": v["ci95"][1]})
+    variants = evaluate_policy_variants(cfg, env, module, task, test_pool, eval_mask, key, tracker)
+    final_mask = module.mask.allowed()
+    masked_share = (sum(not bool(final_mask[int(r["feature"])]) for r in log_rows) / len(log_rows)
+                    if log_rows and final_mask is not None else float("nan"))
+    tracker.log_metrics({"heldout/crl/masked_action_share": masked_share})
     write_interpretability_outputs(tracker, task.name, log_rows, records, out_dir)
     usage = Counter(r["feature"] for r in log_rows)
     syntactic, per_feature = usage_weighted_syntactic_share(dict(usage.most_common(50)), top_acts, lm.tokenizer)
@@ -171,13 +176,64 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     if cfg.analysis.get("at_end_of_training") and module.top_k == 1:
         analyse_branches(env, module.policy, task, cfg.analysis, tracker, title="(end of training)")
     table = comparison_table(task.name, key, results, deltas, len(test_pool))
+    table += "\n\n" + variants_table(key, variants, masked_share)
     print(table)
     tracker.log_text(table, "heldout/comparison.md")
     summary = {"task": task.name, "primary_metric": key, "n_heldout": len(test_pool), "results": results,
+               "crl_variants": variants, "masked_action_share": masked_share,
                "deltas": deltas, "static_feature": selection.feature, "train_history": module.history,
                "config": OmegaConf.to_container(cfg, resolve=True)}
     tracker.log_text(json.dumps(summary, indent=1, default=float), "heldout/summary.json")
     return summary
+
+
+def evaluate_policy_variants(cfg: DictConfig, env, module, task, test_pool: list, eval_mask, key: str,
+                             tracker: RunTracker) -> dict[str, Any]:
+    """The trained policy as evaluated other ways than the headline (greedy, mask as configured): sampled
+    (``budget.eval_sampled_seeds`` seeds: mean and spread over seeds) and greedy with the mask switched the
+    other way (on when the headline runs it off, the default)."""
+    bs, seeds = int(cfg.budget.eval_batch_size), int(cfg.budget.get("eval_sampled_seeds", 0))
+    out: dict[str, Any] = {}
+
+    def controller(allowed, greedy, seed=0):
+        return PolicyController(module.policy, env.coefficient, allowed=allowed, greedy=greedy, seed=seed,
+                                sae=env.sae.sae, top_k=module.top_k)
+
+    per_seed = []
+    for s in range(seeds):
+        recs, _ = run_episodes(task, env.lm, test_pool, bs, env.steerer, controller(eval_mask, False, seed=1000 + s),
+                               desc=f"held-out crl sampled (seed {s})")
+        per_seed.append(task.metrics_from_records(recs))
+    if per_seed:
+        values = torch.tensor([m.get(key, float("nan")) for m in per_seed], dtype=torch.float64)
+        rewards = torch.tensor([m.get("reward", float("nan")) for m in per_seed], dtype=torch.float64)
+        out["crl_sampled"] = {"seeds": seeds, key: values.tolist(), "mean": values.mean().item(),
+                              "sd": values.std().item() if seeds > 1 else 0.0, "reward_mean": rewards.mean().item()}
+        tracker.log_metrics({f"heldout/crl_sampled/{key}_mean": out["crl_sampled"]["mean"],
+                             f"heldout/crl_sampled/{key}_sd": out["crl_sampled"]["sd"],
+                             "heldout/crl_sampled/reward_mean": out["crl_sampled"]["reward_mean"]})
+    other = module.mask.allowed() if eval_mask is None else None
+    name = "crl_mask_on" if eval_mask is None else "crl_mask_off"
+    recs, _ = run_episodes(task, env.lm, test_pool, bs, env.steerer, controller(other, True), desc=f"held-out {name}")
+    metrics = task.metrics_from_records(recs)
+    out[name] = {key: metrics.get(key, float("nan")), "reward": metrics.get("reward", float("nan"))}
+    tracker.log_metrics({f"heldout/{name}/{key}": out[name][key], f"heldout/{name}/reward": out[name]["reward"]})
+    return out
+
+
+def variants_table(key: str, variants: dict[str, Any], masked_share: float) -> str:
+    lines = [f"CRL evaluated other ways (same held-out examples); share of greedy held-out actions on features "
+             f"masked at the end of training: {masked_share:.3f}", "",
+             f"| policy | {key} | spread over seeds | reward |", "|---|---|---|---|"]
+    if "crl_sampled" in variants:
+        v = variants["crl_sampled"]
+        lines.append(f"| sampled (mean of {v['seeds']} seeds) | {v['mean']:.3f} | sd {v['sd']:.3f} | "
+                     f"{v['reward_mean']:.3f} |")
+    for name in ("crl_mask_on", "crl_mask_off"):
+        if name in variants:
+            lines.append(f"| greedy, {name.removeprefix('crl_').replace('_', ' ')} | {variants[name][key]:.3f} | - | "
+                         f"{variants[name]['reward']:.3f} |")
+    return "\n".join(lines)
 
 
 def write_interpretability_outputs(tracker: RunTracker, task_name: str, log_rows: list[dict],
