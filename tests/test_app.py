@@ -137,6 +137,8 @@ def test_paper_configs_compose():
      r"a rollout of 8192 rows x \(3200 prompt \+ 1 new\) tokens of gemma3_270m needs an estimated \d+\.\d GiB "
      r"\(weights 1.00 GiB, kv_cache .*more than the .* GiB of available RAM"),
     (["+experiment=gsm8k_layer12", "budget.max_memory_gb=1"], r"more than the 1.0 GiB allowed by budget.max_memory_gb"),
+    (["+experiment=mmlu_layer12", "policy.candidates=8"], r"policy.candidates=8 must be in \[1, d_sae\] and exceed"),
+    (["+experiment=mmlu_layer12", "policy.candidates=5000"], r"policy.candidates=5000 must be in"),
 ])
 def test_incompatible_training_configs_fail_before_loading(tmp_path, overrides, message):
     cfg = compose_cfg(overrides + [f"logger.tracking_uri=sqlite:///{tmp_path / 'db'}"])

@@ -168,7 +168,7 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     cmd = [sys.executable, "-m", "crl_exp", "+experiment=bbq_layer12", "model=hf", f"model.path={tiny_model_dir}",
            "sae=local", f"sae.path={tmp_path / 'sae'}", "sae.layer=1", "budget.iterations=3",
            "budget.episodes_per_iteration=4", "budget.group_size=2", "budget.eval_examples=8", "budget.eval_sampled_seeds=2", "budget.static_feature.train_examples=4",
-           "budget.static_feature.candidates=2", "masking.min_unmasked=4", "steering.coefficient_scale=absolute",
+           "budget.static_feature.candidates=2", "budget.static_feature.oracle_candidates=6", "masking.min_unmasked=4", "steering.coefficient_scale=absolute",
            "steering.coefficient=5", "eval.n_bootstrap=50", f"logger.tracking_uri=sqlite:///{db}",
            f"hydra.run.dir={tmp_path / 'out'}", "trainer.progress_bar=false", f"data_dir={data_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
@@ -190,6 +190,11 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     assert "delta/crl_minus_static/accuracy" in metrics and "delta/crl_minus_none/reward_ci_high" in metrics
     assert metrics["power/crl_minus_static/n"] == 8 and "power/crl_minus_static/mde_reward" in metrics
     assert "heldout/crl_sampled/accuracy_mean" in metrics and "heldout/crl_mask_on/accuracy" in metrics
+    assert metrics["heldout/oracle/n"] == 8 and metrics["heldout/oracle/candidates"] == 6  # pool of a 32-wide SAE
+    # the static feature is one of the oracle's candidates, so the oracle can only do better
+    assert metrics["heldout/oracle/oracle_accuracy"] >= metrics["heldout/static/accuracy"]
+    assert "Headroom (reference" in proc.stdout
+    assert metrics["static/episodes_selecting"] == 4 + 2 * 4 and metrics["crl/episodes_training"] == 3 * 4
     assert 0.0 <= metrics["heldout/crl/masked_action_share"] <= 1.0
     # one-token task: the feature profile reads the steered position (the last prompt token); it was NaN
     assert 0.0 <= metrics["features/syntactic_share"] <= 1.0
@@ -238,3 +243,25 @@ def test_group_rollouts_with_group_advantage_find_the_planted_feature(tiny_lm, t
     assert PolicyShare.of(module, env) >= 0.8
     with pytest.raises(CRLConfigError, match="must divide"):
         PromptDataModule(env.task, 12, group_size=5)
+
+
+def test_candidate_action_space_restricts_the_policy_and_afm_works_within_it(tiny_lm, tmp_path):
+    mask = AdaptiveFeatureMask(16, MaskingConfig(schedule="fixed", threshold=0.5, period=2, ema=0.0, min_unmasked=2))
+    with pytest.raises(CRLConfigError, match="must exceed masking.min_unmasked"):
+        mask.restrict([1, 2])
+    mask.restrict([1, 3, 5, 7])
+    assert mask.allowed().nonzero().flatten().tolist() == [1, 3, 5, 7] and mask.mask_size == 0
+    mask.update(torch.tensor([3, 3, 3, 1]), entropy=0.1)
+    assert mask.allowed().nonzero().flatten().tolist() == [1, 5, 7] and mask.mask_size == 1
+    restored = AdaptiveFeatureMask(16, mask.cfg)
+    restored.load_state_dict(mask.state_dict())
+    assert torch.equal(restored.allowed(), mask.allowed())
+    # training inside a pool that holds the planted feature: every action is a candidate, and it is found
+    env = planted_env(tiny_lm)
+    pool = [PLANTED, *[f for f in range(D_SAE) if f != PLANTED][:5]]
+    module = make_module(env, 25)
+    module.mask.restrict(pool)
+    fit_policy(module, PromptDataModule(env.task, 12, seed=0), build_trainer(25, tmp_path / "ckpt", progress_bar=False))
+    chosen = module.last_rollout["trajectory"]["feature"][module.last_rollout["valid"]]
+    assert set(chosen.unique().tolist()) <= set(pool)
+    assert sum(h["train/reward_mean"] for h in module.history[-3:]) / 3 >= 0.7

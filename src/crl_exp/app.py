@@ -78,7 +78,7 @@ def check_budget(cfg: DictConfig) -> None:
     from crl_exp.crl.ppo import PPOConfig
 
     ppo = config_dataclass(PPOConfig, cfg.ppo)
-    config_dataclass(PolicyConfig, cfg.policy)
+    policy = config_dataclass(PolicyConfig, cfg.policy)
     if ppo.advantage not in ("gae", "group"):
         raise CRLConfigError(f"ppo.advantage must be gae or group, got {ppo.advantage!r}")
     group = int(budget.group_size)
@@ -90,6 +90,11 @@ def check_budget(cfg: DictConfig) -> None:
     d_sae = int(cfg.sae.training.d_sae) if cfg.sae.source == "trained" else None
     masking = masking_config(cfg.masking)
     masking.validate(d_sae or 16384)
+    if policy.candidates is not None and not (
+            (masking.schedule == "none" or policy.candidates > masking.min_unmasked)
+            and 1 <= policy.candidates <= (d_sae or policy.candidates)):
+        raise CRLConfigError(f"policy.candidates={policy.candidates} must be in [1, d_sae] and exceed "
+                             f"masking.min_unmasked={masking.min_unmasked} (or use masking=none)")
     check_rollout_memory(cfg)
 
 

@@ -13,8 +13,9 @@ from crl_exp.errors import CRLConfigError
 
 @dataclass
 class StaticFeatureBudget:
-    train_examples: int = 32  # train-split episodes used to select the best static feature
-    candidates: int = 4  # top-correlated features evaluated as static steering
+    train_examples: int = 32  # train episodes ranked by correlation, and validation episodes per candidate trial
+    candidates: int = 4  # top-correlated features tried as static steering on validation
+    oracle_candidates: int = 32  # one-token tasks: the per-prompt oracle's pool (headroom reference row)
 
 
 @dataclass

@@ -1,10 +1,13 @@
-"""The "best single static feature" baseline (CorrSteer-style), selected on the *train* split only.
+"""The "best single static feature" baseline (CorrSteer-style), selected without ever reading the test split.
 
-1. Run the unsteered model on train episodes, recording the residual state at the steered layer at every
-   generated step; average each feature's SAE activation over the episode's steps.
-2. Correlate every feature's mean activation with the episode reward (Pearson) and keep the ``candidates``
-   most positively correlated features (features that never fire are skipped).
-3. Steer the same train episodes with each candidate (same coefficient as CRL) and keep the best mean reward.
+1. Run the unsteered model on a stratified train subset, recording the residual state at the steered layer at
+   every generated step; average each feature's SAE activation over the episode's steps.
+2. Correlate every feature's mean activation with the episode reward (Pearson) and rank the features (those
+   that never fire are skipped). The top ``pool`` form the *candidate pool*: ``policy.candidates`` restricts CRL
+   to it, and the headroom oracle draws from it.
+3. Steer *validation* episodes (a stratified subset) with each of the top ``candidates`` features (same
+   coefficient as CRL) and keep the best mean reward: choosing on other episodes than those ranked avoids
+   rewarding the ranking's own noise.
 """
 
 from __future__ import annotations
@@ -24,10 +27,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class StaticSelection:
     feature: int
-    train_reward: float
-    candidates: dict[int, float]  # feature -> train reward when steered
+    validation_reward: float
+    candidates: dict[int, float]  # feature -> validation reward when steered
     correlations: dict[int, float]
     unsteered_train_reward: float
+    pool: list[int]  # features ranked by correlation with reward (best first)
+    episodes: int  # episodes spent selecting (train ranking + validation trials)
 
 
 def pearson_per_feature(acts: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
@@ -39,7 +44,9 @@ def pearson_per_feature(acts: torch.Tensor, reward: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def select_static_feature(env, examples, candidates: int, batch_size: int) -> StaticSelection:
+def rank_features(env, examples, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Pearson correlation of each feature's mean activation with reward on unsteered ``examples``; returns
+    (scores with -2 for features that never fire or are undefined, mean activation per feature, mean reward)."""
     lm, sae, task, steerer = env.lm, env.sae.sae, env.task, env.steerer
     mean_acts, rewards = [], []
     steerer.record_states = True
@@ -59,18 +66,32 @@ def select_static_feature(env, examples, candidates: int, batch_size: int) -> St
     corr = pearson_per_feature(acts, reward)
     fired = acts.abs().sum(0) > 0
     score = torch.where(fired & ~corr.isnan(), corr, torch.full_like(corr, -2.0))
-    if bool((score > -2).any()):
-        top = score.topk(min(candidates, int((score > -2).sum()))).indices.tolist()
-    else:  # constant reward: fall back to the most active features
-        top = acts.mean(0).topk(candidates).indices.tolist()
+    return score, acts.mean(0), float(reward.mean())
+
+
+def candidate_pool(score: torch.Tensor, mean_act: torch.Tensor, n: int) -> list[int]:
+    """The ``n`` features most correlated with reward; when reward is constant (no correlation is defined), the
+    most active features instead."""
+    defined = int((score > -2).sum())
+    if defined:
+        return score.topk(min(n, defined)).indices.tolist()
+    return mean_act.topk(min(n, len(mean_act))).indices.tolist()
+
+
+@torch.no_grad()
+def select_static_feature(env, train_examples, validation_examples, candidates: int, batch_size: int,
+                          pool_size: int = 0) -> StaticSelection:
+    score, mean_act, unsteered = rank_features(env, train_examples, batch_size)
+    pool = candidate_pool(score, mean_act, max(candidates, pool_size))
     results = {}
-    for feature in top:
+    for feature in pool[:candidates]:
         recs = []
-        for start in range(0, len(examples), batch_size):
-            recs += rollout_batch(task, lm, examples[start:start + batch_size], steerer,
+        for start in range(0, len(validation_examples), batch_size):
+            recs += rollout_batch(env.task, env.lm, validation_examples[start:start + batch_size], env.steerer,
                                   StaticController(feature, env.coefficient))[0]
         results[feature] = sum(r["reward"] for r in recs) / len(recs)
     best = max(results, key=lambda f: (results[f], float(score[f])))
-    log.info("Best static feature %d (train reward %.3f; candidates %s)", best, results[best], results)
-    return StaticSelection(best, results[best], results, {f: float(corr[f]) for f in top},
-                           float(reward.mean()))
+    log.info("Best static feature %d (validation reward %.3f; candidates %s)", best, results[best], results)
+    episodes = len(train_examples) + len(results) * len(validation_examples)
+    return StaticSelection(best, results[best], results, {f: float(score[f]) for f in pool[:candidates]},
+                           unsteered, pool, episodes)

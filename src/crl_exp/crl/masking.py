@@ -103,14 +103,24 @@ class AdaptiveFeatureMask:
         self.masked_until = torch.zeros(d_sae, dtype=torch.long)
         self.iteration = 0
         self.threshold = cfg.threshold
+        self.candidates = torch.ones(d_sae, dtype=torch.bool)  # the action space AFM works within
+
+    def restrict(self, features: list[int]) -> None:
+        """Limit the action space to ``features`` for good (``policy.candidates``); AFM masks within them."""
+        if self.cfg.schedule != "none" and len(features) <= self.cfg.min_unmasked:
+            raise CRLConfigError(f"policy.candidates={len(features)} must exceed masking.min_unmasked="
+                                 f"{self.cfg.min_unmasked}, or AFM could mask every candidate")
+        self.candidates = torch.zeros(self.d_sae, dtype=torch.bool)
+        self.candidates[torch.tensor(features, dtype=torch.long)] = True
 
     def allowed(self) -> torch.Tensor:
         """Bool [d_sae]: features the policy may pick this iteration."""
-        return self.masked_until <= self.iteration
+        return (self.masked_until <= self.iteration) & self.candidates
 
     @property
     def mask_size(self) -> int:
-        return int((~self.allowed()).sum())
+        """Candidates masked now."""
+        return int((self.candidates & ~self.allowed()).sum())
 
     def update(self, features: torch.Tensor, entropy: float) -> None:
         """Feed the features selected this iteration (any shape) and the mean policy entropy."""
@@ -129,16 +139,18 @@ class AdaptiveFeatureMask:
         allowed = self.allowed()
         missing = self.cfg.min_unmasked - int(allowed.sum())
         if missing > 0:
-            masked = (~allowed).nonzero().flatten()
+            masked = (self.candidates & ~allowed).nonzero().flatten()
             release = masked[self.share[masked].argsort()[:missing]]
             self.masked_until[release] = self.iteration
 
     def state_dict(self) -> dict[str, Any]:
         return {"share": self.share.clone(), "masked_until": self.masked_until.clone(), "iteration": self.iteration,
-                "threshold": self.threshold}
+                "threshold": self.threshold, "candidates": self.candidates.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.share = state["share"].clone()
         self.masked_until = state["masked_until"].clone()
         self.iteration = int(state["iteration"])
         self.threshold = float(state["threshold"])
+        if "candidates" in state:  # checkpoints before policy.candidates existed: the full dictionary
+            self.candidates = state["candidates"].clone()

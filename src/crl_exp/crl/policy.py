@@ -25,6 +25,9 @@ class PolicyConfig:
     hidden: int = 256  # trunk width
     shared_trunk: bool = False  # true: value head on the actor's trunk
     top_k: int = 1  # features added per token; > 1 sums k directions (each c/k) at a cost in interpretability
+    # null: the whole SAE dictionary is the action space (the paper). N: only the N features most correlated with
+    # reward on a stratified train subset (CorrSteer's ranking, the static baseline's pool); AFM masks within them
+    candidates: int | None = None
 
 
 def _layer(linear: nn.Linear, gain: float) -> nn.Linear:

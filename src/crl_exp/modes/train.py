@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from crl_exp.analysis.branch_report import analyse_branches
 from crl_exp.analysis.critic import analyse_critic, plot_value_trajectories
 from crl_exp.analysis.feature_profile import TopActivations, usage_weighted_syntactic_share
+from crl_exp.analysis.headroom import per_prompt_oracle
 from crl_exp.analysis.intervention_log import log_rows as intervention_rows
 from crl_exp.analysis.intervention_log import to_frame
 from crl_exp.analysis.report import render_report
@@ -95,8 +96,28 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     seed = int(cfg.seed)
     iterations = int(budget.iterations)
     ppo_cfg = config_dataclass(PPOConfig, cfg.ppo)
-    module = CRLModule(lm.d_model, sae.d_sae, config_dataclass(PolicyConfig, cfg.policy), ppo_cfg, masking_config(cfg.masking), iterations,
+    policy_cfg = config_dataclass(PolicyConfig, cfg.policy)
+    # The static baseline is selected first (train ranking, validation trials): its ranked pool is also CRL's
+    # action space under policy.candidates=N, and the headroom oracle's candidates.
+    selection = select_static_feature(
+        env, task.representative("train", int(budget.static_feature.train_examples)),
+        task.representative("validation", int(budget.static_feature.train_examples)),
+        int(budget.static_feature.candidates), int(budget.eval_batch_size),
+        pool_size=max(policy_cfg.candidates or 0, int(budget.static_feature.get("oracle_candidates", 0))))
+    episodes_training = iterations * int(budget.episodes_per_iteration)
+    tracker.log_dict({"feature": selection.feature, "validation_reward": selection.validation_reward,
+                      "candidates": selection.candidates, "correlations": selection.correlations,
+                      "unsteered_train_reward": selection.unsteered_train_reward, "pool": selection.pool,
+                      "episodes_selecting": selection.episodes, "episodes_training_crl": episodes_training},
+                     "heldout/static_feature.json")
+    tracker.log_metrics({"static/feature": selection.feature, "static/validation_reward": selection.validation_reward,
+                         "static/episodes_selecting": selection.episodes, "crl/episodes_training": episodes_training})
+    module = CRLModule(lm.d_model, sae.d_sae, policy_cfg, ppo_cfg, masking_config(cfg.masking), iterations,
                        seed=seed).attach(env)
+    if policy_cfg.candidates:
+        module.mask.restrict(selection.pool[: policy_cfg.candidates])
+    tracker.set_tags({"action_space": f"candidates:{policy_cfg.candidates}" if policy_cfg.candidates
+                      else f"full:{sae.d_sae}"})
     data = PromptDataModule(task, int(budget.episodes_per_iteration), seed=seed, group_size=int(budget.group_size))
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path("outputs") / tracker.run_id
     logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=tracker.tracking_uri,
@@ -110,12 +131,6 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- baselines and CRL on held-out data
     n_boot, bs = int(cfg.eval.n_bootstrap), int(budget.eval_batch_size)
-    static_examples = task.representative("train", int(budget.static_feature.train_examples))
-    selection = select_static_feature(env, static_examples, int(budget.static_feature.candidates), bs)
-    tracker.log_dict({"feature": selection.feature, "train_reward": selection.train_reward,
-                      "candidates": selection.candidates, "correlations": selection.correlations,
-                      "unsteered_train_reward": selection.unsteered_train_reward}, "heldout/static_feature.json")
-    tracker.log_metrics({"static/feature": selection.feature, "static/train_reward": selection.train_reward})
     eval_mask = module.mask.allowed() if cfg.masking.get("eval_with_mask") else None
     controllers = {
         "none": (None, None),
@@ -164,6 +179,11 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                                  f"delta/crl_minus_{base}/{metric}_ci_low": v["ci95"][0],
                                  f"delta/crl_minus_{base}/{metric}_ci_high": v["ci95"][1]})
     variants = evaluate_policy_variants(cfg, env, module, task, test_pool, eval_mask, key, tracker)
+    oracle = None
+    n_oracle = int(budget.static_feature.get("oracle_candidates", 0))
+    if task.max_new_tokens == 1 and n_oracle:  # one-token tasks: every candidate costs one last-token forward
+        oracle = per_prompt_oracle(env, test_pool, selection.pool[:n_oracle])
+        tracker.log_metrics({f"heldout/oracle/{k}": float(v) for k, v in oracle.items()})
     final_mask = module.mask.allowed()
     masked_share = (sum(not bool(final_mask[int(r["feature"])]) for r in log_rows) / len(log_rows)
                     if log_rows and final_mask is not None else float("nan"))
@@ -177,10 +197,16 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         analyse_branches(env, module.policy, task, cfg.analysis, tracker, title="(end of training)")
     table = comparison_table(task.name, key, results, deltas, len(test_pool))
     table += "\n\n" + variants_table(key, variants, masked_share)
+    if oracle is not None:
+        static_acc = sum(float(r["correct"]) for r in records["static"]) / len(records["static"])
+        table += (f"\n\nHeadroom (reference, reads the answers): per-prompt oracle over the {oracle['candidates']} "
+                  f"top-correlated features: correct {oracle['oracle_accuracy']:.3f}, reward "
+                  f"{oracle['oracle_reward']:.3f}; best static feature: correct {static_acc:.3f}; no steering: "
+                  f"correct {oracle['unsteered_accuracy']:.3f}.")
     print(table)
     tracker.log_text(table, "heldout/comparison.md")
     summary = {"task": task.name, "primary_metric": key, "n_heldout": len(test_pool), "results": results,
-               "crl_variants": variants, "masked_action_share": masked_share,
+               "crl_variants": variants, "masked_action_share": masked_share, "oracle": oracle,
                "deltas": deltas, "static_feature": selection.feature, "train_history": module.history,
                "config": OmegaConf.to_container(cfg, resolve=True)}
     tracker.log_text(json.dumps(summary, indent=1, default=float), "heldout/summary.json")
