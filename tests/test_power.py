@@ -46,3 +46,19 @@ def test_heldout_comparison_uses_wilson_at_the_edges_and_reports_the_mde():
     assert power["n"] == 200 and power["discordance"] == pytest.approx(0.25)
     assert power["mde_correct"] == pytest.approx(mde_paired_binary(200, 0.25))
     assert 0 < power["mde_reward"] < 0.1
+
+
+def test_seed_aggregate_mean_spread_and_a_ci_with_seed_variance():
+    from crl_exp.analysis.sweep_table import seed_aggregate
+
+    z = 1.959963984540054
+    rows = [{"task": "bbq", "layer": "12", "masking": "adaptive", "seed": s, "delta_vs_static": d,
+             "delta_vs_static_ci_low": d - z * 0.02, "delta_vs_static_ci_high": d + z * 0.02}
+            for s, d in ((0, 0.01), (1, 0.03), (2, 0.05))]
+    (agg,) = seed_aggregate(rows)
+    assert agg["seeds"] == "0,1,2" and agg["crl_minus_static"] == pytest.approx(0.03)
+    assert agg["crl_minus_static_sd_seeds"] == pytest.approx(0.02)
+    se = math.sqrt(0.02 ** 2 + 0.02 ** 2 / 3)  # example sampling + between-seed variance / n_seeds
+    assert agg["crl_minus_static_ci_low"] == pytest.approx(0.03 - z * se)
+    assert agg["crl_minus_static_ci_high"] == pytest.approx(0.03 + z * se)
+    assert "crl_minus_none" not in agg  # no such deltas logged

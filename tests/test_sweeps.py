@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from crl_exp.saes import resid_post_hook_name
@@ -42,7 +43,7 @@ def sweep_runs(db, prefix="crl-"):
 @pytest.mark.slow
 def test_joblib_parallel_training_sweep_logs_children_under_one_parent(sweep_env):
     tmp_path, db, base = sweep_env
-    multirun(tmp_path, ["+experiment=bbq_layer12", *base, "sae.layer=0,1", "sae.allow_hook_mismatch=true",
+    multirun(tmp_path, ["+experiment=bbq_layer12", *base, "sae.layer=1", "seed=0,1",
                         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "budget.iterations=2",
                         "budget.episodes_per_iteration=4", "budget.group_size=2", "budget.eval_examples=4",
                         "budget.static_feature.train_examples=4", "budget.static_feature.candidates=1",
@@ -53,13 +54,23 @@ def test_joblib_parallel_training_sweep_logs_children_under_one_parent(sweep_env
     parent = parents[0]
     assert parent.info.status == "FINISHED" and parent.data.tags["jobs_finished"] == "2"
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"sweep_config.yaml", "sweep_overrides.txt"}
-    assert sorted(c.data.tags["layer"] for c in children) == ["0", "1"]
+    assert sorted(c.data.tags["seed"] for c in children) == ["0", "1"]
+    policies = []
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.tags["task"] == "bbq" and child.data.tags["masking"] == "none"
-        assert child.data.tags["seed"] == "0"
+        assert child.data.tags["layer"] == "1"
         assert "heldout/crl/accuracy" in child.data.metrics and "delta/crl_minus_none/accuracy" in child.data.metrics
+        ckpt = client.download_artifacts(child.info.run_id, "checkpoints/last.ckpt", str(tmp_path / child.info.run_id))
+        policies.append(torch.load(ckpt, weights_only=False)["state_dict"])
+    assert any(not torch.equal(policies[0][k], policies[1][k]) for k in policies[0])  # seeds: different policies
+    # the sweep table lists both seeds and aggregates them (CI including seed variance)
+    proc = subprocess.run([sys.executable, "-m", "crl_exp", "mode=compare_sweep", f"compare.experiment_name={exp.name}",
+                           f"logger.tracking_uri={db}", "logger.experiment_name=summaries"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Over seeds" in proc.stdout and "| 0,1 |" in proc.stdout
 
 
 def eval_sweep_args(base, features="0,999"):

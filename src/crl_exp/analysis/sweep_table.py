@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from mlflow.tracking import MlflowClient
 
 from crl_exp.errors import CRLConfigError
@@ -35,4 +37,41 @@ def job_row(run) -> dict:
     delta = f"delta/crl_minus_none/{primary}"
     if delta in m:
         row.update(delta_vs_none=m[delta], delta_ci_low=m.get(f"{delta}_ci_low"), delta_ci_high=m.get(f"{delta}_ci_high"))
+    for base in ("static", "random"):
+        key = f"delta/crl_minus_{base}/{primary}"
+        if key in m:
+            row.update({f"delta_vs_{base}": m[key], f"delta_vs_{base}_ci_low": m.get(f"{key}_ci_low"),
+                        f"delta_vs_{base}_ci_high": m.get(f"{key}_ci_high")})
     return row
+
+
+def seed_aggregate(rows: list[dict], z: float = 1.959963984540054) -> list[dict]:
+    """Per (task, layer, masking) over its seeds: each CRL-minus-baseline delta's mean over seeds and spread,
+    with a 95% CI that includes seed variance: se^2 = mean over seeds of the per-seed se^2 (example sampling,
+    read off each seed's paired-bootstrap CI; the seeds share their held-out examples, so it is not divided by
+    the number of seeds) + the between-seed variance / n_seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in ("task", "layer", "masking")), []).append(row)
+    out = []
+    for (task, layer, masking), members in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        agg = {"task": task, "layer": layer, "masking": masking, "seeds": ",".join(sorted(str(r.get("seed"))
+                                                                                          for r in members))}
+        for base in ("none", "static", "random"):
+            lo_key, hi_key = f"delta_vs_{base}_ci_low", f"delta_vs_{base}_ci_high"
+            lo_key, hi_key = ("delta_ci_low", "delta_ci_high") if base == "none" else (lo_key, hi_key)
+            found = [r for r in members if r.get(f"delta_vs_{base}") is not None]
+            if not found:
+                continue
+            deltas = [float(r[f"delta_vs_{base}"]) for r in found]
+            ses = [(float(r[hi_key]) - float(r[lo_key])) / (2 * z) for r in found
+                   if r.get(lo_key) is not None and r.get(hi_key) is not None]
+            n = len(deltas)
+            mean = sum(deltas) / n
+            between = sum((d - mean) ** 2 for d in deltas) / (n - 1) if n > 1 else 0.0
+            within = sum(se ** 2 for se in ses) / len(ses) if ses else 0.0
+            se = math.sqrt(within + between / n)
+            agg.update({f"crl_minus_{base}": mean, f"crl_minus_{base}_sd_seeds": math.sqrt(between),
+                        f"crl_minus_{base}_ci_low": mean - z * se, f"crl_minus_{base}_ci_high": mean + z * se})
+        out.append(agg)
+    return out

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from crl_exp.analysis.layers import markdown_table
-from crl_exp.analysis.sweep_table import job_row, latest_parent
+from crl_exp.analysis.sweep_table import job_row, latest_parent, seed_aggregate
 from crl_exp.errors import CRLConfigError
 from crl_exp.tracking import RunTracker
 
@@ -28,13 +28,18 @@ def run(cfg: DictConfig, tracker: RunTracker) -> pd.DataFrame:
     newest: dict[str, object] = {}
     for r in sorted(children, key=lambda r: r.info.start_time):
         newest[r.data.tags.get("config_hash", r.info.run_id)] = r
-    table = pd.DataFrame([job_row(r) for r in newest.values()]).sort_values(["task", "layer", "masking"])
+    rows = [job_row(r) for r in newest.values()]
+    table = pd.DataFrame(rows).sort_values(["task", "layer", "masking"])
     md = markdown_table(table.drop(columns=["run_id"]))
+    seeds = pd.DataFrame(seed_aggregate(rows))
+    if (seeds["seeds"].str.count(",") > 0).any():  # some configuration ran with several seeds
+        md += "\n\nOver seeds (mean; CI includes seed variance):\n\n" + markdown_table(seeds)
     print(md)
     parent = parents[0].info.run_id
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "sweep_table.md").write_text(md + "\n")
         table.to_csv(Path(tmp) / "sweep_table.csv", index=False)
+        seeds.to_csv(Path(tmp) / "seed_aggregate.csv", index=False)
         client.log_artifacts(parent, tmp, "comparison")
         tracker.log_artifact(Path(tmp), "comparison")
     tracker.set_tags({"analysis": "compare_sweep", "sweep_parent": parent})
