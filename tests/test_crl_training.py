@@ -265,3 +265,27 @@ def test_candidate_action_space_restricts_the_policy_and_afm_works_within_it(tin
     chosen = module.last_rollout["trajectory"]["feature"][module.last_rollout["valid"]]
     assert set(chosen.unique().tolist()) <= set(pool)
     assert sum(h["train/reward_mean"] for h in module.history[-3:]) / 3 >= 0.7
+
+
+@pytest.mark.slow
+def test_select_coefficient_mode_chooses_on_validation(tmp_path, tiny_model_dir, data_dir):
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    save_standard_sae(tmp_path / "sae", 64, resid_post_hook_name(1), d_sae=32)
+    db = tmp_path / "db"
+    cmd = [sys.executable, "-m", "crl_exp", "mode=select_coefficient", "task=bbq", "model=hf",
+           f"model.path={tiny_model_dir}", "sae=local", f"sae.path={tmp_path / 'sae'}", "sae.layer=1",
+           "select.grid=[0,5]", "steering.coefficient_scale=absolute", "budget.static_feature.train_examples=6",
+           "budget.static_feature.candidates=2", f"logger.tracking_uri=sqlite:///{db}",
+           f"hydra.run.dir={tmp_path / 'out'}", f"data_dir={data_dir}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Coefficient sweep on bbq validation (n=6" in proc.stdout and "| 5.0 |" in proc.stdout
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    chosen = run.data.metrics["select/chosen_coefficient"]
+    rewards = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "select/static_validation_reward")}
+    assert chosen in (0.0, 5.0) and rewards[[0.0, 5.0].index(chosen)] == max(rewards.values())

@@ -39,6 +39,7 @@ MODES: dict[str, str] = {
     "steer": "steer",
     "train_sae": "train_sae",
     "eval": "eval",
+    "select_coefficient": "select_coefficient",
 }
 
 

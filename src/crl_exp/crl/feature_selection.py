@@ -79,19 +79,27 @@ def candidate_pool(score: torch.Tensor, mean_act: torch.Tensor, n: int) -> list[
 
 
 @torch.no_grad()
-def select_static_feature(env, train_examples, validation_examples, candidates: int, batch_size: int,
-                          pool_size: int = 0) -> StaticSelection:
-    score, mean_act, unsteered = rank_features(env, train_examples, batch_size)
-    pool = candidate_pool(score, mean_act, max(candidates, pool_size))
+def try_features(env, features: list[int], examples, batch_size: int) -> dict[int, float]:
+    """Mean reward of ``examples`` steered by each feature in turn (``env.coefficient``)."""
     results = {}
-    for feature in pool[:candidates]:
+    for feature in features:
         recs = []
-        for start in range(0, len(validation_examples), batch_size):
-            recs += rollout_batch(env.task, env.lm, validation_examples[start:start + batch_size], env.steerer,
+        for start in range(0, len(examples), batch_size):
+            recs += rollout_batch(env.task, env.lm, examples[start:start + batch_size], env.steerer,
                                   StaticController(feature, env.coefficient))[0]
         results[feature] = sum(r["reward"] for r in recs) / len(recs)
+    return results
+
+
+@torch.no_grad()
+def select_static_feature(env, train_examples, validation_examples, candidates: int, batch_size: int,
+                          pool_size: int = 0, ranking=None) -> StaticSelection:
+    """``ranking``: a ``rank_features`` result to reuse (it does not depend on the coefficient)."""
+    score, mean_act, unsteered = ranking or rank_features(env, train_examples, batch_size)
+    pool = candidate_pool(score, mean_act, max(candidates, pool_size))
+    results = try_features(env, pool[:candidates], validation_examples, batch_size)
     best = max(results, key=lambda f: (results[f], float(score[f])))
     log.info("Best static feature %d (validation reward %.3f; candidates %s)", best, results[best], results)
-    episodes = len(train_examples) + len(results) * len(validation_examples)
+    episodes = len(train_examples) * (ranking is None) + len(results) * len(validation_examples)
     return StaticSelection(best, results[best], results, {f: float(score[f]) for f in pool[:candidates]},
                            unsteered, pool, episodes)
