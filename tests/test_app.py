@@ -246,3 +246,17 @@ def test_safety_experiments_on_the_instruct_model_compose_and_pass_preflight(tmp
             "smollm2_135m_instruct", "chat", 20, task)
         assert cfg.sae.layer == round(2 * cfg.model.n_layers / 3)
         preflight(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sae.layer=30", "sae.layer=30 is out of range: the model has 18 layers, valid 0..17"),
+    ("model.package=no-such-model-pkg", "pip install no-such-model-pkg"),
+])
+def test_configuration_errors_reach_the_user_as_one_line_not_a_traceback(tmp_path, override, message):
+    proc = subprocess.run([sys.executable, "-m", "crl_exp", override, f"hydra.run.dir={tmp_path / 'out'}",
+                           f"logger.tracking_uri=sqlite:///{tmp_path / 'db'}"], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("crl-exp: error: ") and message in lines[-1]
+    assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
