@@ -170,3 +170,27 @@ def test_sae_corpus_reads_every_task_train_split_and_no_heldout_text(data_dir):
         assert not heldout & corpus, name
     with pytest.raises(CRLConfigError, match="Unknown corpus source"):
         next(benchmark_corpus(data_dir, ["bbq_test"]))
+
+
+def test_sae_without_a_residual_norm_gets_one_measured_and_cached(tmp_path, tiny_model_dir, data_dir):
+    """sae=local (and pretrained) SAEs carry no resid_norm; coefficient_scale=resid_norm measures it on the fly."""
+    from hydra import compose, initialize_config_dir
+
+    from crl_exp.paths import CONFIG_DIR
+    from crl_exp.runtime import load_model, load_sae_for
+    from crl_exp.saes.corpus import RESID_NORM_SOURCES, benchmark_corpus
+
+    save_standard_sae(tmp_path / "sae", 64, resid_post_hook_name(1), d_sae=32)
+    overrides = ["model=hf", f"model.path={tiny_model_dir}", "sae=local", f"sae.path={tmp_path / 'sae'}",
+                 "sae.layer=1", "steering.coefficient_scale=resid_norm", f"cache_dir={tmp_path / 'cache'}"]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"data_dir={data_dir}"])
+        again = compose("config", overrides=[*overrides, f"data_dir={tmp_path / 'no-data'}"])
+    lm = load_model(cfg)
+    sae = load_sae_for(cfg, lm)
+    tokenized = tokenize_texts(lm.tokenizer, benchmark_corpus(data_dir, RESID_NORM_SOURCES), int(8192 * 1.2))
+    rows = pack_tokens(tokenized, 128, lm.tokenizer.bos_token_id)[: -(-8192 // 127)]
+    by_hand = collect_resid_post(lm.model, 1, rows, 8).norm(dim=-1).median().item()
+    assert sae.metrics["resid_norm"] == pytest.approx(by_hand) and sae.info["resid_norm_measured"]
+    # cached: a second load reads it without touching the benchmark files (a missing data_dir would fail)
+    assert load_sae_for(again, lm).metrics["resid_norm"] == pytest.approx(by_hand)

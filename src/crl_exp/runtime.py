@@ -5,9 +5,10 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from crl_exp.models import LoadedModel, load_language_model
-from crl_exp.paths import default_data_dir
+from crl_exp.paths import default_cache_dir, default_data_dir
 from crl_exp.saes import LoadedSAE, load_sae
 from crl_exp.saes.loading import prepare_trained_saes
+from crl_exp.saes.resid_norm import measured_resid_norm
 from crl_exp.tracking import RunTracker
 
 
@@ -54,6 +55,11 @@ def load_sae_for(cfg: DictConfig, lm: LoadedModel, tracker: RunTracker | None = 
     """The configured SAE, validated against ``lm``; a freshly trained SAE also gets a nested MLflow run."""
     sae = load_sae(cfg.sae, lm, data_dir=cfg.get("data_dir") or default_data_dir(), cache_dir=cfg.get("cache_dir"),
                    device=str(lm.device), on_trained=lambda loaded: log_sae_training(tracker, lm, loaded))
+    if "resid_norm" not in sae.metrics and cfg.get("steering", {}).get("coefficient_scale") == "resid_norm":
+        # pretrained / local SAEs carry no residual norm: measure it (cached per model and layer)
+        sae.metrics["resid_norm"] = measured_resid_norm(lm, sae.layer, cfg.get("data_dir") or default_data_dir(),
+                                                        cfg.get("cache_dir") or default_cache_dir())
+        sae.info["resid_norm_measured"] = True
     if tracker is not None:
         tracker.log_metrics({f"sae/{k}": v for k, v in sae.metrics.items()})
         tracker.set_tags({"sae": sae.source, "sae_hook": sae.hook_name, "d_sae": sae.d_sae})

@@ -56,6 +56,9 @@ def _task_train(name: str):
     return read
 
 
+# What the on-the-fly residual norm of an SAE without one is measured on (``saes/resid_norm.py``).
+RESID_NORM_SOURCES = ["gsm8k_train", "mmlu_dev", "bbq_train", "xstest_train", "harmbench_train"]
+
 SOURCES = {"gsm8k_train": _gsm8k_train, "mmlu_dev": _mmlu_dev, "bbq_train": _task_train("bbq"),
            "xstest_train": _task_train("xstest"), "harmbench_train": _task_train("harmbench")}
 
