@@ -7,7 +7,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check
 MLFLOW_DB ?= mlflow.db
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser test test-unit test-integration ui train train-sae steer clean
+.PHONY: install browser test test-unit test-integration test-gpu ui train train-sae steer clean
 
 # The venv is rebuilt only when pyproject.toml changes. torch is pinned and installed first so that
 # no dependency pulls a (multi-GB) CUDA build.
@@ -37,6 +37,10 @@ test-unit: install
 
 test-integration: install
 	$(PY) -m pytest -q -m integration
+
+# CUDA checks (bf16 hook, device placement, steered generate); skipped with a reason where no GPU exists.
+test-gpu: install
+	$(PY) -m pytest -q -m gpu -rs
 
 # Opens the MLflow UI on localhost over the same SQLite store every command logs to.
 ui: install

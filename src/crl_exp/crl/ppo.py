@@ -106,6 +106,11 @@ class Batch:
     def __len__(self) -> int:
         return len(self.states)
 
+    def to(self, device: torch.device | str) -> Batch:
+        """The same steps on ``device`` (the policy's: rollouts record them on the CPU)."""
+        return Batch(*(t.to(device) for t in (self.states, self.actions, self.logprobs, self.values,
+                                              self.advantages, self.returns)))
+
 
 def group_advantages(episode_rewards: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
     """[B]: each episode's reward minus the mean reward of its group (episodes of the same prompt)."""
@@ -145,6 +150,9 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PPOCo
     ``manual_backward`` run the backward pass.
     """
     check_finite(iteration, advantages=batch.advantages, returns=batch.returns)
+    device = next(policy.parameters()).device
+    batch = batch.to(device)
+    allowed = allowed.to(device) if allowed is not None else None
     states, actions, old_logprobs = batch.states, batch.actions, batch.logprobs
     returns, old_values = batch.returns, batch.values
     advantages = normalise_advantages(batch.advantages) if cfg.norm_adv else batch.advantages
@@ -155,7 +163,7 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PPOCo
     for _epoch in range(cfg.update_epochs):
         perm = torch.randperm(n, generator=generator)
         for start in range(0, n, mb_size):
-            idx = perm[start:start + mb_size]
+            idx = perm[start:start + mb_size].to(device)
             logits, new_values = policy(states[idx], allowed)
             check_finite(iteration, logits=logits.masked_fill(torch.isneginf(logits), 0.0), values=new_values)
             dist = torch.distributions.Categorical(logits=logits)

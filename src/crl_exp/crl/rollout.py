@@ -38,18 +38,20 @@ class PolicyController:
 
     @torch.no_grad()
     def __call__(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        allowed = self.allowed.to(state.device) if self.allowed is not None else None
-        dist, value = self.policy.distribution(state, allowed)
+        # the policy reads fp32 on its own device, whatever the model's dtype/device (bf16 on a GPU)
+        device = next(self.policy.parameters()).device
+        allowed = self.allowed.to(device) if self.allowed is not None else None
+        dist, value = self.policy.distribution(state.to(device, torch.float32), allowed)
         probs = dist.probs
         k = self.top_k
         if self.greedy:
             chosen = probs.topk(k, dim=-1).indices
         else:  # k distinct features; their log-probs are summed (independent-draw approximation for k > 1)
-            chosen = torch.multinomial(probs.cpu(), k, replacement=False, generator=self.generator).to(state.device)
+            chosen = torch.multinomial(probs.cpu(), k, replacement=False, generator=self.generator).to(device)
         act = torch.zeros(chosen.shape)
         if self.sae is not None:
-            acts = self.sae.encode(state.to(self.sae.W_dec.dtype))
-            act = acts.gather(1, chosen).float().cpu()
+            acts = self.sae.encode(state.to(self.sae.W_dec.device, self.sae.W_dec.dtype))
+            act = acts.gather(1, chosen.to(acts.device)).float().cpu()
         chosen_probs = probs.gather(1, chosen)
         logprob = chosen_probs.clamp_min(1e-30).log().sum(-1)
         squeeze = (lambda t: t.squeeze(1)) if k == 1 else (lambda t: t)
@@ -57,7 +59,7 @@ class PolicyController:
         self.steps.append(StepRecord(state.detach().float().cpu(), feature.cpu(), logprob.cpu(),
                                      chosen_probs.sum(-1).cpu(), value.cpu(), dist.entropy().cpu(),
                                      act.sum(-1) if k > 1 else squeeze(act)))
-        return feature, torch.full((len(feature),), self.coefficient, device=state.device)
+        return feature.to(state.device), torch.full((len(feature),), self.coefficient, device=state.device)
 
     def stacked(self) -> dict[str, torch.Tensor]:
         """Each field stacked to ``[B, T, ...]`` (T = number of forward steps)."""

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
@@ -33,12 +34,17 @@ def route_lightning_logs() -> None:
         rank_zero.addFilter(_DropAdvertising())
 
 
+def accelerator_for(device: torch.device | str) -> str:
+    """Lightning's accelerator for the steered model's device: the policy trains where the states live."""
+    return "gpu" if torch.device(device).type == "cuda" else "cpu"
+
+
 def build_trainer(iterations: int, checkpoint_dir: str | Path, logger: MLFlowLogger | None = None,
-                  checkpoint_every: int = 1, progress_bar: bool = True) -> L.Trainer:
+                  checkpoint_every: int = 1, progress_bar: bool = True, accelerator: str = "cpu") -> L.Trainer:
     route_lightning_logs()
     checkpoint = ModelCheckpoint(dirpath=str(checkpoint_dir), filename="iter-{epoch:04d}", save_last=True,
                                  save_top_k=-1, every_n_epochs=checkpoint_every, save_on_train_epoch_end=True)
-    return L.Trainer(max_epochs=iterations, accelerator="cpu", devices=1, logger=logger if logger else False,
+    return L.Trainer(max_epochs=iterations, accelerator=accelerator, devices=1, logger=logger if logger else False,
                      callbacks=[checkpoint], reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0,
                      enable_progress_bar=progress_bar, enable_model_summary=False, log_every_n_steps=1,
                      default_root_dir=str(checkpoint_dir))

@@ -31,7 +31,7 @@ from crl_exp.crl.module import CRLModule, PromptDataModule
 from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig
 from crl_exp.crl.rollout import PolicyController
-from crl_exp.crl.trainer import build_trainer, fit_policy
+from crl_exp.crl.trainer import accelerator_for, build_trainer, fit_policy
 from crl_exp.episodes import build_env, run_episodes, summarize
 from crl_exp.modes.evaluation_log import log_evaluation
 from crl_exp.steering.controllers import RandomController, StaticController
@@ -123,7 +123,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=tracker.tracking_uri,
                           run_id=tracker.run_id)
     trainer = build_trainer(iterations, out_dir / "checkpoints", logger=logger,
-                            checkpoint_every=int(cfg.trainer.checkpoint_every), progress_bar=bool(cfg.trainer.progress_bar))
+                            checkpoint_every=int(cfg.trainer.checkpoint_every), progress_bar=bool(cfg.trainer.progress_bar),
+                            accelerator=accelerator_for(lm.device))
     fit_policy(module, data, trainer, ckpt_path=cfg.trainer.get("ckpt_path"))
     last = out_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
