@@ -260,3 +260,15 @@ def test_configuration_errors_reach_the_user_as_one_line_not_a_traceback(tmp_pat
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("crl-exp: error: ") and message in lines[-1]
     assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
+
+
+def test_no_budget_caps_gsm8k_below_a_chain_of_thought():
+    from crl_exp.crl.config import apply_budget
+
+    for budget in ("cpu", "paper"):
+        cfg = compose_cfg(["+experiment=gsm8k_layer12", f"budget={budget}"])
+        apply_budget(cfg)
+        assert cfg.task.max_new_tokens >= 128, budget
+    xstest = compose_cfg(["+experiment=xstest_layer12"])
+    apply_budget(xstest)
+    assert xstest.task.max_new_tokens == 48  # tasks without a floor keep the budget's cap

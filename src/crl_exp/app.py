@@ -101,13 +101,14 @@ def check_budget(cfg: DictConfig) -> None:
 
 def check_rollout_memory(cfg: DictConfig) -> None:
     """Refuse a budget whose largest batched generate cannot fit, with the estimate that refused it."""
+    from crl_exp.crl.config import capped_new_tokens
+
     shape = peek_model_shape(cfg.model)
     if shape is None:
         return
     budget, task = cfg.budget, cfg.task
     episodes, eval_rows = int(budget.episodes_per_iteration), int(budget.eval_batch_size)
-    cap = budget.get("max_new_tokens_cap")
-    new_tokens = min(int(task.max_new_tokens), int(cap)) if cap is not None else int(task.max_new_tokens)
+    new_tokens = capped_new_tokens(budget, task)
     prompt_tokens = int(task.get("max_prompt_tokens") or 2048)
     # grouped training prefills one prompt at a time; ungrouped training and evaluation prefill a whole batch
     prefill_rows = max(eval_rows, 1 if int(budget.group_size) > 1 else episodes)

@@ -62,9 +62,18 @@ def heldout_size(budget: DictConfig, max_new_tokens: int) -> int | None:
     return budget.get("eval_examples")
 
 
+def capped_new_tokens(budget: DictConfig, task: DictConfig) -> int:
+    """The task's generation length under the budget's cap, never below the task's ``max_new_tokens_floor``
+    (GSM8K: a 4-shot chain of thought needs ~100 tokens)."""
+    tokens, cap = int(task.max_new_tokens), budget.get("max_new_tokens_cap")
+    if cap is None:
+        return tokens
+    return min(tokens, max(int(cap), int(task.get("max_new_tokens_floor") or 0)))
+
+
 def apply_budget(cfg: DictConfig) -> None:
     """Cap generation length to the budget (the task config keeps its own value for other budgets)."""
-    cap = cfg.budget.get("max_new_tokens_cap")
-    if cap is not None and cfg.task.max_new_tokens > cap:
+    tokens = capped_new_tokens(cfg.budget, cfg.task)
+    if tokens != cfg.task.max_new_tokens:
         with open_dict(cfg):
-            cfg.task.max_new_tokens = int(cap)
+            cfg.task.max_new_tokens = tokens
