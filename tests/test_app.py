@@ -272,3 +272,12 @@ def test_no_budget_caps_gsm8k_below_a_chain_of_thought():
     xstest = compose_cfg(["+experiment=xstest_layer12"])
     apply_budget(xstest)
     assert xstest.task.max_new_tokens == 48  # tasks without a floor keep the budget's cap
+
+
+def test_cpu_long_budget_holds_at_least_500_heldout_examples_for_mmlu_and_bbq():
+    from crl_exp.crl.config import heldout_size
+
+    for task in ("mmlu", "bbq"):
+        cfg = compose_cfg([f"+experiment={task}_layer12", "budget=cpu_long"])
+        assert heldout_size(cfg.budget, cfg.task.max_new_tokens) >= 500
+        assert cfg.budget.iterations * cfg.budget.episodes_per_iteration >= 2000
