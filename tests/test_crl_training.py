@@ -289,3 +289,22 @@ def test_select_coefficient_mode_chooses_on_validation(tmp_path, tiny_model_dir,
     chosen = run.data.metrics["select/chosen_coefficient"]
     rewards = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "select/static_validation_reward")}
     assert chosen in (0.0, 5.0) and rewards[[0.0, 5.0].index(chosen)] == max(rewards.values())
+
+
+def test_lightning_leaves_the_run_open_for_the_heldout_evaluation(tiny_lm, tmp_path):
+    """Lightning's MLflow logger ended the run as FINISHED after fit, before the held-out evaluation: a crash there
+    left a FINISHED run that a rerun of the sweep would skip."""
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+
+    from crl_exp.crl.trainer import RunOwnedMLFlowLogger
+
+    env = planted_env(tiny_lm)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    statuses = {}
+    for cls in (MLFlowLogger, RunOwnedMLFlowLogger):
+        logger = cls(experiment_name="owned", tracking_uri=uri)
+        fit_policy(make_module(env, 1), PromptDataModule(env.task, 12, seed=0),
+                   build_trainer(1, tmp_path / cls.__name__, logger=logger, progress_bar=False))
+        statuses[cls.__name__] = MlflowClient(uri).get_run(logger.run_id).info.status
+    assert statuses == {"MLFlowLogger": "FINISHED", "RunOwnedMLFlowLogger": "RUNNING"}

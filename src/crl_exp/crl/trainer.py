@@ -34,6 +34,15 @@ def route_lightning_logs() -> None:
         rank_zero.addFilter(_DropAdvertising())
 
 
+class RunOwnedMLFlowLogger(MLFlowLogger):
+    """Lightning's MLflow logger for a run that the ``RunTracker`` owns: Lightning would mark the run FINISHED at
+    the end of ``fit``, before the held-out evaluation, so a crash there left a FINISHED run that sweeps then skip.
+    The tracker ends the run when the whole job has ended."""
+
+    def finalize(self, status: str = "success") -> None:
+        return None
+
+
 def accelerator_for(device: torch.device | str) -> str:
     """Lightning's accelerator for the steered model's device: the policy trains where the states live."""
     return "gpu" if torch.device(device).type == "cuda" else "cpu"

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from crl_exp.analysis.branch_report import analyse_branches
@@ -31,7 +30,7 @@ from crl_exp.crl.module import CRLModule, PromptDataModule
 from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig
 from crl_exp.crl.rollout import PolicyController
-from crl_exp.crl.trainer import accelerator_for, build_trainer, fit_policy
+from crl_exp.crl.trainer import RunOwnedMLFlowLogger, accelerator_for, build_trainer, fit_policy
 from crl_exp.episodes import build_env, run_episodes, summarize
 from crl_exp.modes.evaluation_log import log_evaluation
 from crl_exp.steering.controllers import RandomController, StaticController
@@ -120,7 +119,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                       else f"full:{sae.d_sae}"})
     data = PromptDataModule(task, int(budget.episodes_per_iteration), seed=seed, group_size=int(budget.group_size))
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path("outputs") / tracker.run_id
-    logger = MLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=tracker.tracking_uri,
+    logger = RunOwnedMLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=tracker.tracking_uri,
                           run_id=tracker.run_id)
     trainer = build_trainer(iterations, out_dir / "checkpoints", logger=logger,
                             checkpoint_every=int(cfg.trainer.checkpoint_every), progress_bar=bool(cfg.trainer.progress_bar),
