@@ -153,7 +153,10 @@ def chromium() -> str:
 def test_html_report_renders_in_headless_chromium(tmp_path):
     log, _ = synthetic_log()
     log.loc[log["episode"] == 1, "token_text"] = ["Al", "pha", "!"]
-    html = render_report(log, {1: {"prompt": "Say alpha", "completion": "Alpha!", "correct": 0.0}}, "Test report",
+    few_shot = "Q: say beta\nA: Beta!\n\n" * 20
+    html = render_report(log, {1: {"prompt": few_shot + "Q: Say alpha\nA:", "question": "Say alpha", "answer": "Alpha",
+                                   "completion": "Alpha!", "correct": 0.0, "unsteered": "Beta?",
+                                   "unsteered_correct": 0.0}}, "Test report",
                          branch_points={1: [{"position": 1, "chosen_feature": 1, "chosen_correct": False,
                                              "flipping_alternatives": [-1, 7], "branch_score": 1.0}]})
     page = tmp_path / "report.html"
@@ -169,6 +172,9 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
     assert dom.count('class="tok branch"') == 1
     assert "flips with -1, 7" in dom
     assert 'title="feature 1 | p=0.500 | act=1.00 | V=0.700 | step 1"' in dom
+    # the reader sees the question (not the few-shot exemplars), the gold answer and the unsteered completion
+    assert "Say alpha" in dom and "say beta" not in dom and "Gold answer</b> Alpha" in dom
+    assert "unsteered (wrong)" in dom and "Beta?" in dom
 
 
 @pytest.mark.slow

@@ -49,7 +49,8 @@ def analyse_branches(env, policy, task, acfg: DictConfig, tracker, title: str = 
     pd.DataFrame([{k: v for k, v in r.items() if k != "tokens"} for r in all_rows]).to_csv(out / "branches.csv",
                                                                                           index=False)
     (out / "branch_points.json").write_text(json.dumps({str(k): v for k, v in points.items()}, indent=1))
-    episodes = {i: {"prompt": r["prompt"], "completion": r["completion"]} for i, r in enumerate(records)}
+    episodes = {i: {"prompt": r["prompt"], "question": r["question"], "answer": r["answer"],
+                    "completion": r["completion"]} for i, r in enumerate(records)}
     (out / "report.html").write_text(render_report(log, episodes, f"Branch points: {task.name} {title}",
                                                    branch_points=points))
     n_points = sum(len(v) for v in points.values())

@@ -44,7 +44,8 @@ def token_span(row: dict[str, Any], is_branch: bool, inline: bool) -> str:
 def render_report(log: pd.DataFrame, episodes: dict[int, dict[str, Any]], title: str,
                   branch_points: dict[int, list[dict[str, Any]]] | None = None, inline_ids: bool = True,
                   top_features: int = 15) -> str:
-    """HTML text; ``episodes[e]`` holds prompt/completion/correct; ``branch_points[e]`` lists branch dicts."""
+    """HTML text; ``episodes[e]`` holds the question (not the few-shot exemplars), the gold answer, the
+    unsteered completion of the same prompt (optional) and correct; ``branch_points[e]`` lists branch dicts."""
     branch_points = branch_points or {}
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
@@ -56,10 +57,20 @@ def render_report(log: pd.DataFrame, episodes: dict[int, dict[str, Any]], title:
         parts.append(f'<div class="ep {"ok" if ok else "bad"}" id="episode-{int(ep)}"><h3>Episode {int(ep)} '
                      f'({html.escape(str(rows["prompt_id"].iloc[0]))}) - {"correct" if ok else "wrong"}, '
                      f'reward {rows["reward"].iloc[0]:.3f}, V<sub>0</sub> {rows["value"].iloc[0]:.3f}</h3>')
-        if info.get("prompt"):
+        if info.get("question"):
+            parts.append(f'<div class="prompt"><b>Question</b> {html.escape(str(info["question"]))}</div>')
+        elif info.get("prompt"):  # no question field: the end of the prompt
             parts.append(f'<div class="prompt">{html.escape(info["prompt"][-600:])}</div>')
-        parts.append("<p>" + "".join(token_span(r, r["position"] in marks, inline_ids)
-                                    for r in rows.sort_values("position").to_dict("records")) + "</p>")
+        if info.get("answer") is not None:
+            parts.append(f'<p class="gold"><b>Gold answer</b> {html.escape(str(info["answer"]))}</p>')
+        steered = "".join(token_span(r, r["position"] in marks, inline_ids)
+                          for r in rows.sort_values("position").to_dict("records"))
+        if "unsteered" in info:
+            mark = "correct" if info.get("unsteered_correct") else "wrong"
+            parts.append(f'<table class="side"><tr><th>steered (CRL)</th><th>unsteered ({mark})</th></tr><tr>'
+                         f'<td>{steered}</td><td class="tok">{html.escape(str(info["unsteered"]))}</td></tr></table>')
+        else:
+            parts.append(f"<p>{steered}</p>")
         if marks:
             items = "".join(f"<li>step {p}: chosen feature {b['chosen_feature']} "
                             f"({'correct' if b['chosen_correct'] else 'wrong'}); flips with "

@@ -269,8 +269,10 @@ def write_interpretability_outputs(tracker: RunTracker, task_name: str, log_rows
     analysis_dir = out_dir / "interventions"
     analysis_dir.mkdir(parents=True, exist_ok=True)
     log_df.to_parquet(analysis_dir / "intervention_log.parquet", index=False)
-    episodes = {i: {"prompt": r["prompt"], "completion": r["completion"], "correct": r["correct"]}
-                for i, r in enumerate(records["crl"])}
+    episodes = {i: {"prompt": r["prompt"], "question": r["question"], "answer": r["answer"],
+                    "completion": r["completion"], "correct": r["correct"], "unsteered": base["completion"],
+                    "unsteered_correct": base["correct"]}
+                for i, (r, base) in enumerate(zip(records["crl"], records["none"], strict=True))}
     (analysis_dir / "report.html").write_text(render_report(log_df, episodes, f"CRL interventions: {task_name}"))
     if not log_df.empty:
         baseline = {r["id"]: r["correct"] for r in records["none"]}
