@@ -194,7 +194,10 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     # the static feature is one of the oracle's candidates, so the oracle can only do better
     assert metrics["heldout/oracle/oracle_accuracy"] >= metrics["heldout/static/accuracy"]
     assert "Headroom (reference" in proc.stdout
-    assert metrics["static/episodes_selecting"] == 4 + 2 * 4 and metrics["crl/episodes_training"] == 3 * 4
+    assert metrics["static/episodes_selecting"] == 4 + 2 * 4 + 4 and metrics["crl/episodes_training"] == 3 * 4
+    assert {"reference/static_reward", "reference/random_reward", "reference/none_reward"} <= set(metrics)
+    assert "training/training_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id, "training")}
+    assert "Training curve (train reward per iteration" in proc.stdout
     assert 0.0 <= metrics["heldout/crl/masked_action_share"] <= 1.0
     # one-token task: the feature profile reads the steered position (the last prompt token); it was NaN
     assert 0.0 <= metrics["features/syntactic_share"] <= 1.0

@@ -24,6 +24,7 @@ from crl_exp.analysis.headroom import per_prompt_oracle
 from crl_exp.analysis.intervention_log import log_rows as intervention_rows
 from crl_exp.analysis.intervention_log import to_frame
 from crl_exp.analysis.report import render_report
+from crl_exp.analysis.training_curve import plot_training_curve
 from crl_exp.crl.config import apply_budget, config_dataclass, heldout_size, masking_config
 from crl_exp.crl.feature_selection import select_static_feature
 from crl_exp.crl.module import CRLModule, PromptDataModule
@@ -98,12 +99,14 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     policy_cfg = config_dataclass(PolicyConfig, cfg.policy)
     # The static baseline is selected first (train ranking, validation trials): its ranked pool is also CRL's
     # action space under policy.candidates=N, and the headroom oracle's candidates.
+    n_select = int(budget.static_feature.train_examples)
+    validation = task.representative("validation", n_select)
     selection = select_static_feature(
-        env, task.representative("train", int(budget.static_feature.train_examples)),
-        task.representative("validation", int(budget.static_feature.train_examples)),
-        int(budget.static_feature.candidates), int(budget.eval_batch_size),
+        env, task.representative("train", n_select), validation, int(budget.static_feature.candidates),
+        int(budget.eval_batch_size),
         pool_size=max(policy_cfg.candidates or 0, int(budget.static_feature.get("oracle_candidates", 0))))
     episodes_training = iterations * int(budget.episodes_per_iteration)
+    selection.episodes += len(validation)  # the random reference below
     tracker.log_dict({"feature": selection.feature, "validation_reward": selection.validation_reward,
                       "candidates": selection.candidates, "correlations": selection.correlations,
                       "unsteered_train_reward": selection.unsteered_train_reward, "pool": selection.pool,
@@ -111,6 +114,11 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                      "heldout/static_feature.json")
     tracker.log_metrics({"static/feature": selection.feature, "static/validation_reward": selection.validation_reward,
                          "static/episodes_selecting": selection.episodes, "crl/episodes_training": episodes_training})
+    random_recs, _ = run_episodes(task, lm, validation, int(budget.eval_batch_size), env.steerer,
+                                  RandomController(sae.d_sae, env.coefficient, seed=seed), desc="random reference")
+    references = {"static": selection.validation_reward, "none": selection.unsteered_train_reward,
+                  "random": sum(r["reward"] for r in random_recs) / len(random_recs)}
+    tracker.log_metrics({f"reference/{k}_reward": v for k, v in references.items()})
     module = CRLModule(lm.d_model, sae.d_sae, policy_cfg, ppo_cfg, masking_config(cfg.masking), iterations,
                        seed=seed).attach(env)
     if policy_cfg.candidates:
@@ -125,6 +133,9 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                             checkpoint_every=int(cfg.trainer.checkpoint_every), progress_bar=bool(cfg.trainer.progress_bar),
                             accelerator=accelerator_for(lm.device))
     fit_policy(module, data, trainer, ckpt_path=cfg.trainer.get("ckpt_path"))
+    curve = plot_training_curve(module.history, references, f"CRL on {task.name}, layer {sae.layer} ({lm.name})",
+                                out_dir / "training_curve.png")
+    tracker.log_artifact(curve, "training")
     last = out_dir / "checkpoints" / "last.ckpt"
     if last.is_file():
         tracker.log_artifact(last, "checkpoints")
@@ -196,6 +207,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     if cfg.analysis.get("at_end_of_training") and module.top_k == 1:
         analyse_branches(env, module.policy, task, cfg.analysis, tracker, title="(end of training)")
     table = comparison_table(task.name, key, results, deltas, len(test_pool))
+    table += (f"\n\nTraining curve (train reward per iteration; static/random/none references on train and "
+              f"validation episodes): {curve}")
     table += "\n\n" + variants_table(key, variants, masked_share)
     if oracle is not None:
         static_acc = sum(float(r["correct"]) for r in records["static"]) / len(records["static"])
