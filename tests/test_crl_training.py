@@ -174,7 +174,7 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| crl |" in proc.stdout and "| static |" in proc.stdout
-    assert "| sampled (mean of 2 seeds) |" in proc.stdout and "| greedy, mask on |" in proc.stdout
+    assert "| sampled (mean of 2 samples per prompt) |" in proc.stdout and "| greedy, mask on |" in proc.stdout
     logs = proc.stdout + proc.stderr  # every log line once (Lightning printed twice), no advertising tips
     assert logs.count("GPU available") == 1 and "Tip:" not in logs
     client = MlflowClient(f"sqlite:///{db}")

@@ -125,7 +125,7 @@ def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=Non
 
 def run_episodes(task: Task, lm: LoadedModel, examples: list[Example], batch_size: int, steerer=None,
                  controller=None, desc: str = "Evaluating", on_batch=None,
-                 cache_prefixes: bool = True) -> tuple[list[dict[str, Any]], dict[str, float]]:
+                 cache_prefixes: bool = True, share_prefix: bool = False) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Generate and score ``examples`` in batches; returns per-example records and throughput figures.
 
     ``on_batch(records, generation)`` is called after every batch (e.g. to collect intervention logs)."""
@@ -133,7 +133,7 @@ def run_episodes(task: Task, lm: LoadedModel, examples: list[Example], batch_siz
     seconds, n_tokens = 0.0, 0
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch"):
         batch_records, gen = rollout_batch(task, lm, examples[start:start + batch_size], steerer, controller,
-                                           cache_prefixes=cache_prefixes)
+                                           share_prefix=share_prefix, cache_prefixes=cache_prefixes)
         if on_batch is not None:
             on_batch(batch_records, gen)
         records += batch_records

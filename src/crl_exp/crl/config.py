@@ -35,7 +35,7 @@ class BudgetConfig:
     # costs up to max_new_tokens decoding steps instead of one; null = eval_examples
     eval_examples_generating: int | None = 64
     eval_batch_size: int = 16
-    eval_sampled_seeds: int = 5  # the trained policy is also evaluated sampling its actions, once per seed
+    eval_sampled_seeds: int = 5  # CRL also evaluated sampling its actions: this many samples per held-out prompt
     max_memory_gb: float | None = None  # rollout memory allowed; null = the GPU's memory or the available RAM
     static_feature: StaticFeatureBudget = field(default_factory=StaticFeatureBudget)
 

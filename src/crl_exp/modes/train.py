@@ -229,8 +229,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
 def evaluate_policy_variants(cfg: DictConfig, env, module, task, test_pool: list, eval_mask, key: str,
                              tracker: RunTracker) -> dict[str, Any]:
     """The trained policy as evaluated other ways than the headline (greedy, mask as configured): sampled
-    (``budget.eval_sampled_seeds`` seeds: mean and spread over seeds) and greedy with the mask switched the
-    other way (on when the headline runs it off, the default)."""
+    (``budget.eval_sampled_seeds`` independent samples per prompt: mean and spread over the samples) and greedy
+    with the mask switched the other way (on when the headline runs it off, the default)."""
     bs, seeds = int(cfg.budget.eval_batch_size), int(cfg.budget.get("eval_sampled_seeds", 0))
     out: dict[str, Any] = {}
 
@@ -239,10 +239,14 @@ def evaluate_policy_variants(cfg: DictConfig, env, module, task, test_pool: list
                                 sae=env.sae.sae, top_k=module.top_k)
 
     per_seed = []
-    for s in range(seeds):
-        recs, _ = run_episodes(task, env.lm, test_pool, bs, env.steerer, controller(eval_mask, False, seed=1000 + s),
-                               desc=f"held-out crl sampled (seed {s})")
-        per_seed.append(task.metrics_from_records(recs))
+    if seeds:
+        # the samples of a prompt are rows of one batch sharing its prefill (one sampling stream; sample j of every
+        # prompt forms "seed" j)
+        repeated = [ex for ex in test_pool for _ in range(seeds)]
+        recs, _ = run_episodes(task, env.lm, repeated, seeds * max(1, bs // seeds), env.steerer,
+                               controller(eval_mask, False, seed=1000), desc=f"held-out crl sampled x{seeds}",
+                               share_prefix=True)
+        per_seed = [task.metrics_from_records(recs[j::seeds]) for j in range(seeds)]
     if per_seed:
         values = torch.tensor([m.get(key, float("nan")) for m in per_seed], dtype=torch.float64)
         rewards = torch.tensor([m.get("reward", float("nan")) for m in per_seed], dtype=torch.float64)
@@ -263,10 +267,10 @@ def evaluate_policy_variants(cfg: DictConfig, env, module, task, test_pool: list
 def variants_table(key: str, variants: dict[str, Any], masked_share: float) -> str:
     lines = [f"CRL evaluated other ways (same held-out examples); share of greedy held-out actions on features "
              f"masked at the end of training: {masked_share:.3f}", "",
-             f"| policy | {key} | spread over seeds | reward |", "|---|---|---|---|"]
+             f"| policy | {key} | spread over samples | reward |", "|---|---|---|---|"]
     if "crl_sampled" in variants:
         v = variants["crl_sampled"]
-        lines.append(f"| sampled (mean of {v['seeds']} seeds) | {v['mean']:.3f} | sd {v['sd']:.3f} | "
+        lines.append(f"| sampled (mean of {v['seeds']} samples per prompt) | {v['mean']:.3f} | sd {v['sd']:.3f} | "
                      f"{v['reward_mean']:.3f} |")
     for name in ("crl_mask_on", "crl_mask_off"):
         if name in variants:
