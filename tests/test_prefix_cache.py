@@ -82,3 +82,20 @@ def test_memory_estimate_kv_part_equals_a_real_cache(tiny_lm):
     estimate = rollout_memory(shape, rows=3, prompt_tokens=enc.input_ids.shape[1], new_tokens=0, prefill_rows=3)
     assert estimate.parts["kv_cache"] == actual
     assert estimate.total_bytes > actual + estimate.parts["logits"]
+
+
+def test_left_padded_cache_keeps_one_window_per_sliding_layer(tiny_lm):
+    """Memory: a sliding-window layer holds window - 1 columns (not the full width) yet counts the full length."""
+    from crl_exp.generation import cache_tensors, left_padded_cache
+
+    rows, lengths = [], []
+    for text in ("a" * 39, "b" * 29):  # + BOS: 40 and 30 tokens, beyond the 16-token window
+        ids = tiny_lm.tokenizer(text, return_tensors="pt").input_ids
+        rows.append(cache_tensors(tiny_lm.model(input_ids=ids, use_cache=True).past_key_values))
+        lengths.append(ids.shape[1])
+    cache = left_padded_cache(tiny_lm, rows, lengths)
+    widths = [layer.keys.shape[-2] for layer in cache.layers]
+    assert widths == [15, 15, 40]  # two sliding layers, one global layer (tiny_gemma3)
+    assert all(layer.get_seq_length() == 40 for layer in cache.layers)
+    assert torch.equal(cache.layers[2].keys[1, :, 10:], rows[1][2][0][0])  # right-aligned, left zeros
+    assert not cache.layers[2].keys[1, :, :10].any()

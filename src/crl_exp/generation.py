@@ -128,24 +128,32 @@ def left_padded_cache(lm: LoadedModel, rows: list[list[tuple[torch.Tensor, torch
                       lengths: list[int]) -> DynamicCache:
     """One left-padded batch cache from per-row batch-1 caches of ``lengths[i]`` tokens (``None``: no tokens).
 
-    Every layer is laid out ``max(lengths)`` columns wide with each row right-aligned (zeros where a row has no
-    token: its attention mask hides them), then handed to ``DynamicCache``, which keeps a sliding layer's last
-    window itself and counts the full length, exactly as a left-padded prefill of the same rows would. Rows are
-    never cropped: a sliding layer's stored window is all it needs.
+    Every row is right-aligned in ``max(lengths)`` columns (zeros where a row has no token: its attention mask
+    hides them). A global layer holds all columns; a sliding-window layer only the last ``window - 1`` (all a
+    left-padded prefill of the same rows would keep) while counting the full length, so memory stays at one copy.
+    A row's own sliding-window cache always covers those columns: rows are never cropped below what they hold.
     """
     width = max(lengths)
     template = next(r for r in rows if r is not None)
-    data = []
-    for layer, (k0, v0) in enumerate(template):
-        keys = k0.new_zeros((len(rows), k0.shape[1], width, k0.shape[3]))
-        values = v0.new_zeros((len(rows), v0.shape[1], width, v0.shape[3]))
+    cache = DynamicCache(config=lm.model.config)
+    if len(cache.layers) != len(template):
+        raise RuntimeError(f"Cache layout mismatch: {len(cache.layers)} cache layers, {len(template)} in the rows")
+    for index, (layer, (k0, v0)) in enumerate(zip(cache.layers, template, strict=True)):
+        window = getattr(layer, "sliding_window", None)
+        cols = width if window is None else min(width, int(window) - 1)
+        keys = k0.new_zeros((len(rows), k0.shape[1], cols, k0.shape[3]))
+        values = v0.new_zeros((len(rows), v0.shape[1], cols, v0.shape[3]))
         for i, row in enumerate(rows):
             if row is not None:
-                k, v = row[layer]
-                keys[i, :, width - k.shape[-2]:] = k[0]
-                values[i, :, width - v.shape[-2]:] = v[0]
-        data.append((keys, values))
-    return DynamicCache(ddp_cache_data=data, config=lm.model.config)
+                k, v = row[index]
+                n = min(k.shape[-2], cols)
+                keys[i, :, cols - n:] = k[0, :, k.shape[-2] - n:]
+                values[i, :, cols - n:] = v[0, :, v.shape[-2] - n:]
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        if window is not None:
+            layer.cumulative_length = width
+    return cache
 
 
 def tensors_bytes(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
