@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from mlflow.tracking import MlflowClient
@@ -281,3 +282,24 @@ def test_cpu_long_budget_holds_at_least_500_heldout_examples_for_mmlu_and_bbq():
         cfg = compose_cfg([f"+experiment={task}_layer12", "budget=cpu_long"])
         assert heldout_size(cfg.budget, cfg.task.max_new_tokens) >= 500
         assert cfg.budget.iterations * cfg.budget.episodes_per_iteration >= 2000
+
+
+def test_damaged_checkpoint_and_unreachable_tracking_server_fail_before_work(tmp_path):
+    import socket
+
+    good = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"policy.w": torch.ones(3)}, "afm": {}, "epoch": 1}, good)
+    blob = good.read_bytes()
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(blob[: len(blob) // 2])
+    db = [f"logger.tracking_uri=sqlite:///{tmp_path / 'db'}"]
+    preflight(compose_cfg(["+experiment=bbq_layer12", f"trainer.ckpt_path={good}", *db]))
+    with pytest.raises(CRLConfigError, match=r"truncated.ckpt is unreadable .*truncated or corrupted"):
+        preflight(compose_cfg(["+experiment=bbq_layer12", f"trainer.ckpt_path={truncated}", *db]))
+    with pytest.raises(CRLConfigError, match=r"no such file"):
+        preflight(compose_cfg(["+experiment=bbq_layer12", f"trainer.ckpt_path={tmp_path / 'none.ckpt'}", *db]))
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(CRLConfigError, match=rf"MLflow tracking server http://127.0.0.1:{port} cannot be reached"):
+        preflight(compose_cfg(["mode=steer", f"logger.tracking_uri=http://127.0.0.1:{port}"]))

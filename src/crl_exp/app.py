@@ -51,6 +51,9 @@ def preflight(cfg: DictConfig) -> None:
     """All checks that need no weights."""
     if cfg.mode not in MODES:
         raise CRLConfigError(f"Unknown mode {cfg.mode!r}; valid modes: {', '.join(MODES)}")
+    check_tracking_uri(cfg.logger.get("tracking_uri"))
+    if cfg.get("trainer", {}).get("ckpt_path"):
+        check_checkpoint(str(cfg.trainer.ckpt_path))
     if cfg.mode in ("analyze", "compare_layers", "compare_sweep"):
         return  # these read the model/SAE settings of the runs they analyse
     check_budget(cfg)
@@ -61,6 +64,43 @@ def preflight(cfg: DictConfig) -> None:
     ensure_writable_dir(cfg.cache_dir or default_cache_dir(), "cache")
     if cfg.model.source == "gguf_package":
         package_folder(cfg.model.package)
+
+
+def check_tracking_uri(uri: str | None, timeout: float = 5.0) -> None:
+    """An MLflow server URI must answer before any work starts (a SQLite file needs a writable folder)."""
+    if not uri:
+        return
+    uri = str(uri)
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                pass
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise CRLConfigError(f"MLflow tracking server {uri} cannot be reached ({exc}): start it (make "
+                                 f"mlflow-server) or set logger.tracking_uri to a reachable server or a "
+                                 f"sqlite:/// file") from exc
+    elif uri.startswith("sqlite:///"):
+        ensure_writable_dir(Path(uri.removeprefix("sqlite:///")).parent, "MLflow store")
+
+
+def check_checkpoint(path: str) -> None:
+    """A resume checkpoint must exist and load (a truncated or corrupted file fails here, not mid-run)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CRLConfigError(f"trainer.ckpt_path={path}: no such file (resume from <run outputs>/checkpoints/"
+                             f"last.ckpt)")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a damaged zip/pickle; all mean the same to the user
+        raise CRLConfigError(f"trainer.ckpt_path={path} is unreadable ({type(exc).__name__}: {exc}): the file is "
+                             f"truncated or corrupted; resume from an earlier iteration's checkpoint in the same "
+                             f"folder or start afresh") from exc
+    if not isinstance(state, dict) or "state_dict" not in state or "afm" not in state:
+        raise CRLConfigError(f"trainer.ckpt_path={path} is not a crl-exp training checkpoint (no policy/mask "
+                             f"state)")
 
 
 def check_budget(cfg: DictConfig) -> None:
