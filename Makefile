@@ -7,7 +7,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check
 MLFLOW_DB ?= mlflow.db
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser test test-unit test-integration test-gpu ui train train-sae steer clean
+.PHONY: install browser test test-unit test-integration test-gpu mlflow-server ui train train-sae steer clean
 
 # The venv is rebuilt only when pyproject.toml changes. torch is pinned and installed first so that
 # no dependency pulls a (multi-GB) CUDA build.
@@ -41,6 +41,15 @@ test-integration: install
 # CUDA checks (bf16 hook, device placement, steered generate); skipped with a reason where no GPU exists.
 test-gpu: install
 	$(PY) -m pytest -q -m gpu -rs
+
+# One tracking store for several machines or parallel jobs: an MLflow server (SQLite backend, artifacts on disk,
+# served over HTTP). Point runs at it with logger.tracking_uri=http://127.0.0.1:$(MLFLOW_PORT) (or the host's
+# address when other machines log to it).
+MLFLOW_PORT ?= 5001
+MLFLOW_SERVER_DB ?= mlflow-server.db
+mlflow-server: install
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(abspath $(MLFLOW_SERVER_DB)) \
+	  --artifacts-destination $(abspath mlartifacts-server) --serve-artifacts --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 # Opens the MLflow UI on localhost over the same SQLite store every command logs to.
 ui: install

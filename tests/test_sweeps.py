@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,48 @@ def test_skip_cache_key_changes_with_the_code_version():
     assert config_hash(cfg, "abc123") != config_hash(cfg, "def456")
     assert config_hash(cfg, "abc123") != config_hash(cfg, "abc123-dirty-0badc0de")
     assert config_hash(cfg) == config_hash(cfg, git_commit())
+
+
+@pytest.mark.slow
+def test_sweep_logs_through_a_real_mlflow_server_without_loss_or_duplicates(sweep_env):
+    """`make mlflow-server`'s command (SQLite backend, artifacts served over HTTP): a 4-job sweep, 2 in parallel,
+    logs every child run and every iteration's metric exactly once through the HTTP URI."""
+    import socket
+    import time
+    import urllib.request
+
+    tmp_path, _, base = sweep_env
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                               f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+                               str(tmp_path / "server-artifacts"), "--serve-artifacts", "--host", "127.0.0.1",
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(uri + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        args = [a for a in base if not a.startswith("logger.tracking_uri=")]
+        multirun(tmp_path, ["+experiment=bbq_layer12", *args, f"logger.tracking_uri={uri}", "sae.layer=1",
+                            "seed=0,1,2,3", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "budget.iterations=2",
+                            "budget.episodes_per_iteration=4", "budget.group_size=2", "budget.eval_examples=4",
+                            "budget.static_feature.train_examples=4", "budget.static_feature.candidates=1",
+                            "budget.static_feature.oracle_candidates=2", "budget.eval_sampled_seeds=1",
+                            "masking=none", "steering.coefficient_scale=absolute", "steering.coefficient=5",
+                            "eval.n_bootstrap=20", "trainer.progress_bar=false"])
+        client, exp, parents, children = sweep_runs(uri, "crl-bbq")
+        assert len(parents) == 1 and sorted(c.data.tags["seed"] for c in children) == ["0", "1", "2", "3"]
+        for child in children:
+            assert child.info.status == "FINISHED"
+            history = client.get_metric_history(child.info.run_id, "train/reward_mean")
+            assert sorted(m.step for m in history) == [0, 1]  # each iteration exactly once
+            assert "heldout/crl/accuracy" in child.data.metrics
+        assert parents[0].data.tags["jobs_finished"] == "4"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 
@@ -22,9 +23,19 @@ def resolve_artifact_location(location: str | None) -> str:
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
-    """Create the experiment (and the SQLite schema) if needed; return its id."""
+    """Create the experiment (and the SQLite schema) if needed; return its id. Against an ``mlflow server`` the
+    server chooses where artifacts go (it serves them to every machine), unless ``artifact_location`` is set."""
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=resolve_artifact_location(artifact_location))
+    remote = str(tracking_uri).startswith(("http://", "https://"))
+    location = artifact_location if remote else resolve_artifact_location(artifact_location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        # a parallel job created it between our lookup and our create
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
