@@ -6,6 +6,7 @@ local SAEs, writable cache), then model, then SAE, then work. Bad input therefor
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -197,12 +198,18 @@ def read_hf_config(model_cfg: DictConfig):
     """The transformers config of a ``model=hf`` model (config.json only), or ``None`` for other sources."""
     if model_cfg.source != "hf" or not model_cfg.get("path"):
         return None
+    return _hf_config(str(model_cfg.path))
+
+
+@functools.lru_cache(maxsize=8)
+def _hf_config(path: str):
+    """Read once per path: the layer check and the memory check both need it (a hub id costs a request)."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(str(model_cfg.path))
+        return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        raise CRLConfigError(f"Cannot read the config of model {model_cfg.path!r}: {exc}") from exc
+        raise CRLConfigError(f"Cannot read the config of model {path!r}: {exc}") from exc
 
 
 def peek_n_layers(model_cfg: DictConfig) -> int | None:

@@ -218,6 +218,7 @@ def prompt_prefix_cache(lm: LoadedModel, prompts: list[str], input_ids: torch.Te
     """
     store = prefix_store(lm)
     per_prompt: dict[str, tuple[list | None, int]] = {}
+    prefix_ids: dict[str, list[int]] = {}  # a few-shot prefix is shared by many prompts: tokenise it once
     for i, prompt in enumerate(prompts):
         if prompt in per_prompt:
             continue
@@ -225,8 +226,9 @@ def prompt_prefix_cache(lm: LoadedModel, prompts: list[str], input_ids: torch.Te
         n = len(ids) - 1  # cached tokens: everything but the steered last one
         start, base = 0, None
         if prefixes is not None and prefixes[i]:
-            pre = lm.tokenizer(prefixes[i], add_special_tokens=add_special_tokens).input_ids
-            key = prefix_key(pre, ids)
+            if prefixes[i] not in prefix_ids:
+                prefix_ids[prefixes[i]] = lm.tokenizer(prefixes[i], add_special_tokens=add_special_tokens).input_ids
+            key = prefix_key(prefix_ids[prefixes[i]], ids)
             if key:
                 start, base = len(key), store.get(lm, key)
         layers = base
@@ -246,6 +248,21 @@ def kept_length(tokenizer, tokens: list[int], text: str) -> int:
     while k < len(tokens) and text.startswith(tokenizer.decode(tokens[: k + 1], skip_special_tokens=True)):
         k += 1
     return k
+
+
+def reference_inputs(lm: LoadedModel, new: torch.Tensor, texts: list[str], references: list[str],
+                     marker: str | None) -> tuple[list[int], list[list[int]]]:
+    """Per row: how many generated tokens the reasoning keeps (up to EOS, the stop string and ``marker``), and
+    the reference's token ids, on a line of its own."""
+    kept_texts = [cut_at_stop_strings(t, [marker]) if marker else t for t in texts]
+    ends = end_token_ids(lm.tokenizer, lm.model)
+    kept = []
+    for row, text in zip(new.tolist(), kept_texts, strict=True):
+        content = row[: next((j for j, t in enumerate(row) if t in ends), len(row))]  # up to EOS/pad
+        kept.append(kept_length(lm.tokenizer, content, text))
+    ref_ids = [lm.tokenizer(("" if text.endswith("\n") else "\n") + ref, add_special_tokens=False).input_ids
+               for text, ref in zip(kept_texts, references, strict=True)]
+    return kept, ref_ids
 
 
 @torch.inference_mode()
@@ -339,14 +356,7 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: 
         texts = [cut_at_stop_strings(t, stop_strings) for t in texts]
     likelihood = None
     if references is not None:
-        kept_texts = [cut_at_stop_strings(t, [reference_marker]) if reference_marker else t for t in texts]
-        ends = end_token_ids(lm.tokenizer, lm.model)
-        kept = []
-        for row, text in zip(new.tolist(), kept_texts, strict=True):
-            content = row[: next((j for j, t in enumerate(row) if t in ends), len(row))]  # up to EOS/pad
-            kept.append(kept_length(lm.tokenizer, content, text))
-        ref_ids = [lm.tokenizer(("" if text.endswith("\n") else "\n") + ref, add_special_tokens=False).input_ids
-                   for text, ref in zip(kept_texts, references, strict=True)]
+        kept, ref_ids = reference_inputs(lm, new, texts, references, reference_marker)
         likelihood = reference_likelihood(lm, out.past_key_values, enc.input_ids, enc.attention_mask,
                                           new.to(lm.device), kept, ref_ids)
     return Generation(prompts, texts, new, seconds, valid, first, lse, enc.input_ids[:, -1].cpu(), likelihood)

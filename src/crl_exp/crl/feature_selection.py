@@ -79,16 +79,17 @@ def candidate_pool(score: torch.Tensor, mean_act: torch.Tensor, n: int) -> list[
 
 
 @torch.no_grad()
+def mean_reward(env, examples, controller, batch_size: int) -> float:
+    """Mean reward of ``examples`` steered by ``controller`` (a baseline's reference on train/validation)."""
+    recs = []
+    for start in range(0, len(examples), batch_size):
+        recs += rollout_batch(env.task, env.lm, examples[start:start + batch_size], env.steerer, controller)[0]
+    return sum(r["reward"] for r in recs) / len(recs)
+
+
 def try_features(env, features: list[int], examples, batch_size: int) -> dict[int, float]:
     """Mean reward of ``examples`` steered by each feature in turn (``env.coefficient``)."""
-    results = {}
-    for feature in features:
-        recs = []
-        for start in range(0, len(examples), batch_size):
-            recs += rollout_batch(env.task, env.lm, examples[start:start + batch_size], env.steerer,
-                                  StaticController(feature, env.coefficient))[0]
-        results[feature] = sum(r["reward"] for r in recs) / len(recs)
-    return results
+    return {f: mean_reward(env, examples, StaticController(f, env.coefficient), batch_size) for f in features}
 
 
 @torch.no_grad()
@@ -100,6 +101,7 @@ def select_static_feature(env, train_examples, validation_examples, candidates: 
     results = try_features(env, pool[:candidates], validation_examples, batch_size)
     best = max(results, key=lambda f: (results[f], float(score[f])))
     log.info("Best static feature %d (validation reward %.3f; candidates %s)", best, results[best], results)
-    episodes = len(train_examples) * (ranking is None) + len(results) * len(validation_examples)
+    ranked = 0 if ranking is not None else len(train_examples)  # a reused ranking cost nothing here
+    episodes = ranked + len(results) * len(validation_examples)
     return StaticSelection(best, results[best], results, {f: float(score[f]) for f in pool[:candidates]},
                            unsteered, pool, episodes)

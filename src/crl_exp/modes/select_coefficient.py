@@ -15,8 +15,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from crl_exp.crl.config import apply_budget
-from crl_exp.crl.feature_selection import rank_features, select_static_feature
-from crl_exp.episodes import build_env, run_episodes
+from crl_exp.crl.feature_selection import mean_reward, rank_features, select_static_feature
+from crl_exp.episodes import build_env
 from crl_exp.errors import CRLConfigError
 from crl_exp.steering.controllers import RandomController
 from crl_exp.tasks import build_task
@@ -39,9 +39,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         at_c = dataclasses.replace(env, coefficient=c)
         selection = select_static_feature(at_c, train, validation, int(budget.static_feature.candidates), bs,
                                           ranking=ranking)
-        recs, _ = run_episodes(task, env.lm, validation, bs, env.steerer,
-                               RandomController(env.sae.d_sae, c, seed=int(cfg.seed)), desc=f"random @ {c}")
-        random_reward = sum(r["reward"] for r in recs) / len(recs)
+        random_reward = mean_reward(at_c, validation, RandomController(env.sae.d_sae, c, seed=int(cfg.seed)), bs)
         rows.append({"coefficient": c, "static_feature": selection.feature,
                      "static_validation_reward": selection.validation_reward, "random_validation_reward": random_reward})
         tracker.log_metrics({"select/static_validation_reward": selection.validation_reward,

@@ -26,7 +26,7 @@ from crl_exp.analysis.intervention_log import to_frame
 from crl_exp.analysis.report import render_report
 from crl_exp.analysis.training_curve import plot_training_curve
 from crl_exp.crl.config import apply_budget, config_dataclass, heldout_size, masking_config
-from crl_exp.crl.feature_selection import select_static_feature
+from crl_exp.crl.feature_selection import mean_reward, select_static_feature
 from crl_exp.crl.module import CRLModule, PromptDataModule
 from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig
@@ -106,18 +106,18 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         int(budget.eval_batch_size),
         pool_size=max(policy_cfg.candidates or 0, int(budget.static_feature.get("oracle_candidates", 0))))
     episodes_training = iterations * int(budget.episodes_per_iteration)
-    selection.episodes += len(validation)  # the random reference below
+    episodes_baselines = selection.episodes + len(validation)  # + the random reference below
     tracker.log_dict({"feature": selection.feature, "validation_reward": selection.validation_reward,
                       "candidates": selection.candidates, "correlations": selection.correlations,
                       "unsteered_train_reward": selection.unsteered_train_reward, "pool": selection.pool,
-                      "episodes_selecting": selection.episodes, "episodes_training_crl": episodes_training},
+                      "episodes_selecting": episodes_baselines, "episodes_training_crl": episodes_training},
                      "heldout/static_feature.json")
     tracker.log_metrics({"static/feature": selection.feature, "static/validation_reward": selection.validation_reward,
-                         "static/episodes_selecting": selection.episodes, "crl/episodes_training": episodes_training})
-    random_recs, _ = run_episodes(task, lm, validation, int(budget.eval_batch_size), env.steerer,
-                                  RandomController(sae.d_sae, env.coefficient, seed=seed), desc="random reference")
+                         "static/episodes_selecting": episodes_baselines, "crl/episodes_training": episodes_training})
+    random_reward = mean_reward(env, validation, RandomController(sae.d_sae, env.coefficient, seed=seed),
+                                int(budget.eval_batch_size))
     references = {"static": selection.validation_reward, "none": selection.unsteered_train_reward,
-                  "random": sum(r["reward"] for r in random_recs) / len(random_recs)}
+                  "random": random_reward}
     tracker.log_metrics({f"reference/{k}_reward": v for k, v in references.items()})
     module = CRLModule(lm.d_model, sae.d_sae, policy_cfg, ppo_cfg, masking_config(cfg.masking), iterations,
                        seed=seed).attach(env)
@@ -197,7 +197,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         tracker.log_metrics({f"heldout/oracle/{k}": float(v) for k, v in oracle.items()})
     final_mask = module.mask.allowed()
     masked_share = (sum(not bool(final_mask[int(r["feature"])]) for r in log_rows) / len(log_rows)
-                    if log_rows and final_mask is not None else float("nan"))
+                    if log_rows else float("nan"))
     tracker.log_metrics({"heldout/crl/masked_action_share": masked_share})
     write_interpretability_outputs(tracker, task.name, log_rows, records, out_dir)
     usage = Counter(r["feature"] for r in log_rows)
@@ -238,7 +238,6 @@ def evaluate_policy_variants(cfg: DictConfig, env, module, task, test_pool: list
         return PolicyController(module.policy, env.coefficient, allowed=allowed, greedy=greedy, seed=seed,
                                 sae=env.sae.sae, top_k=module.top_k)
 
-    per_seed = []
     if seeds:
         # the samples of a prompt are rows of one batch sharing its prefill (one sampling stream; sample j of every
         # prompt forms "seed" j)
@@ -247,7 +246,6 @@ def evaluate_policy_variants(cfg: DictConfig, env, module, task, test_pool: list
                                controller(eval_mask, False, seed=1000), desc=f"held-out crl sampled x{seeds}",
                                share_prefix=True)
         per_seed = [task.metrics_from_records(recs[j::seeds]) for j in range(seeds)]
-    if per_seed:
         values = torch.tensor([m.get(key, float("nan")) for m in per_seed], dtype=torch.float64)
         rewards = torch.tensor([m.get("reward", float("nan")) for m in per_seed], dtype=torch.float64)
         out["crl_sampled"] = {"seeds": seeds, key: values.tolist(), "mean": values.mean().item(),

@@ -138,10 +138,15 @@ def training_key(model_name: str, layer: int, training: dict[str, Any], corpus: 
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def trained_sae_dir(cache_dir: Path, model_name: str, layer: int, key: str) -> Path:
-    """Inside ``cache_dir`` whatever the model is called (``model=hf`` names a model by its path)."""
+def layer_cache_dir(cache_dir: Path, model_name: str, layer: int) -> Path:
+    """Per (model, layer) cache folder, inside ``cache_dir`` whatever the model is called (``model=hf`` names a
+    model by its path)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "--", model_name).strip("-.") or "model"
-    return cache_dir / "saes" / safe / f"layer_{layer}" / key
+    return cache_dir / "saes" / safe / f"layer_{layer}"
+
+
+def trained_sae_dir(cache_dir: Path, model_name: str, layer: int, key: str) -> Path:
+    return layer_cache_dir(cache_dir, model_name, layer) / key
 
 
 def load_or_train_sae(cfg: Any, lm, data_dir=None, cache_dir=None, device: str = "cpu", on_trained=None) -> LoadedSAE:

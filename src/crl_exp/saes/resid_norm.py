@@ -22,9 +22,9 @@ RESID_NORM_CONTEXT = 128
 
 
 def resid_norm_file(cache_dir: Path, model_name: str, layer: int, n_tokens: int) -> Path:
-    from crl_exp.saes.loading import trained_sae_dir
+    from crl_exp.saes.loading import layer_cache_dir
 
-    return trained_sae_dir(cache_dir, model_name, layer, "resid_norm").parent / f"resid_norm_{n_tokens}.json"
+    return layer_cache_dir(cache_dir, model_name, layer) / f"resid_norm_{n_tokens}.json"
 
 
 def measured_resid_norm(lm, layer: int, data_dir, cache_dir, n_tokens: int = RESID_NORM_TOKENS,
