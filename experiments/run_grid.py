@@ -1,0 +1,298 @@
+"""The recorded-answer grid (issue 13): every run is one `python -m crl_exp ...` process, recorded in
+experiments/results/<key>.json as soon as it finishes; a key already recorded is skipped, so the grid can be
+completed piece by piece and an interrupted run costs only itself.
+
+Usage:
+    .venv/bin/python experiments/run_grid.py run [group|key-pattern ...]   # run what is missing (everything by default)
+    .venv/bin/python experiments/run_grid.py report                # rewrite experiments/crl_results.md
+    .venv/bin/python experiments/run_grid.py list                  # keys, recorded or not
+
+Each record holds the command, commit, seed, wall time, peak RSS, MLflow run id, the held-out comparison
+(test split; nothing is selected on it), the per-example correctness/reward of every condition (for pooled,
+paired statistics over seeds) and the training history. Coefficients are the validation-chosen ones
+(experiments/coefficient_selection.md) where a task has one, else the config default, and every record says which.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from fnmatch import fnmatch
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from crl_exp.analysis.sweep_table import seed_aggregate
+from crl_exp.tracking.mlflow_run import resolve_tracking_uri
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+FIGURES = HERE / "figures"
+SEEDS = (0, 1, 2)
+Z80 = 0.8416212335729143  # 80% power
+Z95 = 1.959963984540054
+# Chosen on validation by `mode=select_coefficient` (experiments/coefficient_selection.md); other tasks keep the
+# config default (steering.coefficient in conf/steering/fixed.yaml) until a sweep is recorded for them.
+COEFFICIENT = {"bbq": 0.1, "mmlu": 0.5}
+
+
+def _run(task: str, seed: int, *extra: str, model: str | None = None, experiment: str | None = None) -> list[str]:
+    args = [f"+experiment={experiment or f'{task}_layer12'}", f"seed={seed}", "trainer.progress_bar=false"]
+    if task in COEFFICIENT:
+        args.append(f"steering.coefficient={COEFFICIENT[task]}")
+    if model:
+        args.append(f"model={model}")
+    return [*args, *extra]
+
+
+def grid() -> dict[str, dict[str, list[str]]]:
+    """group -> key -> Hydra overrides. Keys name what differs: task, model, layer, variant, seed."""
+    groups: dict[str, dict[str, list[str]]] = {
+        "cpu": {f"{t}_gemma3_l12_s{s}": _run(t, s) for t in ("bbq", "mmlu", "gsm8k", "xstest", "harmbench")
+                for s in SEEDS},
+        "cpu_smollm2": {f"{t}_smollm2_s{s}": _run(t, s, experiment=f"{t}_smollm2") for t in ("xstest", "harmbench")
+                        for s in SEEDS},
+        # the lever the budget=cpu curves point to: a learnable action space (policy.candidates, issue 12)
+        "cpu_candidates": {f"{t}_gemma3_l12_cand32_s{s}": _run(t, s, "policy.candidates=32")
+                           for t in ("bbq", "mmlu") for s in SEEDS},
+        "layer_sweep": {f"bbq_gemma3_l{layer}_s0": _run("bbq", 0, f"sae.layer={layer}") for layer in (3, 6, 9, 15)},
+        "masking_sweep": {f"bbq_gemma3_l12_mask-{m}_s0": _run("bbq", 0, f"masking={m}")
+                          for m in ("none", "fixed", "decaying")},  # adaptive = the cpu group's seed 0
+        "cpu_long": {f"bbq_gemma3_l12_long_s{s}": _run("bbq", s, "budget=cpu_long") for s in SEEDS},
+    }
+    return groups
+
+
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True, cwd=HERE).stdout.strip()
+    return out.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def _artifact_json(client: MlflowClient, run_id: str, path: str):
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
+
+
+def collect(client: MlflowClient, key: str) -> dict:
+    """The finished MLflow run named ``key`` (the newest), reduced to what the results file needs."""
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        f"attributes.run_name = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise RuntimeError(f"no FINISHED MLflow run named {key!r}")
+    run = runs[0]
+    rid = run.info.run_id
+    summary = _artifact_json(client, rid, "heldout/summary.json")
+    examples = {}
+    for cond in ("none", "random", "static", "crl"):
+        table = _artifact_json(client, rid, f"heldout/{cond}/examples.json")
+        cols, data = table["columns"], table["data"]
+        examples[cond] = {c: [row[cols.index(c)] for row in data] for c in ("id", "correct", "reward")}
+    cfg = summary["config"]
+    m = run.data.metrics
+    return {
+        "run_id": rid, "experiment": client.get_experiment(run.info.experiment_id).name,
+        "mlflow_commit": run.data.tags.get("git_commit"), "task": summary["task"], "model": cfg["model"]["name"],
+        "layer": cfg["sae"]["layer"], "masking": cfg["masking"]["schedule"],
+        "seed": cfg["seed"], "budget": cfg["budget"]["name"], "coefficient": cfg["steering"]["coefficient"],
+        "coefficient_scale": cfg["steering"]["coefficient_scale"],
+        "action_space": run.data.tags.get("action_space"), "primary_metric": summary["primary_metric"],
+        "n_heldout": summary["n_heldout"], "results": summary["results"], "deltas": summary["deltas"],
+        "crl_variants": summary["crl_variants"], "oracle": summary["oracle"],
+        "masked_action_share": summary["masked_action_share"], "static_feature": summary["static_feature"],
+        "references": {k.split("/")[1].removesuffix("_reward"): v for k, v in m.items()
+                       if k.startswith("reference/")},
+        "episodes": {"crl_training": m.get("crl/episodes_training"),
+                     "static_selecting": m.get("static/episodes_selecting")},
+        "train_history": summary["train_history"], "examples": examples,
+        "curve_artifact": _copy_curve(client, rid, key),
+    }
+
+
+def _copy_curve(client: MlflowClient, run_id: str, key: str) -> str | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            src = Path(client.download_artifacts(run_id, "training/training_curve.png", tmp))
+        except Exception as err:  # noqa: BLE001 - a run without a curve is recorded as such, not hidden
+            print(f"[{key}] no training curve: {err}", flush=True)
+            return None
+        FIGURES.mkdir(exist_ok=True)
+        dst = FIGURES / f"{key}_training_curve.png"
+        shutil.copy(src, dst)
+        return str(dst.relative_to(HERE))
+
+
+def selected(patterns: list[str]) -> list[tuple[str, str, list[str]]]:
+    """(group, key, overrides) in grid order for each pattern: a group name or an fnmatch pattern over keys."""
+    table = grid()
+    rows = [(g, k, o) for g, keys in table.items() for k, o in keys.items()]
+    if not patterns:
+        return rows
+    unknown = [p for p in patterns if p not in table and not any(fnmatch(k, p) for _, k, _ in rows)]
+    if unknown:
+        sys.exit(f"no group or key matches {unknown}; groups: {sorted(table)} (see `list`)")
+    return [(g, k, o) for g, k, o in rows if any(p == g or fnmatch(k, p) for p in patterns)]
+
+
+def run_missing(patterns: list[str]) -> None:
+    client = MlflowClient(resolve_tracking_uri(None))
+    RESULTS.mkdir(exist_ok=True)
+    for group, key, overrides in selected(patterns):
+        out = RESULTS / f"{key}.json"
+        if out.exists():
+            print(f"[{key}] recorded, skipped", flush=True)
+            continue
+        cmd = [sys.executable, "-m", "crl_exp", *overrides, f"logger.run_name={key}"]
+        shown = " ".join([".venv/bin/python", *cmd[1:]])
+        print(f"[{key}] {shown}", flush=True)
+        commit = git_commit()
+        with tempfile.NamedTemporaryFile(suffix=".rss") as rss:
+            timed = ["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd] if Path("/usr/bin/time").exists() else cmd
+            t0 = time.perf_counter()
+            proc = subprocess.run(timed, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            peak = Path(rss.name).read_text().strip().splitlines()[-1] if Path(rss.name).stat().st_size else ""
+        log = RESULTS / "logs" / f"{key}.log"
+        log.parent.mkdir(exist_ok=True)
+        log.write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + proc.stderr[-20000:])
+        if proc.returncode != 0:
+            print(f"[{key}] FAILED (exit {proc.returncode}) after {wall:.0f}s; see {log}", flush=True)
+            continue
+        record = {"key": key, "group": group, "command": shown, "commit": commit, "wall_s": round(wall, 1),
+                  "peak_rss_gb": round(int(peak) / 1024 ** 2, 2) if peak.isdigit() else None,
+                  "host_cpus": os.cpu_count(), **collect(client, key)}
+        out.write_text(json.dumps(record, indent=1, default=float) + "\n")
+        print(f"[{key}] recorded in {wall / 60:.1f} min: {record['run_id']}", flush=True)
+
+
+def load_records() -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+
+
+# ------------------------------------------------------------------------------------------------ the report
+def _fmt_ci(lo, hi) -> str:
+    return f"[{lo:+.3f}, {hi:+.3f}]"
+
+
+def config_label(r: dict) -> str:
+    return (f"{r['task']} / {r['model']} / layer {r['layer']} / {r['budget']} / {r['action_space']} / "
+            f"masking {r['masking']} / coefficient {r['coefficient']}")
+
+
+def seed_rows(r: dict) -> list[str]:
+    key = r["primary_metric"]
+    out = []
+    for cond in ("none", "random", "static", "crl"):
+        res = r["results"][cond]
+        v, (lo, hi) = res["metrics"][key], res["ci95"].get(key, (math.nan, math.nan))
+        if cond == "crl":
+            cell = "-"
+        else:
+            d = r["deltas"][cond]
+            cell = (f"{d[key]['delta']:+.3f} {_fmt_ci(*d[key]['ci95'])}, MDE {d['power']['mde_correct']:.3f}")
+        out.append(f"| {r['seed']} | {cond} | {v:.3f} [{lo:.3f}, {hi:.3f}] | {res['metrics']['reward']:.3f} | {cell} |")
+    s = r["crl_variants"]["crl_sampled"]
+    out.append(f"| {r['seed']} | crl sampled ({s['seeds']} samples) | {s['mean']:.3f} "
+               f"(sd {s['sd']:.3f}) | {s['reward_mean']:.3f} | - |")
+    return out
+
+
+def pooled(records: list[dict]) -> dict:
+    """Over seeds (same held-out examples): the mean of each condition, and each CRL-minus-baseline delta with
+    a CI that includes seed variance (crl_exp.analysis.sweep_table.seed_aggregate) and the effect that CI
+    could detect with 80% power (MDE = (z_0.975 + z_0.8) x its standard error)."""
+    key = records[0]["primary_metric"]
+    rows = []
+    for r in records:
+        row = {"task": r["task"], "layer": r["layer"], "masking": r["masking"], "seed": r["seed"]}
+        for base in ("none", "random", "static"):
+            d = r["deltas"][base][key]
+            name = "delta" if base == "none" else f"delta_vs_{base}"
+            row.update({f"delta_vs_{base}": d["delta"], f"{name}_ci_low": d["ci95"][0], f"{name}_ci_high": d["ci95"][1]})
+        rows.append(row)
+    agg = seed_aggregate(rows)[0]
+    for base in ("none", "random", "static"):
+        se = (agg[f"crl_minus_{base}_ci_high"] - agg[f"crl_minus_{base}_ci_low"]) / (2 * Z95)
+        agg[f"crl_minus_{base}_mde"] = (Z95 + Z80) * se
+    agg["means"] = {c: sum(r["results"][c]["metrics"][key] for r in records) / len(records)
+                    for c in ("none", "random", "static", "crl")}
+    agg["means"]["crl_sampled"] = sum(r["crl_variants"]["crl_sampled"]["mean"] for r in records) / len(records)
+    return agg
+
+
+def write_report(path: Path = HERE / "crl_results.md") -> str:
+    records = load_records()
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(config_label(r), []).append(r)
+    parts = ["# The recorded answer: CRL against no steering, a random feature and the best static feature", "",
+             "Written by `.venv/bin/python experiments/run_grid.py report` from `experiments/results/*.json` "
+             "(one file per run: command, commit, seed, wall time, peak RSS, MLflow run id, per-example "
+             "outcomes). Held-out = the test split's stratified hash subset (same examples for every condition and "
+             "seed); the static feature, the coefficient and everything else are chosen on train/validation.", "",
+             "READING_PLACEHOLDER", ""]
+    for label, members in sorted(groups.items()):
+        members.sort(key=lambda r: r["seed"])
+        r0 = members[0]
+        key = r0["primary_metric"]
+        parts += [f"## {label}", "",
+                  f"Primary metric `{key}` on n = {r0['n_heldout']} held-out examples; "
+                  f"{r0['episodes']['crl_training']:.0f} CRL training episodes, "
+                  f"{r0['episodes']['static_selecting']:.0f} episodes spent selecting the static feature.", "",
+                  "| seed | commit | wall time | peak RSS | MLflow run | static feature | curve |", "|---|---|---|---|---|---|---|"]
+        for r in members:
+            curve = f"[png]({r['curve_artifact']})" if r.get("curve_artifact") else "-"
+            parts.append(f"| {r['seed']} | `{r['commit'][:7]}` | {r['wall_s'] / 60:.1f} min | "
+                         f"{r['peak_rss_gb']} GB | `{r['run_id']}` | {r['static_feature']} | {curve} |")
+        parts += ["", "| seed | condition | " + key + " [95% CI] | reward | CRL - condition [paired 95% CI], MDE |",
+                  "|---|---|---|---|---|"]
+        for r in members:
+            parts += seed_rows(r)
+        if len(members) > 1:
+            agg = pooled(members)
+            parts += ["", f"Pooled over seeds {agg['seeds']} (means: " + ", ".join(
+                f"{c} {v:.3f}" for c, v in agg["means"].items()) + "):", "",
+                "| CRL minus | mean delta | 95% CI (incl. seed variance) | seed sd | MDE (80% power) |",
+                "|---|---|---|---|---|"]
+            for base in ("none", "random", "static"):
+                parts.append(f"| {base} | {agg[f'crl_minus_{base}']:+.3f} | "
+                             f"{_fmt_ci(agg[f'crl_minus_{base}_ci_low'], agg[f'crl_minus_{base}_ci_high'])} | "
+                             f"{agg[f'crl_minus_{base}_sd_seeds']:.3f} | {agg[f'crl_minus_{base}_mde']:.3f} |")
+        if r0.get("oracle"):
+            o = [r["oracle"] for r in members if r.get("oracle")]
+            parts += ["", f"Headroom (reads the answers): per-prompt oracle over {o[0]['candidates']} candidates "
+                      f"correct on {sum(x['oracle_accuracy'] for x in o) / len(o):.3f} of prompts."]
+        parts.append("")
+    text = "\n".join(parts)
+    reading = (HERE / "crl_results_reading.md")
+    text = text.replace("READING_PLACEHOLDER", reading.read_text().strip() if reading.exists() else
+                        "_(reading not written yet)_")
+    path.write_text(text + "\n")
+    return text
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in ("run", "report", "list"):
+        sys.exit(__doc__)
+    if argv[0] == "run":
+        run_missing(argv[1:])
+    elif argv[0] == "report":
+        print(write_report())
+    else:
+        for group, keys in grid().items():
+            for key, overrides in keys.items():
+                done = "recorded" if (RESULTS / f"{key}.json").exists() else "missing"
+                print(f"{group:15s} {key:36s} {done:8s} {' '.join(overrides)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
