@@ -87,7 +87,7 @@ def check_tracking_uri(uri: str | None, timeout: float = 5.0) -> None:
         ensure_writable_dir(Path(uri.removeprefix("sqlite:///")).parent, "MLflow store")
 
 
-def check_checkpoint(path: str) -> None:
+def check_checkpoint(path: str) -> dict:
     """A resume checkpoint must exist and load (a truncated or corrupted file fails here, not mid-run)."""
     file = Path(path).expanduser()
     if not file.is_file():
@@ -102,6 +102,7 @@ def check_checkpoint(path: str) -> None:
     if not isinstance(state, dict) or "state_dict" not in state or "afm" not in state:
         raise CRLConfigError(f"trainer.ckpt_path={path} is not a crl-exp training checkpoint (no policy/mask "
                              f"state)")
+    return state
 
 
 def check_budget(cfg: DictConfig) -> None:
@@ -238,8 +239,10 @@ def run(cfg: DictConfig) -> None:
             if output_dir:
                 Path(output_dir, "SKIPPED").write_text(done)
             return
+    ckpt = cfg.get("trainer", {}).get("ckpt_path")
+    resume_run_id = check_checkpoint(str(ckpt)).get("crl_mlflow_run_id") if ckpt else None
     try:
-        with start_tracked_run(cfg, output_dir=output_dir, tags=tags) as tracker:
+        with start_tracked_run(cfg, output_dir=output_dir, tags=tags, resume_run_id=resume_run_id) as tracker:
             runner(cfg.mode)(cfg, tracker)
     except Exception:
         if sweep is None:

@@ -3,8 +3,9 @@
 One Lightning *epoch* is one PPO iteration: the data module serves one batch of training prompts per epoch
 (seeded by the iteration, so a resumed run sees exactly the prompts it would have seen), ``training_step``
 runs the steered rollout, scores it, and performs the PPO update. Checkpoints are taken at epoch ends and
-contain the policy, the optimiser and the Adaptive Feature Mask, so ``ckpt_path`` resumes at the next
-iteration with nothing logged twice. Metrics are logged with ``step = iteration``.
+contain the policy, the optimiser, the Adaptive Feature Mask, the training history and the MLflow run id, so
+``ckpt_path`` resumes at the next iteration in the same MLflow run with nothing logged twice. Metrics are
+logged with ``step = iteration``.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class CRLModule(L.LightningModule):
         self.mask = AdaptiveFeatureMask(d_sae, masking_cfg)
         self.env: SteeringEnv | None = None
         self.history: list[dict[str, float]] = []
+        self.run_id: str | None = None  # the MLflow run training logs to; a resume continues it
         self.last_rollout: dict[str, Any] | None = None
 
     def attach(self, env: SteeringEnv) -> CRLModule:
@@ -85,9 +87,12 @@ class CRLModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["afm"] = self.mask.state_dict()
         checkpoint["crl_iteration_done"] = self.current_epoch
+        checkpoint["crl_history"] = self.history
+        checkpoint["crl_mlflow_run_id"] = self.run_id
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.mask.load_state_dict(checkpoint["afm"])
+        self.history = list(checkpoint.get("crl_history", []))  # the training curve covers every iteration
 
     def training_step(self, batch: list, batch_idx: int) -> None:
         iteration = self.current_epoch

@@ -37,7 +37,27 @@ def route_lightning_logs() -> None:
 class RunOwnedMLFlowLogger(MLFlowLogger):
     """Lightning's MLflow logger for a run that the ``RunTracker`` owns: Lightning would mark the run FINISHED at
     the end of ``fit``, before the held-out evaluation, so a crash there left a FINISHED run that sweeps then skip.
-    The tracker ends the run when the whole job has ended."""
+    The tracker ends the run when the whole job has ended.
+
+    ``resumed=True`` (a run continued from a checkpoint): an iteration whose metrics were logged before the crash
+    but whose checkpoint was not written is computed again on resume (identically: every random stream is seeded
+    by the iteration); its (metric, step) points already in the run are not logged a second time."""
+
+    def __init__(self, *args, resumed: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._logged_steps: dict[str, set[int]] | None = {} if resumed else None
+
+    def log_metrics(self, metrics, step: int | None = None) -> None:
+        if self._logged_steps is not None:
+            metrics = {k: v for k, v in metrics.items() if (step or 0) not in self._steps(k)}
+            if not metrics:
+                return
+        super().log_metrics(metrics, step)
+
+    def _steps(self, key: str) -> set[int]:
+        if key not in self._logged_steps:
+            self._logged_steps[key] = {m.step for m in self.experiment.get_metric_history(self.run_id, key)}
+        return self._logged_steps[key]
 
     def finalize(self, status: str = "success") -> None:
         return None

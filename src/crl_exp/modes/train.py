@@ -121,6 +121,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     tracker.log_metrics({f"reference/{k}_reward": v for k, v in references.items()})
     module = CRLModule(lm.d_model, sae.d_sae, policy_cfg, ppo_cfg, masking_config(cfg.masking), iterations,
                        seed=seed).attach(env)
+    module.run_id = tracker.run_id
     if policy_cfg.candidates:
         module.mask.restrict(selection.pool[: policy_cfg.candidates])
     tracker.set_tags({"action_space": f"candidates:{policy_cfg.candidates}" if policy_cfg.candidates
@@ -128,7 +129,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     data = PromptDataModule(task, int(budget.episodes_per_iteration), seed=seed, group_size=int(budget.group_size))
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path("outputs") / tracker.run_id
     logger = RunOwnedMLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=tracker.tracking_uri,
-                          run_id=tracker.run_id)
+                          run_id=tracker.run_id, resumed=bool(cfg.trainer.get("ckpt_path")))
     trainer = build_trainer(iterations, out_dir / "checkpoints", logger=logger,
                             checkpoint_every=int(cfg.trainer.checkpoint_every), progress_bar=bool(cfg.trainer.progress_bar),
                             accelerator=accelerator_for(lm.device))

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
@@ -95,10 +96,25 @@ def current_sweep() -> dict[str, Any] | None:
     return read_sweep_file(HydraConfig.get().sweep.dir)
 
 
+def existing_run(client: MlflowClient, run_id: str | None):
+    """The run ``run_id`` in this store, or ``None`` (with a warning) when there is none."""
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        log.warning("The checkpoint's MLflow run %s is not in this store: logging the resumed training to a new run",
+                    run_id)
+        return None
+
+
 @contextmanager
 def start_tracked_run(cfg: DictConfig, run_name: str | None = None, output_dir: str | Path | None = None,
-                      tags: dict[str, Any] | None = None) -> Iterator[RunTracker]:
-    """Open an MLflow run that records config, commit, versions and outputs folder; FAILED on exceptions."""
+                      tags: dict[str, Any] | None = None, resume_run_id: str | None = None) -> Iterator[RunTracker]:
+    """Open an MLflow run that records config, commit, versions and outputs folder; FAILED on exceptions.
+
+    ``resume_run_id`` (the run a resumed checkpoint was logging to): that run is reopened and continued, so a
+    crashed and resumed training is one run; if the store no longer has it, a new run records where it resumed."""
     lcfg = cfg.logger
     sweep = current_sweep()
     if sweep is not None:  # a multirun job: child of the sweep's parent run, in the sweep's experiment
@@ -109,15 +125,26 @@ def start_tracked_run(cfg: DictConfig, run_name: str | None = None, output_dir: 
         exp_id = ensure_experiment(uri, lcfg.experiment_name, lcfg.get("artifact_location"))
     client = MlflowClient(tracking_uri=uri)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    run = client.create_run(exp_id, run_name=run_name or lcfg.get("run_name") or None,
-                            tags={"mode": str(cfg.mode), "git_commit": git_commit(),
-                                  "outputs_dir": str(output_dir or ""), "config_hash": config_hash(cfg),
-                                  **(tags or {})})
-    tracker = RunTracker(client, run.info.run_id, uri)
-    log.info("MLflow run %s in experiment %s at %s", run.info.run_id, exp_id, uri)
+    resumed = existing_run(client, resume_run_id)
+    if resumed is not None:
+        client.update_run(resumed.info.run_id, status="RUNNING")
+        client.set_tag(resumed.info.run_id, "resumed_from", str(cfg.trainer.ckpt_path))
+        tracker = RunTracker(client, resumed.info.run_id, uri)
+        log.info("Resuming MLflow run %s at %s", resumed.info.run_id, uri)
+        params = {k: v for k, v in flatten(resolved).items() if k not in resumed.data.params}
+        config_file = "config_resumed.yaml"
+    else:
+        run = client.create_run(exp_id, run_name=run_name or lcfg.get("run_name") or None,
+                                tags={"mode": str(cfg.mode), "git_commit": git_commit(),
+                                      "outputs_dir": str(output_dir or ""), "config_hash": config_hash(cfg),
+                                      **({"resumed_from_run": resume_run_id} if resume_run_id else {}),
+                                      **(tags or {})})
+        tracker = RunTracker(client, run.info.run_id, uri)
+        log.info("MLflow run %s in experiment %s at %s", run.info.run_id, exp_id, uri)
+        params, config_file = flatten(resolved), "config.yaml"
     try:
-        tracker.log_params(flatten(resolved))
-        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        tracker.log_params(params)
+        tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), config_file)
         tracker.log_dict(package_versions(), "package_versions.json")
         yield tracker
     except BaseException as exc:
