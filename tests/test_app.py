@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from mlflow.tracking import MlflowClient
 
-from crl_exp.app import preflight, run
+from crl_exp.app import check_rollout_memory, preflight, run
 from crl_exp.errors import CRLConfigError, MissingDependencyError
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.saes import resid_post_hook_name
@@ -303,3 +303,14 @@ def test_damaged_checkpoint_and_unreachable_tracking_server_fail_before_work(tmp
         port = s.getsockname()[1]
     with pytest.raises(CRLConfigError, match=rf"MLflow tracking server http://127.0.0.1:{port} cannot be reached"):
         preflight(compose_cfg(["mode=steer", f"logger.tracking_uri=http://127.0.0.1:{port}"]))
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "mmlu", "bbq", "xstest", "harmbench"])
+def test_paper_budget_fits_one_80gb_gpu_for_every_task(task):
+    """budget=paper (64 episodes, eval batches of 32, each task's longest prompt) passes the pre-load memory check
+    for Gemma-2 2B on an 80 GB GPU, and would be refused on a 16 GB one."""
+    overrides = [f"+experiment={task}_layer12", "budget=paper", "model=gemma2_2b", "sae=gemmascope_2b_res_16k"]
+    check_rollout_memory(compose_cfg([*overrides, "budget.max_memory_gb=80"]))
+    if task == "mmlu":  # the 5-shot prompts make it the largest
+        with pytest.raises(CRLConfigError, match=r"needs an estimated .* GiB"):
+            check_rollout_memory(compose_cfg([*overrides, "budget.max_memory_gb=16"]))
