@@ -134,7 +134,9 @@ def test_resume_continues_iteration_optimizer_and_logging(tiny_lm, tmp_path):
                                                                       run_id=logger.run_id), progress_bar=False)
     trainer.callbacks.append(capture)
     fit_policy(resumed, PromptDataModule(env.task, 12, seed=0), trainer, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert [h["iteration"] for h in resumed.history] == [3, 4]
+    # the history (training curve) carries over from the checkpoint: the first run's iterations, then 3 and 4
+    assert [h["iteration"] for h in resumed.history] == [0, 1, 2, 3, 4]
+    assert [h["train/reward_mean"] for h in resumed.history[:3]] == [h["train/reward_mean"] for h in first.history]
     saved = ckpt["optimizer_states"][0]
     for key, state in capture.optimizer_state["state"].items():
         assert torch.equal(state["exp_avg"], saved["state"][key]["exp_avg"])
