@@ -51,6 +51,11 @@ def _run(task: str, seed: int, *extra: str, model: str | None = None, experiment
     return [*args, *extra]
 
 
+def sweep(overrides: list[str], compare_mode: str) -> list[str]:
+    """A multirun entry: ``-m`` first, and the mode that compares its jobs last (``compare:<mode>``)."""
+    return ["-m", *overrides, f"compare:{compare_mode}"]
+
+
 def grid() -> dict[str, dict[str, list[str]]]:
     """group -> key -> Hydra overrides. Keys name what differs: task, model, layer, variant, seed."""
     groups: dict[str, dict[str, list[str]]] = {
@@ -61,9 +66,11 @@ def grid() -> dict[str, dict[str, list[str]]]:
         # the lever the budget=cpu curves point to: a learnable action space (policy.candidates, issue 12)
         "cpu_candidates": {f"{t}_gemma3_l12_cand32_s{s}": _run(t, s, "policy.candidates=32")
                            for t in ("bbq", "mmlu") for s in SEEDS},
-        "layer_sweep": {f"bbq_gemma3_l{layer}_s0": _run("bbq", 0, f"sae.layer={layer}") for layer in (3, 6, 9, 15)},
-        "masking_sweep": {f"bbq_gemma3_l12_mask-{m}_s0": _run("bbq", 0, f"masking={m}")
-                          for m in ("none", "fixed", "decaying")},  # adaptive = the cpu group's seed 0
+        # through the sweep machinery (one Hydra multirun: a parent run and one child run per job, jobs already
+        # FINISHED skipped on a rerun), then the mode that tables and plots it
+        "layer_sweep": {"bbq_gemma3_layer_sweep_s0": sweep(_run("bbq", 0, "sae.layer=3,6,9,12,15"), "compare_layers")},
+        "masking_sweep": {"bbq_gemma3_l12_masking_sweep_s0": sweep(
+            _run("bbq", 0, "masking=none,fixed,decaying,adaptive"), "compare_sweep")},
         "cpu_long": {f"bbq_gemma3_l12_long_s{s}": _run("bbq", s, "budget=cpu_long") for s in SEEDS},
     }
     return groups
@@ -81,15 +88,19 @@ def _artifact_json(client: MlflowClient, run_id: str, path: str):
         return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
 
 
-def collect(client: MlflowClient, key: str) -> dict:
-    """The finished MLflow run named ``key`` (the newest), reduced to what the results file needs."""
+def find_run(client: MlflowClient, key: str):
+    """The newest FINISHED MLflow run named ``key``."""
     runs = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
         f"attributes.run_name = '{key}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         raise RuntimeError(f"no FINISHED MLflow run named {key!r}")
-    run = runs[0]
+    return runs[0]
+
+
+def collect(client: MlflowClient, run, curve_key: str | None = None) -> dict:
+    """A finished training run reduced to what the results file needs."""
     rid = run.info.run_id
     summary = _artifact_json(client, rid, "heldout/summary.json")
     examples = {}
@@ -114,7 +125,7 @@ def collect(client: MlflowClient, key: str) -> dict:
         "episodes": {"crl_training": m.get("crl/episodes_training"),
                      "static_selecting": m.get("static/episodes_selecting")},
         "train_history": summary["train_history"], "examples": examples,
-        "curve_artifact": _copy_curve(client, rid, key),
+        "curve_artifact": _copy_curve(client, rid, curve_key or run.info.run_name),
     }
 
 
@@ -151,16 +162,22 @@ def run_missing(patterns: list[str]) -> None:
         if out.exists():
             print(f"[{key}] recorded, skipped", flush=True)
             continue
-        cmd = [sys.executable, "-m", "crl_exp", *overrides, f"logger.run_name={key}"]
+        is_sweep = overrides[0] == "-m"
+        compare = overrides[-1].removeprefix("compare:") if is_sweep else None
+        args = overrides[:-1] if is_sweep else overrides
+        name = f"sweep.experiment_name=grid-{key}" if is_sweep else f"logger.run_name={key}"
+        cmd = [sys.executable, "-m", "crl_exp", *args, name]
         shown = " ".join([".venv/bin/python", *cmd[1:]])
         print(f"[{key}] {shown}", flush=True)
         commit = git_commit()
-        with tempfile.NamedTemporaryFile(suffix=".rss") as rss:
-            timed = ["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd] if Path("/usr/bin/time").exists() else cmd
-            t0 = time.perf_counter()
-            proc = subprocess.run(timed, capture_output=True, text=True)
-            wall = time.perf_counter() - t0
-            peak = Path(rss.name).read_text().strip().splitlines()[-1] if Path(rss.name).stat().st_size else ""
+        proc, wall, peak = timed_run(cmd)
+        if is_sweep and proc.returncode == 0:
+            compare_cmd = [sys.executable, "-m", "crl_exp", f"mode={compare}", f"compare.experiment_name=grid-{key}",
+                           f"logger.experiment_name=grid-{key}-compare"]
+            compared = subprocess.run(compare_cmd, capture_output=True, text=True)
+            proc.stdout += "\n--- compare ---\n" + compared.stdout
+            proc.stderr += compared.stderr
+            proc.returncode = compared.returncode
         log = RESULTS / "logs" / f"{key}.log"
         log.parent.mkdir(exist_ok=True)
         log.write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + proc.stderr[-20000:])
@@ -168,10 +185,48 @@ def run_missing(patterns: list[str]) -> None:
             print(f"[{key}] FAILED (exit {proc.returncode}) after {wall:.0f}s; see {log}", flush=True)
             continue
         record = {"key": key, "group": group, "command": shown, "commit": commit, "wall_s": round(wall, 1),
-                  "peak_rss_gb": round(int(peak) / 1024 ** 2, 2) if peak.isdigit() else None,
-                  "host_cpus": os.cpu_count(), **collect(client, key)}
+                  "peak_rss_gb": peak, "host_cpus": os.cpu_count()}
+        if is_sweep:
+            record.update(collect_sweep(client, key, compare))
+        else:
+            record.update(collect(client, find_run(client, key)))
         out.write_text(json.dumps(record, indent=1, default=float) + "\n")
-        print(f"[{key}] recorded in {wall / 60:.1f} min: {record['run_id']}", flush=True)
+        print(f"[{key}] recorded in {wall / 60:.1f} min", flush=True)
+
+
+def timed_run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float | None]:
+    """Run one command; its wall time and peak RSS in GB (GNU time's maximum resident set size)."""
+    with tempfile.NamedTemporaryFile(suffix=".rss") as rss:
+        timed = ["/usr/bin/time", "-f", "%M", "-o", rss.name, *cmd] if Path("/usr/bin/time").exists() else cmd
+        t0 = time.perf_counter()
+        proc = subprocess.run(timed, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        lines = Path(rss.name).read_text().strip().splitlines()
+    peak = round(int(lines[-1]) / 1024 ** 2, 2) if lines and lines[-1].isdigit() else None
+    return proc, wall, peak
+
+
+def collect_sweep(client: MlflowClient, key: str, compare: str) -> dict:
+    """A sweep's jobs (each reduced like a single run) and the comparison its compare mode logged."""
+    exp = client.get_experiment_by_name(f"grid-{key}")
+    jobs = client.search_runs([exp.experiment_id], "tags.mode = 'train' and attributes.status = 'FINISHED'")
+    newest: dict[str, object] = {}
+    for r in sorted(jobs, key=lambda r: r.info.start_time):
+        newest[r.data.tags.get("config_hash", r.info.run_id)] = r
+    (cmp_run,) = client.search_runs([client.get_experiment_by_name(f"grid-{key}-compare").experiment_id],
+                                    order_by=["attributes.start_time DESC"], max_results=1)
+    folder = "compare_layers" if compare == "compare_layers" else "comparison"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(client.download_artifacts(cmp_run.info.run_id, folder, tmp))
+        table = next(local.rglob("*.md")).read_text()
+        plots = []
+        for png in local.rglob("*.png"):
+            FIGURES.mkdir(exist_ok=True)
+            shutil.copy(png, FIGURES / f"{key}_{png.name}")
+            plots.append(f"figures/{key}_{png.name}")
+    return {"sweep_experiment": exp.name, "compare_run_id": cmp_run.info.run_id, "comparison_table": table,
+            "plots": plots, "jobs": [collect(client, r, curve_key=f"{key}_{r.info.run_id[:8]}")
+                                     for r in newest.values()]}
 
 
 def load_records() -> list[dict]:
@@ -231,9 +286,11 @@ def pooled(records: list[dict]) -> dict:
 
 def write_report(path: Path = HERE / "crl_results.md") -> str:
     records = load_records()
+    sweeps = [r for r in records if "jobs" in r]
     groups: dict[str, list[dict]] = {}
     for r in records:
-        groups.setdefault(config_label(r), []).append(r)
+        if "jobs" not in r:
+            groups.setdefault(config_label(r), []).append(r)
     parts = ["# The recorded answer: CRL against no steering, a random feature and the best static feature", "",
              "Written by `.venv/bin/python experiments/run_grid.py report` from `experiments/results/*.json` "
              "(one file per run: command, commit, seed, wall time, peak RSS, MLflow run id, per-example "
@@ -271,6 +328,20 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
             o = [r["oracle"] for r in members if r.get("oracle")]
             parts += ["", f"Headroom (reads the answers): per-prompt oracle over {o[0]['candidates']} candidates "
                       f"correct on {sum(x['oracle_accuracy'] for x in o) / len(o):.3f} of prompts."]
+        parts.append("")
+    for r in sweeps:
+        parts += [f"## Sweep `{r['key']}`", "", f"Command: `{r['command']}` (commit `{r['commit'][:7]}`, "
+                  f"{r['wall_s'] / 60:.0f} min for {len(r['jobs'])} jobs); MLflow experiment `{r['sweep_experiment']}`, "
+                  f"comparison run `{r['compare_run_id']}`.", "", r["comparison_table"].strip(), ""]
+        parts += [f"![{r['key']}]({p})" for p in r["plots"]] + [""]
+        parts += ["| job (layer / masking) | MLflow run | " + "CRL | static | none | CRL - static [95% CI] |",
+                  "|---|---|---|---|---|---|"]
+        for j in sorted(r["jobs"], key=lambda j: (j["layer"], j["masking"])):
+            k = j["primary_metric"]
+            d = j["deltas"]["static"][k]
+            parts.append(f"| {j['layer']} / {j['masking']} | `{j['run_id']}` | {j['results']['crl']['metrics'][k]:.3f} | "
+                         f"{j['results']['static']['metrics'][k]:.3f} | {j['results']['none']['metrics'][k]:.3f} | "
+                         f"{d['delta']:+.3f} {_fmt_ci(*d['ci95'])} |")
         parts.append("")
     text = "\n".join(parts)
     reading = (HERE / "crl_results_reading.md")
