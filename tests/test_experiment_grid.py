@@ -1,0 +1,63 @@
+"""experiments/run_grid.py: recorded runs are skipped, and the report pools seeds with seed variance in the CI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "run_grid.py"
+
+
+@pytest.fixture
+def grid(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("run_grid", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(module, "HERE", tmp_path)
+    (tmp_path / "results").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return module
+
+
+def record(seed: int, crl: float, static: float, ci_half: float) -> dict:
+    metrics = {c: {"metrics": {"accuracy": v, "reward": v / 2}, "ci95": {"accuracy": [v - 0.05, v + 0.05]}}
+               for c, v in {"none": 0.3, "random": 0.3, "static": static, "crl": crl}.items()}
+    deltas = {b: {"accuracy": {"delta": crl - metrics[b]["metrics"]["accuracy"],
+                               "ci95": [crl - metrics[b]["metrics"]["accuracy"] - ci_half,
+                                        crl - metrics[b]["metrics"]["accuracy"] + ci_half]},
+                  "power": {"mde_correct": 0.06}} for b in ("none", "random", "static")}
+    return {"key": f"bbq_s{seed}", "seed": seed, "task": "bbq", "model": "gemma3_270m", "layer": 12, "budget": "cpu",
+            "action_space": "full:4096", "masking": "adaptive", "coefficient": 0.1, "primary_metric": "accuracy",
+            "n_heldout": 200, "episodes": {"crl_training": 832, "static_selecting": 192}, "commit": "abc1234",
+            "wall_s": 600.0, "peak_rss_gb": 2.5, "run_id": f"run{seed}", "static_feature": 7, "curve_artifact": None,
+            "results": metrics, "deltas": deltas, "oracle": None,
+            "crl_variants": {"crl_sampled": {"seeds": 5, "mean": crl, "sd": 0.01, "reward_mean": crl / 2}}}
+
+
+def test_report_pools_seeds_with_seed_variance(grid, tmp_path):
+    for seed, crl in enumerate((0.40, 0.44)):
+        (grid.RESULTS / f"bbq_s{seed}.json").write_text(json.dumps(record(seed, crl, 0.38, 0.04)))
+    text = grid.write_report(tmp_path / "out.md")
+    assert "| 0 | static | 0.380" in text and "| 1 | crl | 0.440" in text
+    se_within = 0.04 / 1.959963984540054
+    between = (0.02 ** 2 + 0.02 ** 2) / 1  # deltas 0.02 and 0.06 around their mean 0.04
+    se = math.sqrt(se_within ** 2 + between / 2)
+    line = next(x for x in text.splitlines() if x.startswith("| static | +0.040"))
+    low, high = (float(v) for v in line.split("[")[1].split("]")[0].split(","))
+    assert low == pytest.approx(0.04 - 1.959963984540054 * se, abs=1e-3)
+    assert high == pytest.approx(0.04 + 1.959963984540054 * se, abs=1e-3)
+
+
+def test_recorded_keys_are_skipped_and_unknown_patterns_refused(grid, capsys):
+    key = "bbq_gemma3_l12_s0"
+    (grid.RESULTS / f"{key}.json").write_text("{}")
+    grid.run_missing([key])  # would start a ~10-minute training run if it were not skipped
+    assert f"[{key}] recorded, skipped" in capsys.readouterr().out
+    assert [k for _, k, _ in grid.selected(["bbq_gemma3_l12_s*"])] == [f"bbq_gemma3_l12_s{s}" for s in range(3)]
+    with pytest.raises(SystemExit, match="no group or key matches"):
+        grid.selected(["no_such_run"])
