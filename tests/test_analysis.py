@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -243,3 +245,53 @@ def test_layer_comparison_and_branch_analysis_from_mlflow_runs(tmp_path, tiny_mo
         run(cfg("mode=analyze", "run_id=0123456789abcdef", "logger.experiment_name=analyses"))
     with pytest.raises(CRLConfigError, match="not a CRL training run"):
         run(cfg("mode=analyze", f"run_id={summary.info.run_id}", "logger.experiment_name=analyses"))
+
+    # the most-used features of the same run: usage, top contexts on train text, and what they did
+    run(cfg("mode=analyze", "analysis=top_features", f"run_id={source}", "analysis.n_features=3",
+            "analysis.corpus_tokens=512", "logger.experiment_name=analyses"))
+    top = client.search_runs([client.get_experiment_by_name("analyses").experiment_id],
+                             "tags.analysis = 'top_features'")[0]
+    rows = json.loads(Path(client.download_artifacts(top.info.run_id, "top_features/top_features.json",
+                                                     str(tmp_path / "top"))).read_text())
+    log = pd.read_parquet(client.download_artifacts(source, "interventions/intervention_log.parquet",
+                                                    str(tmp_path / "log")))
+    assert [r["feature"] for r in rows] == log["feature"].value_counts().head(3).index.tolist()
+    assert [r["steered_tokens"] for r in rows] == log["feature"].value_counts().head(3).tolist()
+    assert all(r["top_contexts"] and r["top_contexts"][0][1].endswith("]]") for r in rows)
+
+
+def test_feature_effects_count_flips_against_the_unsteered_prompts():
+    from crl_exp.analysis.top_features import feature_effects, most_used
+
+    log = pd.DataFrame({"episode": [0, 0, 1, 2, 3], "feature": [5, 5, 5, 9, 9],
+                        "token_text": ["A", "B", "A", "C", "C"]})
+    crl = [{"correct": 1.0, "reward": 0.9}, {"correct": 0.0, "reward": 0.1}, {"correct": 1.0, "reward": 0.8},
+           {"correct": 0.0, "reward": 0.2}]
+    none = [{"correct": 0.0, "reward": 0.3}, {"correct": 1.0, "reward": 0.6}, {"correct": 1.0, "reward": 0.7},
+            {"correct": 0.0, "reward": 0.2}]
+    assert most_used(log, 1) == [5]
+    effects = feature_effects(log, crl, none, [5, 9])
+    five, nine = effects[5], effects[9]
+    assert (five.steered_tokens, five.episodes, five.produced[0]) == (3, 2, "A")
+    assert (five.fixed, five.broke, five.correct_steered, five.correct_unsteered) == (1, 1, 0.5, 0.5)
+    assert five.reward_steered == pytest.approx(0.5) and five.reward_unsteered == pytest.approx(0.45)
+    assert (nine.episodes, nine.fixed, nine.broke, nine.correct_unsteered) == (2, 0, 0, 0.5)
+
+
+def test_corpus_top_contexts_are_the_strongest_sae_activations(tiny_lm, tmp_path):
+    from crl_exp.analysis.top_features import corpus_top_contexts
+    from crl_exp.saes.activations import collect_resid_post, pack_tokens, tokenize_texts
+
+    sae = save_standard_sae(tmp_path / "sae", 64, None, d_sae=16)
+    texts = ["The cat sat on the mat. " * 4, "Numbers: 1 2 3 4 5 6 7 8 9. " * 4]
+    got = corpus_top_contexts(tiny_lm, sae, 1, texts, [3, 7], n_tokens=200, k=2, context_size=32)
+    bos = tiny_lm.tokenizer.bos_token_id
+    rows = pack_tokens(tokenize_texts(tiny_lm.tokenizer, texts, 220), 32, bos)[: -(-200 // 31)]
+    acts = sae.encode(collect_resid_post(tiny_lm.model, 1, rows))
+    for f in (3, 7):
+        best = acts[:, f].max().item()
+        if best > 0:
+            assert got[f][0][0] == pytest.approx(best, rel=1e-5) and got[f][0][1].endswith("]]")
+            assert len(got[f]) <= 2 and got[f][0][0] >= got[f][-1][0]
+        else:
+            assert got[f] == []
