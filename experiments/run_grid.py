@@ -6,6 +6,8 @@ Usage:
     .venv/bin/python experiments/run_grid.py run [group|key-pattern ...]   # run what is missing (everything by default)
     .venv/bin/python experiments/run_grid.py report                # rewrite experiments/crl_results.md
     .venv/bin/python experiments/run_grid.py list                  # keys, recorded or not
+    .venv/bin/python experiments/run_grid.py analyze KEY           # top features + branch points of a recorded run
+    .venv/bin/python experiments/run_grid.py refresh               # re-read recorded runs from MLflow
 
 Each record holds the command, commit, seed, wall time, peak RSS, MLflow run id, the held-out comparison
 (test split; nothing is selected on it), the per-example correctness/reward of every condition (for pooled,
@@ -122,6 +124,7 @@ def collect(client: MlflowClient, run, curve_key: str | None = None) -> dict:
         "masked_action_share": summary["masked_action_share"], "static_feature": summary["static_feature"],
         "references": {k.split("/")[1].removesuffix("_reward"): v for k, v in m.items()
                        if k.startswith("reference/")},
+        "critic": {k.removeprefix("critic/"): v for k, v in m.items() if k.startswith("critic/")},
         "episodes": {"crl_training": m.get("crl/episodes_training"),
                      "static_selecting": m.get("static/episodes_selecting")},
         "train_history": summary["train_history"], "examples": examples,
@@ -229,11 +232,52 @@ def collect_sweep(client: MlflowClient, key: str, compare: str) -> dict:
                                      for r in newest.values()]}
 
 
+def refresh() -> None:
+    """Re-read every recorded single run from MLflow (new fields); its command, commit, time and RSS are kept."""
+    client = MlflowClient(resolve_tracking_uri(None))
+    for path in sorted(RESULTS.glob("*.json")):
+        r = json.loads(path.read_text())
+        if "jobs" in r:
+            continue
+        r.update(collect(client, client.get_run(r["run_id"]), curve_key=r["key"]))
+        path.write_text(json.dumps(r, indent=1, default=float) + "\n")
+        print(f"[{r['key']}] refreshed", flush=True)
+
+
+def analyze(key: str) -> None:
+    """The interpretability analyses of one recorded run (``mode=analyze``: top_features, branch_points), saved
+    as results/analyses/<key>.json with their commands and MLflow run ids."""
+    record = json.loads((RESULTS / f"{key}.json").read_text())
+    client = MlflowClient(resolve_tracking_uri(None))
+    out: dict[str, dict] = {}
+    for analysis in ("top_features", "branch_points"):
+        cmd = [sys.executable, "-m", "crl_exp", "mode=analyze", f"analysis={analysis}", f"run_id={record['run_id']}",
+               "logger.experiment_name=grid-analyses", f"logger.run_name={key}-{analysis}"]
+        proc, wall, _ = timed_run(cmd)
+        if proc.returncode != 0:
+            sys.exit(f"{analysis} failed:\n{proc.stderr[-3000:]}")
+        run = find_run(client, f"{key}-{analysis}")
+        out[analysis] = {"command": " ".join([".venv/bin/python", *cmd[1:]]), "commit": git_commit(),
+                         "run_id": run.info.run_id, "wall_s": round(wall, 1),
+                         "metrics": dict(run.data.metrics), "printed": proc.stdout[-6000:]}
+        if analysis == "top_features":
+            with tempfile.TemporaryDirectory() as tmp:
+                out[analysis]["table"] = Path(client.download_artifacts(
+                    run.info.run_id, "top_features/top_features.md", tmp)).read_text()
+    (RESULTS / "analyses").mkdir(exist_ok=True)
+    (RESULTS / "analyses" / f"{key}.json").write_text(json.dumps(out, indent=1, default=float) + "\n")
+    print(out["top_features"]["table"])
+
+
 def load_records() -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
 
 
 # ------------------------------------------------------------------------------------------------ the report
+def short(commit: str) -> str:
+    return commit[:7] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
 def _fmt_ci(lo, hi) -> str:
     return f"[{lo:+.3f}, {hi:+.3f}]"
 
@@ -284,6 +328,24 @@ def pooled(records: list[dict]) -> dict:
     return agg
 
 
+def analysis_section(key: str, analyses: dict, record: dict) -> list[str]:
+    """Top features, branch points and the critic's outcome groups of one recorded run."""
+    tf, bp = analyses["top_features"], analyses["branch_points"]
+    branch_lines = [x for x in bp["printed"].splitlines() if "branch points in" in x or x.startswith("  episode")]
+    critic = record.get("critic") or {}
+    groups = ", ".join(f"{g} {critic.get(f'group_{g}', float('nan')):.0f}"
+                       for g in ("correct", "incorrect", "corrected", "misguided"))
+    return [f"## Interpretability: `{key}` (MLflow run `{record['run_id']}`)", "",
+            "The intervention report (HTML) is the run's artifact `interventions/report.html` (`make ui`).", "",
+            f"**Most-used features** (`{tf['command']}`, commit `{short(tf['commit'])}`, MLflow run `{tf['run_id']}`):",
+            "", tf["table"].split("\n\n", 1)[-1].strip(), "",
+            f"**Branch points** (`{bp['command']}`, MLflow run `{bp['run_id']}`):", "", "```", *branch_lines, "```", "",
+            f"**Critic** on the {record['n_heldout']} held-out episodes: outcome groups {groups} (corrected = CRL "
+            f"right where unsteered was wrong, misguided = the reverse); V0 AUROC {critic.get('v0_auroc', float('nan')):.3f}, "
+            f"Brier {critic.get('v0_brier', float('nan')):.3f}; failures: {critic.get('policy_limitations', float('nan')):.0f} "
+            f"policy limitations, {critic.get('value_estimation_errors', float('nan')):.0f} value-estimation errors.", ""]
+
+
 def write_report(path: Path = HERE / "crl_results.md") -> str:
     records = load_records()
     sweeps = [r for r in records if "jobs" in r]
@@ -308,7 +370,7 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
                   "| seed | commit | wall time | peak RSS | MLflow run | static feature | curve |", "|---|---|---|---|---|---|---|"]
         for r in members:
             curve = f"[png]({r['curve_artifact']})" if r.get("curve_artifact") else "-"
-            parts.append(f"| {r['seed']} | `{r['commit'][:7]}` | {r['wall_s'] / 60:.1f} min | "
+            parts.append(f"| {r['seed']} | `{short(r['commit'])}` | {r['wall_s'] / 60:.1f} min | "
                          f"{r['peak_rss_gb']} GB | `{r['run_id']}` | {r['static_feature']} | {curve} |")
         parts += ["", "| seed | condition | " + key + " [95% CI] | reward | CRL - condition [paired 95% CI], MDE |",
                   "|---|---|---|---|---|"]
@@ -329,8 +391,11 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
             parts += ["", f"Headroom (reads the answers): per-prompt oracle over {o[0]['candidates']} candidates "
                       f"correct on {sum(x['oracle_accuracy'] for x in o) / len(o):.3f} of prompts."]
         parts.append("")
+    for path in sorted((RESULTS / "analyses").glob("*.json")):
+        parts += analysis_section(path.stem, json.loads(path.read_text()),
+                                  json.loads((RESULTS / f"{path.stem}.json").read_text()))
     for r in sweeps:
-        parts += [f"## Sweep `{r['key']}`", "", f"Command: `{r['command']}` (commit `{r['commit'][:7]}`, "
+        parts += [f"## Sweep `{r['key']}`", "", f"Command: `{r['command']}` (commit `{short(r['commit'])}`, "
                   f"{r['wall_s'] / 60:.0f} min for {len(r['jobs'])} jobs); MLflow experiment `{r['sweep_experiment']}`, "
                   f"comparison run `{r['compare_run_id']}`.", "", r["comparison_table"].strip(), ""]
         parts += [f"![{r['key']}]({p})" for p in r["plots"]] + [""]
@@ -352,10 +417,15 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("run", "report", "list"):
+    if not argv or argv[0] not in ("run", "report", "list", "refresh", "analyze"):
         sys.exit(__doc__)
     if argv[0] == "run":
         run_missing(argv[1:])
+    elif argv[0] == "refresh":
+        refresh()
+    elif argv[0] == "analyze":
+        for key in argv[1:]:
+            analyze(key)
     elif argv[0] == "report":
         print(write_report())
     else:
