@@ -31,6 +31,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from crl_exp.analysis.sweep_table import seed_aggregate
+from crl_exp.analysis.training_curve import plot_training_curves
 from crl_exp.tracking.mlflow_run import resolve_tracking_uri
 
 HERE = Path(__file__).resolve().parent
@@ -377,6 +378,14 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
         for r in members:
             parts += seed_rows(r)
         if len(members) > 1:
+            refs = {k: sum(r["references"][k] for r in members) / len(members) for k in ("none", "random", "static")
+                    if all(k in r["references"] for r in members)}
+            slug = label.replace(" / ", "_").replace(" ", "-").replace(":", "")
+            figure = plot_training_curves({f"seed {r['seed']}": r["train_history"] for r in members}, refs,
+                                          f"CRL train reward, {r0['task']} ({r0['model']}, layer {r0['layer']})",
+                                          FIGURES / f"{slug}_training_curves.png")
+            parts += ["", f"![training curves]({figure.relative_to(HERE)}) (references: mean over seeds of the "
+                      f"train/validation rewards of no steering, a random feature and the static feature)"]
             agg = pooled(members)
             parts += ["", f"Pooled over seeds {agg['seeds']} (means: " + ", ".join(
                 f"{c} {v:.3f}" for c, v in agg["means"].items()) + "):", "",

@@ -19,6 +19,7 @@ def grid(tmp_path, monkeypatch):
     spec.loader.exec_module(module)
     monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(module, "HERE", tmp_path)
+    monkeypatch.setattr(module, "FIGURES", tmp_path / "figures")
     (tmp_path / "results").mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     return module
@@ -36,6 +37,9 @@ def record(seed: int, crl: float, static: float, ci_half: float) -> dict:
             "n_heldout": 200, "episodes": {"crl_training": 832, "static_selecting": 192}, "commit": "abc1234",
             "wall_s": 600.0, "peak_rss_gb": 2.5, "run_id": f"run{seed}", "static_feature": 7, "curve_artifact": None,
             "results": metrics, "deltas": deltas, "oracle": None,
+            "references": {"none": 0.2, "random": 0.18, "static": 0.21},
+            "train_history": [{"iteration": i, "train/reward_mean": 0.2 + 0.01 * i, "train/accuracy": 0.3}
+                              for i in range(3)],
             "crl_variants": {"crl_sampled": {"seeds": 5, "mean": crl, "sd": 0.01, "reward_mean": crl / 2}}}
 
 
@@ -44,6 +48,7 @@ def test_report_pools_seeds_with_seed_variance(grid, tmp_path):
         (grid.RESULTS / f"bbq_s{seed}.json").write_text(json.dumps(record(seed, crl, 0.38, 0.04)))
     text = grid.write_report(tmp_path / "out.md")
     assert "| 0 | static | 0.380" in text and "| 1 | crl | 0.440" in text
+    assert len(list((tmp_path / "figures").glob("*_training_curves.png"))) == 1  # one figure per configuration
     se_within = 0.04 / 1.959963984540054
     between = (0.02 ** 2 + 0.02 ** 2) / 1  # deltas 0.02 and 0.06 around their mean 0.04
     se = math.sqrt(se_within ** 2 + between / 2)

@@ -4,24 +4,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
+STYLES = {"static": "tab:orange", "random": "tab:purple", "none": "tab:green"}
+
 
 def plot_training_curve(history: list[dict[str, float]], references: dict[str, float], title: str,
                         path: str | Path) -> Path:
     """PNG: mean train reward (and accuracy) per iteration, with each baseline's reward as a horizontal line
     (``references``: name -> reward measured on train/validation episodes, never test)."""
+    return plot_training_curves({"CRL": history}, references, title, path, accuracy=True)
+
+
+def plot_training_curves(histories: dict[str, list[dict[str, float]]], references: dict[str, float], title: str,
+                         path: str | Path, accuracy: bool = False) -> Path:
+    """One reward line per training run (e.g. one per seed), the baselines' rewards as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    iterations = [h["iteration"] for h in history]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(iterations, [h["train/reward_mean"] for h in history], marker="o", label="CRL train reward")
-    ax.plot(iterations, [h["train/accuracy"] for h in history], marker=".", linestyle=":", color="tab:gray",
-            label="CRL train accuracy")
-    styles = {"static": "tab:orange", "random": "tab:purple", "none": "tab:green"}
+    for label, history in histories.items():
+        iterations = [h["iteration"] for h in history]
+        ax.plot(iterations, [h["train/reward_mean"] for h in history], marker="o", markersize=3,
+                label=f"{label} train reward")
+        if accuracy:
+            ax.plot(iterations, [h["train/accuracy"] for h in history], marker=".", linestyle=":",
+                    color="tab:gray", label=f"{label} train accuracy")
     for name, value in references.items():
-        ax.axhline(value, linestyle="--", color=styles.get(name, "black"), label=f"{name} ({value:.3f})")
+        ax.axhline(value, linestyle="--", color=STYLES.get(name, "black"), label=f"{name} ({value:.3f})")
     ax.set_xlabel("PPO iteration")
     ax.set_ylabel("reward")
     ax.set_title(title)
