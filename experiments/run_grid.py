@@ -147,7 +147,8 @@ def _copy_curve(client: MlflowClient, run_id: str, key: str) -> str | None:
 
 
 def selected(patterns: list[str]) -> list[tuple[str, str, list[str]]]:
-    """(group, key, overrides) in grid order for each pattern: a group name or an fnmatch pattern over keys."""
+    """(group, key, overrides) of the runs each pattern selects (a group name or an fnmatch pattern over keys), in
+    the order of the patterns (grid order within one), each run once."""
     table = grid()
     rows = [(g, k, o) for g, keys in table.items() for k, o in keys.items()]
     if not patterns:
@@ -155,7 +156,10 @@ def selected(patterns: list[str]) -> list[tuple[str, str, list[str]]]:
     unknown = [p for p in patterns if p not in table and not any(fnmatch(k, p) for _, k, _ in rows)]
     if unknown:
         sys.exit(f"no group or key matches {unknown}; groups: {sorted(table)} (see `list`)")
-    return [(g, k, o) for g, k, o in rows if any(p == g or fnmatch(k, p) for p in patterns)]
+    chosen: dict[str, tuple[str, str, list[str]]] = {}
+    for p in patterns:  # in the order given: the first pattern's runs first
+        chosen.update({k: (g, k, o) for g, k, o in rows if (p == g or fnmatch(k, p)) and k not in chosen})
+    return list(chosen.values())
 
 
 def run_missing(patterns: list[str]) -> None:

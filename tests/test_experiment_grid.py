@@ -64,5 +64,8 @@ def test_recorded_keys_are_skipped_and_unknown_patterns_refused(grid, capsys):
     grid.run_missing([key])  # would start a ~10-minute training run if it were not skipped
     assert f"[{key}] recorded, skipped" in capsys.readouterr().out
     assert [k for _, k, _ in grid.selected(["bbq_gemma3_l12_s*"])] == [f"bbq_gemma3_l12_s{s}" for s in range(3)]
+    order = [k for _, k, _ in grid.selected(["cpu_candidates", "bbq_gemma3_l12_s0", "bbq_*"])]
+    assert order[0].startswith("bbq_gemma3_l12_cand32") and order.index("bbq_gemma3_l12_s0") == 6
+    assert len(order) == len(set(order))
     with pytest.raises(SystemExit, match="no group or key matches"):
         grid.selected(["no_such_run"])
