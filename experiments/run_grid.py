@@ -404,9 +404,9 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
             parts += ["", f"Headroom (reads the answers): per-prompt oracle over {o[0]['candidates']} candidates "
                       f"correct on {sum(x['oracle_accuracy'] for x in o) / len(o):.3f} of prompts."]
         parts.append("")
-    for path in sorted((RESULTS / "analyses").glob("*.json")):
-        parts += analysis_section(path.stem, json.loads(path.read_text()),
-                                  json.loads((RESULTS / f"{path.stem}.json").read_text()))
+    for analysed in sorted((RESULTS / "analyses").glob("*.json")):
+        parts += analysis_section(analysed.stem, json.loads(analysed.read_text()),
+                                  json.loads((RESULTS / f"{analysed.stem}.json").read_text()))
     for r in sweeps:
         parts += [f"## Sweep `{r['key']}`", "", f"Command: `{r['command']}` (commit `{short(r['commit'])}`, "
                   f"{r['wall_s'] / 60:.0f} min for {len(r['jobs'])} jobs); MLflow experiment `{r['sweep_experiment']}`, "

@@ -46,7 +46,14 @@ def record(seed: int, crl: float, static: float, ci_half: float) -> dict:
 def test_report_pools_seeds_with_seed_variance(grid, tmp_path):
     for seed, crl in enumerate((0.40, 0.44)):
         (grid.RESULTS / f"bbq_s{seed}.json").write_text(json.dumps(record(seed, crl, 0.38, 0.04)))
+    (grid.RESULTS / "analyses").mkdir()
+    analyses = {"top_features": {"command": "c1", "commit": "abc", "run_id": "t1", "table": "head\n\n| f |"},
+                "branch_points": {"command": "c2", "run_id": "b1", "printed": "1 branch points in 4 episodes\n"}}
+    (grid.RESULTS / "analyses" / "bbq_s0.json").write_text(json.dumps(analyses))
     text = grid.write_report(tmp_path / "out.md")
+    assert (tmp_path / "out.md").read_text().strip() == text.strip()
+    assert json.loads((grid.RESULTS / "analyses" / "bbq_s0.json").read_text()) == analyses  # was overwritten
+    assert "1 branch points in 4 episodes" in text
     assert "| 0 | static | 0.380" in text and "| 1 | crl | 0.440" in text
     assert len(list((tmp_path / "figures").glob("*_training_curves.png"))) == 1  # one figure per configuration
     se_within = 0.04 / 1.959963984540054
