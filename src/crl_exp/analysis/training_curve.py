@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-STYLES = {"static": "tab:orange", "random": "tab:purple", "none": "tab:green"}
+STYLES = {"static": "tab:orange", "random": "tab:purple", "none": "tab:green"}  # the baselines' references
+RUN_COLOURS = ("tab:blue", "tab:red", "tab:brown", "tab:cyan", "tab:olive", "tab:pink")  # none of the above
 
 
 def plot_training_curve(history: list[dict[str, float]], references: dict[str, float], title: str,
@@ -23,10 +24,10 @@ def plot_training_curves(histories: dict[str, list[dict[str, float]]], reference
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label, history in histories.items():
+    for i, (label, history) in enumerate(histories.items()):
         iterations = [h["iteration"] for h in history]
         ax.plot(iterations, [h["train/reward_mean"] for h in history], marker="o", markersize=3,
-                label=f"{label} train reward")
+                color=RUN_COLOURS[i % len(RUN_COLOURS)], label=f"{label} train reward")
         if accuracy:
             ax.plot(iterations, [h["train/accuracy"] for h in history], marker=".", linestyle=":",
                     color="tab:gray", label=f"{label} train accuracy")
