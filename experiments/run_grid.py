@@ -71,7 +71,7 @@ def grid() -> dict[str, dict[str, list[str]]]:
                            for t in ("bbq", "mmlu") for s in SEEDS},
         # through the sweep machinery (one Hydra multirun: a parent run and one child run per job, jobs already
         # FINISHED skipped on a rerun), then the mode that tables and plots it
-        "layer_sweep": {"bbq_gemma3_layer_sweep_s0": sweep(_run("bbq", 0, "sae.layer=3,6,9,12,15"), "compare_layers")},
+        "layer_sweep": {"bbq_gemma3_layer_sweep_s0": sweep(_run("bbq", 0, "sae.layer=3,6,9,15"), "compare_layers")},  # 12: cpu group
         "masking_sweep": {"bbq_gemma3_l12_masking_sweep_s0": sweep(
             _run("bbq", 0, "masking=none,fixed,decaying,adaptive"), "compare_sweep")},
         "cpu_long": {f"bbq_gemma3_l12_long_s{s}": _run("bbq", s, "budget=cpu_long") for s in SEEDS},
