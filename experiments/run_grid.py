@@ -69,6 +69,10 @@ def grid() -> dict[str, dict[str, list[str]]]:
         # the lever the budget=cpu curves point to: a learnable action space (policy.candidates, issue 12)
         "cpu_candidates": {f"{t}_gemma3_l12_cand32_s{s}": _run(t, s, "policy.candidates=32")
                            for t in ("bbq", "mmlu") for s in SEEDS},
+        # the reward the policy optimises vs the metric it is judged by: the dense reward (gold-letter probability)
+        # rose under CRL while accuracy did not, so the exact-match reward (the metric itself) is the next lever
+        "cpu_exact_reward": {f"bbq_gemma3_l12_cand32_exact_s{s}": _run("bbq", s, "policy.candidates=32",
+                                                                        "task.reward=exact") for s in SEEDS},
         # through the sweep machinery (one Hydra multirun: a parent run and one child run per job, jobs already
         # FINISHED skipped on a rerun), then the mode that tables and plots it
         "layer_sweep": {"bbq_gemma3_layer_sweep_s0": sweep(_run("bbq", 0, "sae.layer=3,6,9,15"), "compare_layers")},  # 12: cpu group
