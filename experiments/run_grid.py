@@ -306,7 +306,10 @@ def seed_rows(r: dict) -> list[str]:
             cell = "-"
         else:
             d = r["deltas"][cond]
-            cell = (f"{d[key]['delta']:+.3f} {_fmt_ci(*d[key]['ci95'])}, MDE {d['power']['mde_correct']:.3f}")
+            mde = d["power"]["mde_correct"]
+            mde_txt = (f"MDE {mde:.3f}" if mde == mde else
+                       f"MDE n/a ({d['power']['discordance']:.0%} discordant pairs: no effect detectable)")
+            cell = f"{d[key]['delta']:+.3f} {_fmt_ci(*d[key]['ci95'])}, {mde_txt}"
         out.append(f"| {r['seed']} | {cond} | {v:.3f} [{lo:.3f}, {hi:.3f}] | {res['metrics']['reward']:.3f} | {cell} |")
     s = r["crl_variants"]["crl_sampled"]
     out.append(f"| {r['seed']} | crl sampled ({s['seeds']} samples) | {s['mean']:.3f} "

@@ -31,7 +31,8 @@ def record(seed: int, crl: float, static: float, ci_half: float) -> dict:
     deltas = {b: {"accuracy": {"delta": crl - metrics[b]["metrics"]["accuracy"],
                                "ci95": [crl - metrics[b]["metrics"]["accuracy"] - ci_half,
                                         crl - metrics[b]["metrics"]["accuracy"] + ci_half]},
-                  "power": {"mde_correct": 0.06}} for b in ("none", "random", "static")}
+                  "power": {"mde_correct": 0.06 if b != "none" else float("nan"), "discordance": 0.02}}
+              for b in ("none", "random", "static")}
     return {"key": f"bbq_s{seed}", "seed": seed, "task": "bbq", "model": "gemma3_270m", "layer": 12, "budget": "cpu",
             "action_space": "full:4096", "masking": "adaptive", "coefficient": 0.1, "primary_metric": "accuracy",
             "n_heldout": 200, "episodes": {"crl_training": 832, "static_selecting": 192}, "commit": "abc1234",
@@ -55,6 +56,7 @@ def test_report_pools_seeds_with_seed_variance(grid, tmp_path):
     assert json.loads((grid.RESULTS / "analyses" / "bbq_s0.json").read_text()) == analyses  # was overwritten
     assert "1 branch points in 4 episodes" in text
     assert "| 0 | static | 0.380" in text and "| 1 | crl | 0.440" in text
+    assert "MDE n/a (2% discordant pairs" in text and "MDE 0.060" in text
     assert len(list((tmp_path / "figures").glob("*_training_curves.png"))) == 1  # one figure per configuration
     se_within = 0.04 / 1.959963984540054
     between = (0.02 ** 2 + 0.02 ** 2) / 1  # deltas 0.02 and 0.06 around their mean 0.04
