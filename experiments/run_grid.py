@@ -122,7 +122,7 @@ def collect(client: MlflowClient, run, curve_key: str | None = None) -> dict:
         "mlflow_commit": run.data.tags.get("git_commit"), "task": summary["task"], "model": cfg["model"]["name"],
         "layer": cfg["sae"]["layer"], "masking": cfg["masking"]["schedule"],
         "seed": cfg["seed"], "budget": cfg["budget"]["name"], "coefficient": cfg["steering"]["coefficient"],
-        "coefficient_scale": cfg["steering"]["coefficient_scale"],
+        "coefficient_scale": cfg["steering"]["coefficient_scale"], "reward": cfg["task"].get("reward"),
         "action_space": run.data.tags.get("action_space"), "primary_metric": summary["primary_metric"],
         "n_heldout": summary["n_heldout"], "results": summary["results"], "deltas": summary["deltas"],
         "crl_variants": summary["crl_variants"], "oracle": summary["oracle"],
@@ -293,7 +293,7 @@ def _fmt_ci(lo, hi) -> str:
 
 def config_label(r: dict) -> str:
     return (f"{r['task']} / {r['model']} / layer {r['layer']} / {r['budget']} / {r['action_space']} / "
-            f"masking {r['masking']} / coefficient {r['coefficient']}")
+            f"masking {r['masking']} / coefficient {r['coefficient']} / reward {r.get('reward')}")
 
 
 def seed_rows(r: dict) -> list[str]:
@@ -317,11 +317,12 @@ def seed_rows(r: dict) -> list[str]:
     return out
 
 
-def pooled(records: list[dict]) -> dict:
-    """Over seeds (same held-out examples): the mean of each condition, and each CRL-minus-baseline delta with
-    a CI that includes seed variance (crl_exp.analysis.sweep_table.seed_aggregate) and the effect that CI
-    could detect with 80% power (MDE = (z_0.975 + z_0.8) x its standard error)."""
-    key = records[0]["primary_metric"]
+def pooled(records: list[dict], metric: str | None = None) -> dict:
+    """Over seeds (same held-out examples): the mean of each condition, and each CRL-minus-baseline delta of
+    ``metric`` (default: the primary one) with a CI that includes seed variance
+    (crl_exp.analysis.sweep_table.seed_aggregate) and the effect that CI could detect with 80% power
+    (MDE = (z_0.975 + z_0.8) x its standard error)."""
+    key = metric or records[0]["primary_metric"]
     rows = []
     for r in records:
         row = {"task": r["task"], "layer": r["layer"], "masking": r["masking"], "seed": r["seed"]}
@@ -398,14 +399,16 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
             parts += ["", f"![training curves]({figure.relative_to(HERE)}) (references: mean over seeds of the "
                       f"train/validation rewards of no steering, a random feature and the static feature)"]
             agg = pooled(members)
-            parts += ["", f"Pooled over seeds {agg['seeds']} (means: " + ", ".join(
+            parts += ["", f"Pooled over seeds {agg['seeds']} (means of {key}: " + ", ".join(
                 f"{c} {v:.3f}" for c, v in agg["means"].items()) + "):", "",
-                "| CRL minus | mean delta | 95% CI (incl. seed variance) | seed sd | MDE (80% power) |",
-                "|---|---|---|---|---|"]
-            for base in ("none", "random", "static"):
-                parts.append(f"| {base} | {agg[f'crl_minus_{base}']:+.3f} | "
-                             f"{_fmt_ci(agg[f'crl_minus_{base}_ci_low'], agg[f'crl_minus_{base}_ci_high'])} | "
-                             f"{agg[f'crl_minus_{base}_sd_seeds']:.3f} | {agg[f'crl_minus_{base}_mde']:.3f} |")
+                "| metric | CRL minus | mean delta | 95% CI (incl. seed variance) | seed sd | MDE (80% power) |",
+                "|---|---|---|---|---|---|"]
+            for metric in dict.fromkeys((key, "reward")):
+                agg = pooled(members, metric)
+                for base in ("none", "random", "static"):
+                    parts.append(f"| {metric} | {base} | {agg[f'crl_minus_{base}']:+.3f} | "
+                                 f"{_fmt_ci(agg[f'crl_minus_{base}_ci_low'], agg[f'crl_minus_{base}_ci_high'])} | "
+                                 f"{agg[f'crl_minus_{base}_sd_seeds']:.3f} | {agg[f'crl_minus_{base}_mde']:.3f} |")
         if r0.get("oracle"):
             o = [r["oracle"] for r in members if r.get("oracle")]
             parts += ["", f"Headroom (reads the answers): per-prompt oracle over {o[0]['candidates']} candidates "

@@ -28,13 +28,14 @@ def grid(tmp_path, monkeypatch):
 def record(seed: int, crl: float, static: float, ci_half: float) -> dict:
     metrics = {c: {"metrics": {"accuracy": v, "reward": v / 2}, "ci95": {"accuracy": [v - 0.05, v + 0.05]}}
                for c, v in {"none": 0.3, "random": 0.3, "static": static, "crl": crl}.items()}
-    deltas = {b: {"accuracy": {"delta": crl - metrics[b]["metrics"]["accuracy"],
-                               "ci95": [crl - metrics[b]["metrics"]["accuracy"] - ci_half,
-                                        crl - metrics[b]["metrics"]["accuracy"] + ci_half]},
-                  "power": {"mde_correct": 0.06 if b != "none" else float("nan"), "discordance": 0.02}}
-              for b in ("none", "random", "static")}
+    deltas = {}
+    for b in ("none", "random", "static"):
+        d = crl - metrics[b]["metrics"]["accuracy"]
+        deltas[b] = {m: {"delta": d * scale, "ci95": [(d - ci_half) * scale, (d + ci_half) * scale]}
+                     for m, scale in (("accuracy", 1.0), ("reward", 0.5))}
+        deltas[b]["power"] = {"mde_correct": 0.06 if b != "none" else float("nan"), "discordance": 0.02}
     return {"key": f"bbq_s{seed}", "seed": seed, "task": "bbq", "model": "gemma3_270m", "layer": 12, "budget": "cpu",
-            "action_space": "full:4096", "masking": "adaptive", "coefficient": 0.1, "primary_metric": "accuracy",
+            "action_space": "full:4096", "masking": "adaptive", "reward": "dense", "coefficient": 0.1, "primary_metric": "accuracy",
             "n_heldout": 200, "episodes": {"crl_training": 832, "static_selecting": 192}, "commit": "abc1234",
             "wall_s": 600.0, "peak_rss_gb": 2.5, "run_id": f"run{seed}", "static_feature": 7, "curve_artifact": None,
             "results": metrics, "deltas": deltas, "oracle": None,
@@ -55,13 +56,14 @@ def test_report_pools_seeds_with_seed_variance(grid, tmp_path):
     assert (tmp_path / "out.md").read_text().strip() == text.strip()
     assert json.loads((grid.RESULTS / "analyses" / "bbq_s0.json").read_text()) == analyses  # was overwritten
     assert "1 branch points in 4 episodes" in text
+    assert next(x for x in text.splitlines() if x.startswith("| reward | static |")).startswith("| reward | static | +0.020")
     assert "| 0 | static | 0.380" in text and "| 1 | crl | 0.440" in text
     assert "MDE n/a (2% discordant pairs" in text and "MDE 0.060" in text
     assert len(list((tmp_path / "figures").glob("*_training_curves.png"))) == 1  # one figure per configuration
     se_within = 0.04 / 1.959963984540054
     between = (0.02 ** 2 + 0.02 ** 2) / 1  # deltas 0.02 and 0.06 around their mean 0.04
     se = math.sqrt(se_within ** 2 + between / 2)
-    line = next(x for x in text.splitlines() if x.startswith("| static | +0.040"))
+    line = next(x for x in text.splitlines() if x.startswith("| accuracy | static | +0.040"))
     low, high = (float(v) for v in line.split("[")[1].split("]")[0].split(","))
     assert low == pytest.approx(0.04 - 1.959963984540054 * se, abs=1e-3)
     assert high == pytest.approx(0.04 + 1.959963984540054 * se, abs=1e-3)
