@@ -78,7 +78,9 @@ def grid() -> dict[str, dict[str, list[str]]]:
         "layer_sweep": {"bbq_gemma3_layer_sweep_s0": sweep(_run("bbq", 0, "sae.layer=3,6,9,15"), "compare_layers")},  # 12: cpu group
         "masking_sweep": {"bbq_gemma3_l12_masking_sweep_s0": sweep(
             _run("bbq", 0, "masking=none,fixed,decaying,adaptive"), "compare_sweep")},
-        "cpu_long": {f"bbq_gemma3_l12_long_s{s}": _run("bbq", s, "budget=cpu_long") for s in SEEDS},
+        # more training where CRL learns at all (32 candidates): the "more iterations" lever
+        "cpu_long": {f"bbq_gemma3_l12_cand32_long_s{s}": _run("bbq", s, "budget=cpu_long", "policy.candidates=32")
+                     for s in SEEDS},
     }
     return groups
 
