@@ -305,17 +305,20 @@ def seed_rows(r: dict) -> list[str]:
         res = r["results"][cond]
         v, (lo, hi) = res["metrics"][key], res["ci95"].get(key, (math.nan, math.nan))
         if cond == "crl":
-            cell = "-"
+            cell, reward_cell = "-", "-"
         else:
             d = r["deltas"][cond]
             mde = d["power"]["mde_correct"]
             mde_txt = (f"MDE {mde:.3f}" if mde == mde else
                        f"MDE n/a ({d['power']['discordance']:.0%} discordant pairs: no effect detectable)")
             cell = f"{d[key]['delta']:+.3f} {_fmt_ci(*d[key]['ci95'])}, {mde_txt}"
-        out.append(f"| {r['seed']} | {cond} | {v:.3f} [{lo:.3f}, {hi:.3f}] | {res['metrics']['reward']:.3f} | {cell} |")
+            reward_cell = (f"{d['reward']['delta']:+.3f} {_fmt_ci(*d['reward']['ci95'])}, "
+                           f"MDE {d['power']['mde_reward']:.3f}") if "reward" in d else "-"
+        out.append(f"| {r['seed']} | {cond} | {v:.3f} [{lo:.3f}, {hi:.3f}] | {res['metrics']['reward']:.3f} | {cell} | "
+                   f"{reward_cell} |")
     s = r["crl_variants"]["crl_sampled"]
     out.append(f"| {r['seed']} | crl sampled ({s['seeds']} samples) | {s['mean']:.3f} "
-               f"(sd {s['sd']:.3f}) | {s['reward_mean']:.3f} | - |")
+               f"(sd {s['sd']:.3f}) | {s['reward_mean']:.3f} | - | - |")
     return out
 
 
@@ -387,8 +390,8 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
             curve = f"[png]({r['curve_artifact']})" if r.get("curve_artifact") else "-"
             parts.append(f"| {r['seed']} | `{short(r['commit'])}` | {r['wall_s'] / 60:.1f} min | "
                          f"{r['peak_rss_gb']} GB | `{r['run_id']}` | {r['static_feature']} | {curve} |")
-        parts += ["", "| seed | condition | " + key + " [95% CI] | reward | CRL - condition [paired 95% CI], MDE |",
-                  "|---|---|---|---|---|"]
+        parts += ["", "| seed | condition | " + key + " [95% CI] | reward | CRL - condition [paired 95% CI], MDE | "
+                  "CRL - condition, reward [paired 95% CI], MDE |", "|---|---|---|---|---|---|"]
         for r in members:
             parts += seed_rows(r)
         if len(members) > 1:

@@ -33,7 +33,7 @@ def record(seed: int, crl: float, static: float, ci_half: float) -> dict:
         d = crl - metrics[b]["metrics"]["accuracy"]
         deltas[b] = {m: {"delta": d * scale, "ci95": [(d - ci_half) * scale, (d + ci_half) * scale]}
                      for m, scale in (("accuracy", 1.0), ("reward", 0.5))}
-        deltas[b]["power"] = {"mde_correct": 0.06 if b != "none" else float("nan"), "discordance": 0.02}
+        deltas[b]["power"] = {"mde_correct": 0.06 if b != "none" else float("nan"), "discordance": 0.02, "mde_reward": 0.01}
     return {"key": f"bbq_s{seed}", "seed": seed, "task": "bbq", "model": "gemma3_270m", "layer": 12, "budget": "cpu",
             "action_space": "full:4096", "masking": "adaptive", "reward": "dense", "coefficient": 0.1, "primary_metric": "accuracy",
             "n_heldout": 200, "episodes": {"crl_training": 832, "static_selecting": 192}, "commit": "abc1234",
@@ -59,6 +59,7 @@ def test_report_pools_seeds_with_seed_variance(grid, tmp_path):
     assert next(x for x in text.splitlines() if x.startswith("| reward | static |")).startswith("| reward | static | +0.020")
     assert "| 0 | static | 0.380" in text and "| 1 | crl | 0.440" in text
     assert "MDE n/a (2% discordant pairs" in text and "MDE 0.060" in text
+    assert "| 0 | static | 0.380 [0.330, 0.430] | 0.190 | +0.020 [-0.020, +0.060], MDE 0.060 | +0.010 [-0.010, +0.030], MDE 0.010 |" in text
     assert len(list((tmp_path / "figures").glob("*_training_curves.png"))) == 1  # one figure per configuration
     se_within = 0.04 / 1.959963984540054
     between = (0.02 ** 2 + 0.02 ** 2) / 1  # deltas 0.02 and 0.06 around their mean 0.04
