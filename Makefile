@@ -56,7 +56,8 @@ ui: install
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(MLFLOW_DB)) --host 127.0.0.1 --port 5000
 
 # The quick-start main job: CRL on BBQ at layer 12 over the 32 features most associated with reward (a learnable
-# action space at this budget), about 8 minutes on 2 cores after the one-time model conversion and SAE training.
+# action space at this budget): 10-12 minutes measured on 2 cores (shared with other work), after the one-time
+# model conversion and SAE training.
 # Its table compares CRL with no steering, a random and the best static feature; the training-curve PNG path is
 # printed under it. The paper's setting (the whole dictionary, GSM8K) is `python -m crl_exp +experiment=gsm8k_layer12`.
 train: install

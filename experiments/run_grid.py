@@ -28,10 +28,12 @@ import time
 from fnmatch import fnmatch
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from crl_exp.analysis.sweep_table import seed_aggregate
+from crl_exp.analysis.sweep_table import newest_per_config, seed_aggregate
 from crl_exp.analysis.training_curve import plot_training_curves
+from crl_exp.modes.analyze import read_examples
 from crl_exp.tracking.mlflow_run import resolve_tracking_uri
 
 HERE = Path(__file__).resolve().parent
@@ -114,9 +116,9 @@ def collect(client: MlflowClient, run, curve_key: str | None = None) -> dict:
     summary = _artifact_json(client, rid, "heldout/summary.json")
     examples = {}
     for cond in ("none", "random", "static", "crl"):
-        table = _artifact_json(client, rid, f"heldout/{cond}/examples.json")
-        cols, data = table["columns"], table["data"]
-        examples[cond] = {c: [row[cols.index(c)] for row in data] for c in ("id", "correct", "reward")}
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = read_examples(client.download_artifacts(rid, f"heldout/{cond}/examples.json", tmp))
+        examples[cond] = {c: [row[c] for row in rows] for c in ("id", "correct", "reward")}
     cfg = summary["config"]
     m = run.data.metrics
     return {
@@ -143,7 +145,7 @@ def _copy_curve(client: MlflowClient, run_id: str, key: str) -> str | None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             src = Path(client.download_artifacts(run_id, "training/training_curve.png", tmp))
-        except Exception as err:  # noqa: BLE001 - a run without a curve is recorded as such, not hidden
+        except (MlflowException, OSError) as err:  # a run without a curve is recorded as such, not hidden
             print(f"[{key}] no training curve: {err}", flush=True)
             return None
         FIGURES.mkdir(exist_ok=True)
@@ -224,9 +226,6 @@ def collect_sweep(client: MlflowClient, key: str, compare: str) -> dict:
     """A sweep's jobs (each reduced like a single run) and the comparison its compare mode logged."""
     exp = client.get_experiment_by_name(f"grid-{key}")
     jobs = client.search_runs([exp.experiment_id], "tags.mode = 'train' and attributes.status = 'FINISHED'")
-    newest: dict[str, object] = {}
-    for r in sorted(jobs, key=lambda r: r.info.start_time):
-        newest[r.data.tags.get("config_hash", r.info.run_id)] = r
     (cmp_run,) = client.search_runs([client.get_experiment_by_name(f"grid-{key}-compare").experiment_id],
                                     order_by=["attributes.start_time DESC"], max_results=1)
     folder = "compare_layers" if compare == "compare_layers" else "comparison"
@@ -240,7 +239,7 @@ def collect_sweep(client: MlflowClient, key: str, compare: str) -> dict:
             plots.append(f"figures/{key}_{png.name}")
     return {"sweep_experiment": exp.name, "compare_run_id": cmp_run.info.run_id, "comparison_table": table,
             "plots": plots, "jobs": [collect(client, r, curve_key=f"{key}_{r.info.run_id[:8]}")
-                                     for r in newest.values()]}
+                                     for r in newest_per_config(jobs)]}
 
 
 def refresh() -> None:

@@ -48,15 +48,15 @@ def runner(mode: str) -> Callable[[DictConfig, RunTracker], object]:
     return importlib.import_module(f"crl_exp.modes.{MODES[mode]}").run
 
 
-def preflight(cfg: DictConfig) -> None:
-    """All checks that need no weights."""
+def preflight(cfg: DictConfig) -> str | None:
+    """All checks that need no weights. Returns the MLflow run a resumed checkpoint was logging to (or None)."""
     if cfg.mode not in MODES:
         raise CRLConfigError(f"Unknown mode {cfg.mode!r}; valid modes: {', '.join(MODES)}")
     check_tracking_uri(cfg.logger.get("tracking_uri"))
-    if cfg.get("trainer", {}).get("ckpt_path"):
-        check_checkpoint(str(cfg.trainer.ckpt_path))
+    ckpt = cfg.get("trainer", {}).get("ckpt_path")
+    resume_run_id = check_checkpoint(str(ckpt)).get("crl_mlflow_run_id") if ckpt else None
     if cfg.mode in ("analyze", "compare_layers", "compare_sweep"):
-        return  # these read the model/SAE settings of the runs they analyse
+        return resume_run_id  # these read the model/SAE settings of the runs they analyse
     check_budget(cfg)
     n_layers = peek_n_layers(cfg.model)
     for layer in [cfg.sae.layer, *(cfg.sae.get("layers") or [])]:
@@ -65,6 +65,7 @@ def preflight(cfg: DictConfig) -> None:
     ensure_writable_dir(cfg.cache_dir or default_cache_dir(), "cache")
     if cfg.model.source == "gguf_package":
         package_folder(cfg.model.package)
+    return resume_run_id
 
 
 def check_tracking_uri(uri: str | None, timeout: float = 5.0) -> None:
@@ -226,7 +227,7 @@ def peek_n_layers(model_cfg: DictConfig) -> int | None:
 def run(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
     torch.manual_seed(int(cfg.seed))
-    preflight(cfg)
+    resume_run_id = preflight(cfg)
     output_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
     tags = {"model": cfg.model.name, "layer": cfg.sae.layer, "sae_source": cfg.sae.source,
             "task": cfg.task.name, "steering": cfg.steering.kind}
@@ -239,8 +240,6 @@ def run(cfg: DictConfig) -> None:
             if output_dir:
                 Path(output_dir, "SKIPPED").write_text(done)
             return
-    ckpt = cfg.get("trainer", {}).get("ckpt_path")
-    resume_run_id = check_checkpoint(str(ckpt)).get("crl_mlflow_run_id") if ckpt else None
     try:
         with start_tracked_run(cfg, output_dir=output_dir, tags=tags, resume_run_id=resume_run_id) as tracker:
             runner(cfg.mode)(cfg, tracker)

@@ -23,6 +23,14 @@ def latest_parent(client: MlflowClient, experiment_name: str):
     return exp, parents
 
 
+def newest_per_config(runs) -> list:
+    """One run per job: a rerun may have repeated or skipped jobs, so the newest run of each config hash."""
+    newest: dict[str, object] = {}
+    for r in sorted(runs, key=lambda r: r.info.start_time):
+        newest[r.data.tags.get("config_hash", r.info.run_id)] = r
+    return list(newest.values())
+
+
 def job_row(run) -> dict:
     m, t = run.data.metrics, run.data.tags
     row = {k: t.get(k) for k in KEYS}

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from crl_exp.analysis.layers import markdown_table
-from crl_exp.analysis.sweep_table import job_row, latest_parent, seed_aggregate
+from crl_exp.analysis.sweep_table import job_row, latest_parent, newest_per_config, seed_aggregate
 from crl_exp.errors import CRLConfigError
 from crl_exp.tracking import RunTracker
 
@@ -24,11 +24,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> pd.DataFrame:
                 if r.data.tags.get("mlflow.parentRunId") in parent_ids]
     if not children:
         raise CRLConfigError(f"The sweep in {exp.name!r} has no job runs yet")
-    # A rerun may have skipped jobs: the newest run per config hash represents the job.
-    newest: dict[str, object] = {}
-    for r in sorted(children, key=lambda r: r.info.start_time):
-        newest[r.data.tags.get("config_hash", r.info.run_id)] = r
-    rows = [job_row(r) for r in newest.values()]
+    rows = [job_row(r) for r in newest_per_config(children)]
     table = pd.DataFrame(rows).sort_values(["task", "layer", "masking"])
     md = markdown_table(table.drop(columns=["run_id"]))
     seeds = pd.DataFrame(seed_aggregate(rows))
