@@ -77,12 +77,20 @@ def grid() -> dict[str, dict[str, list[str]]]:
                                                                         "task.reward=exact") for s in SEEDS},
         # through the sweep machinery (one Hydra multirun: a parent run and one child run per job, jobs already
         # FINISHED skipped on a rerun), then the mode that tables and plots it
-        "layer_sweep": {"bbq_gemma3_layer_sweep_s0": sweep(_run("bbq", 0, "sae.layer=3,6,9,15"), "compare_layers")},  # 12: cpu group
-        "masking_sweep": {"bbq_gemma3_l12_masking_sweep_s0": sweep(
-            _run("bbq", 0, "masking=none,fixed,decaying,adaptive"), "compare_sweep")},
+        # over 32 candidates, where the policy learns at budget=cpu (with all 4,096 features its entropy stays at
+        # ln 4096, so neither layers nor masking schedules could differ in anything but noise)
+        "layer_sweep": {"bbq_gemma3_cand32_layer_sweep_s0": sweep(
+            _run("bbq", 0, "policy.candidates=32", "sae.layer=3,6,12,15"), "compare_layers")},
+        "masking_sweep": {"bbq_gemma3_l12_cand32_masking_sweep_s0": sweep(
+            _run("bbq", 0, "policy.candidates=32", "masking=none,fixed,decaying,adaptive"), "compare_sweep")},
         # more training where CRL learns at all (32 candidates): the "more iterations" lever
         "cpu_long": {f"bbq_gemma3_l12_cand32_long_s{s}": _run("bbq", s, "budget=cpu_long", "policy.candidates=32")
                      for s in SEEDS},
+        # the reward lever the cpu_long curves point to (fixed before any of these runs, one variant): the dense
+        # reward paid for mass on every letter (a format gain); the margin pays the gold letter against its best
+        # rival only (task.reward=margin, tasks/multiple_choice.py)
+        "cpu_long_margin": {f"bbq_gemma3_l12_cand32_long_margin_s{s}": _run(
+            "bbq", s, "budget=cpu_long", "policy.candidates=32", "task.reward=margin") for s in SEEDS},
     }
     return groups
 

@@ -161,6 +161,24 @@ def test_mc_scoring_unconstrained_constrained_and_dense(data_dir):
     assert m["invalid_rate"] == pytest.approx(2 / 3) and m["accuracy/anatomy"] == pytest.approx(1 / 3)
 
 
+def test_margin_reward_pays_the_gold_letter_against_its_best_rival_not_the_letter_mass(data_dir):
+    task = make("mmlu", data_dir, "task.subjects=[anatomy]", "task.reward=margin")
+    ex = task.split("test")[0]
+    gold = "ABCD".index(ex.answer)
+    rival = (gold + 1) % 4
+
+    def reward(gold_p: float, rival_p: float) -> float:
+        probs = torch.zeros(1, 4)
+        probs[0, gold], probs[0, rival] = gold_p, rival_p
+        return task.score_batch([ex], [""], [" " + ex.answer], probs)[0]["reward"]
+
+    assert reward(0.3, 0.1) == pytest.approx(0.2) and reward(0.1, 0.3) == pytest.approx(-0.2)
+    # more mass on every letter (the dense reward's format gain) does not raise the margin much; it scales it
+    assert reward(0.6, 0.5) < reward(0.3, 0.1)
+    with pytest.raises(ValueError, match="exact, dense or margin"):
+        _ = make("mmlu", data_dir, "task.subjects=[anatomy]", "task.reward=ratio").reward_kind
+
+
 def test_dense_reward_is_the_full_vocabulary_probability_of_the_gold_letter():
     from crl_exp.episodes import option_probabilities
 

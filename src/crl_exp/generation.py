@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from crl_exp.models import LoadedModel
+from crl_exp.models.greedy_head import screened_greedy_head
 from crl_exp.steering.hook import Controller, ResidualSteerer
 
 # Bound on the few-shot prefix caches kept per model (``PrefixStore``). Gemma 3 270M in fp32 holds ~21 MB for a
@@ -340,7 +341,10 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: 
     if (share_prefix or prefixes) and enc.input_ids.shape[1] >= 2:  # 1-token prompts: no prefix to share
         kwargs["cache"] = prompt_prefix_cache(lm, prompts, enc.input_ids, enc.attention_mask, prefixes,
                                               add_special_tokens)
-    with ctx:
+    # plain greedy steps need only the argmax: screen the head in bf16 (models/greedy_head.py); scored first-step
+    # logits and min_new_tokens' logit edits need the fp32 head
+    screen = lm.screened_greedy_head and score_token_ids is None and not min_new_tokens
+    with ctx, screened_greedy_head(lm.model, screen):
         out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=lm.tokenizer.pad_token_id, **kwargs)
     seconds = time.perf_counter() - t0

@@ -28,6 +28,7 @@ import torch
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.episodes import render_prompt
 from crl_exp.generation import cache_tensors, generate, left_padded_cache, stop_criteria
+from crl_exp.models.greedy_head import screened_greedy_head
 from crl_exp.steering.controllers import StaticController
 from crl_exp.steering.hook import NO_FEATURE, ResidualSteerer
 from crl_exp.tasks import Task
@@ -200,7 +201,7 @@ def continue_steps(lm, full: torch.Tensor, P: int, steps: list[int], snapshots, 
     if max(lengths) > 0:
         cache = left_padded_cache(lm, [snapshots[t][0] for t in steps], lengths)
     kwargs = stop_criteria(lm.tokenizer, stop_strings, width)
-    with steerer.attached(controller):
+    with steerer.attached(controller), screened_greedy_head(lm.model, lm.screened_greedy_head):
         out = lm.model.generate(input_ids=input_ids, attention_mask=mask, cache=cache,
                                 max_new_tokens=max_new_tokens - min(steps), do_sample=False,
                                 pad_token_id=lm.tokenizer.pad_token_id, **kwargs)

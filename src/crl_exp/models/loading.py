@@ -46,6 +46,9 @@ class LoadedModel:
     source: str
     load_seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    # greedy decoding through ``models/greedy_head.py`` (bf16 screen, fp32 settle; same argmax); ``false`` keeps
+    # the plain fp32 head, e.g. to measure it (``model.screened_greedy_head``)
+    screened_greedy_head: bool = True
 
     @property
     def device(self) -> torch.device:
@@ -90,7 +93,8 @@ def load_language_model(cfg: Any, cache_dir: str | Path | None = None) -> Loaded
     n_layers, d_model = model_dims(model)
     seconds = time.perf_counter() - t0
     log.info("Loaded %s from %s in %.1fs (%d layers, d_model %d)", cfg.name, path, seconds, n_layers, d_model)
-    return LoadedModel(model, tokenizer, str(cfg.name), n_layers, d_model, str(path), seconds, info)
+    options = {} if cfg.get("screened_greedy_head") is None else {"screened_greedy_head": bool(cfg.screened_greedy_head)}
+    return LoadedModel(model, tokenizer, str(cfg.name), n_layers, d_model, str(path), seconds, info, **options)
 
 
 def load_hf_checkpoint(

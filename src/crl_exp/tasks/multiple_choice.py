@@ -3,10 +3,13 @@
 DESIGN §5: report accuracy both *unconstrained* (the letter parsed from the generated text; anything else is
 invalid and wrong) and *constrained* (argmax of the model's probabilities over the option letters), plus the
 invalid-answer rate, because steering can "gain" accuracy just by removing invalid outputs. Rewards:
-``exact`` (1 if the unconstrained answer is right) or ``dense`` (probability of the right letter, all its
-spellings summed, under the *full* next-token distribution), the latter giving small models a learning signal.
-Renormalising over the option letters would let a policy push probability off the letters at no cost;
-``letter_mass`` (probability on any option letter) makes such a shift visible.
+``exact`` (1 if the unconstrained answer is right), ``dense`` (probability of the right letter, all its
+spellings summed, under the *full* next-token distribution), the latter giving small models a learning signal,
+or ``margin`` (that probability minus the largest other letter's, in [-1, 1]; positive exactly when the gold
+letter is the most likely letter). Renormalising over the option letters would let a policy push probability off
+the letters at no cost; ``letter_mass`` (probability on any option letter) makes such a shift visible. ``dense``
+still pays for pushing mass *onto* every letter (a format gain, measured in experiments/crl_results.md);
+``margin`` pays only for the gold letter gaining on its best rival.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ class MultipleChoiceTask(Task):
     @property
     def reward_kind(self) -> str:
         kind = self.cfg.get("reward", "exact")
-        if kind not in ("exact", "dense"):
-            raise ValueError(f"task.reward must be exact or dense, got {kind!r}")
+        if kind not in ("exact", "dense", "margin"):
+            raise ValueError(f"task.reward must be exact, dense or margin, got {kind!r}")
         return kind
 
     def scored_letters(self, batch: list[Example]) -> str:
@@ -50,11 +53,14 @@ class MultipleChoiceTask(Task):
                                    "correct": float(correct)}
             if option_probs is not None:
                 probs = option_probs[i, : len(letters)]
-                rec["gold_prob"] = float(probs[letters.index(ex.answer)])
+                gold = letters.index(ex.answer)
+                rec["gold_prob"] = float(probs[gold])
+                rec["gold_margin"] = rec["gold_prob"] - float(torch.cat([probs[:gold], probs[gold + 1:]]).max())
                 rec["letter_mass"] = float(probs.sum())
                 rec["constrained"] = letters[int(probs.argmax())]
                 rec["constrained_correct"] = float(rec["constrained"] == ex.answer)
-            rec["reward"] = rec["gold_prob"] if self.reward_kind == "dense" and "gold_prob" in rec else float(correct)
+            dense = {"dense": "gold_prob", "margin": "gold_margin"}.get(self.reward_kind)
+            rec["reward"] = rec[dense] if dense in rec else float(correct)
             records.append(rec)
         return records
 
