@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
@@ -29,6 +30,8 @@ from crl_exp.tasks import build_task
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
+    """Share of tokens that agree position by position up to each row's first disagreement (the rest of that
+    row counts as not agreeing), and the share of identical rows."""
     agree = same = total = 0
     for x, y in zip(a, b, strict=True):
         n = next((i for i, (s, t) in enumerate(zip(x, y, strict=True)) if s != t), len(x))
@@ -76,8 +79,7 @@ def main() -> None:
            "settled_tokens_per_row": (head.candidates - cand0) / max(1, head.rows - rows0)}
     print(json.dumps(row), flush=True)
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(row, fh, indent=1)
+        Path(args.out).write_text(json.dumps(row, indent=1))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import argparse
 import json
 
 import torch
+from greedy_head import agreement  # benchmarks/ is the script's folder, so on sys.path
 from hydra import compose, initialize_config_dir
 
 from crl_exp.episodes import prompt_prefix, render_prompt
@@ -66,15 +67,11 @@ def main() -> None:
         full = generate(lm, prompts, args.new_tokens, steerer, controller, min_new_tokens=args.new_tokens)
         cached = generate(lm, prompts, args.new_tokens, steerer, controller, min_new_tokens=args.new_tokens,
                           prefixes=prefixes)
-        agree = rows_same = 0
-        for a, b in zip(full.new_tokens.tolist(), cached.new_tokens.tolist(), strict=True):
-            n = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
-            agree += n
-            rows_same += n == len(a)
+        token_agreement, identical = agreement(full.new_tokens.tolist(), cached.new_tokens.tolist())
         row = {"task": name, "dtype": str(next(lm.model.parameters()).dtype), "prompts": len(prompts),
                "new_tokens": args.new_tokens, "max_abs_logit_diff": max(diffs),
                "mean_max_abs_logit_diff": sum(diffs) / len(diffs),
-               "greedy_token_agreement": agree / full.new_tokens.numel(), "identical_rows": rows_same / len(prompts)}
+               "greedy_token_agreement": token_agreement, "identical_rows": identical}
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
