@@ -91,6 +91,13 @@ def grid() -> dict[str, dict[str, list[str]]]:
         # rival only (task.reward=margin, tasks/multiple_choice.py)
         "cpu_long_margin": {f"bbq_gemma3_l12_cand32_long_margin_s{s}": _run(
             "bbq", s, "budget=cpu_long", "policy.candidates=32", "task.reward=margin") for s in SEEDS},
+        # the lever the one-feature greedy policies point to (fixed before these runs): the last-token states of
+        # all BBQ prompts share 96.6% of their LayerNorm'd energy, so the trunk cannot tell prompts apart;
+        # policy.obs_norm standardises each dimension with running statistics (crl/policy.py)
+        "cpu_obs_norm": {f"bbq_gemma3_l12_cand32_obsnorm_s{s}": _run("bbq", s, "policy.candidates=32",
+                                                                      "policy.obs_norm=true") for s in SEEDS},
+        "cpu_long_obs_norm": {f"bbq_gemma3_l12_cand32_long_obsnorm_s{s}": _run(
+            "bbq", s, "budget=cpu_long", "policy.candidates=32", "policy.obs_norm=true") for s in SEEDS},
     }
     return groups
 

@@ -26,9 +26,10 @@ def static_reward(env, feature: int) -> float:
     return sum(c.startswith(TARGET) for c in gen.completions) / len(PROMPTS)
 
 
-def make_module(env, iterations, masking=None, **ppo):
+def make_module(env, iterations, masking=None, policy=None, **ppo):
     ppo_cfg = PPOConfig(**{"lr": 3e-3, "ent_coef": 0.0, "update_epochs": 4, "num_minibatches": 2, **ppo})
-    module = CRLModule(env.lm.d_model, D_SAE, PolicyConfig(hidden=32), ppo_cfg, masking or MaskingConfig(), iterations, seed=0)
+    module = CRLModule(env.lm.d_model, D_SAE, policy or PolicyConfig(hidden=32), ppo_cfg, masking or MaskingConfig(),
+                       iterations, seed=0)
     return module.attach(env)
 
 
@@ -145,6 +146,20 @@ def test_resume_continues_iteration_optimizer_and_logging(tiny_lm, tmp_path):
         assert torch.equal(v, ckpt["state_dict"][f"policy.{k}"])
     history = MlflowClient(uri).get_metric_history(logger.run_id, "train/reward_mean")
     assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+
+
+def test_obs_norm_statistics_follow_every_rollout_step_and_live_in_the_checkpoint(tiny_lm, tmp_path):
+    env = planted_env(tiny_lm)
+    module = train(env, tmp_path, iterations=3, policy=PolicyConfig(hidden=32, obs_norm=True))
+    steps = sum(round(h["train/steps_per_episode"] * 12) for h in module.history)
+    norm = module.policy.obs_norm
+    assert norm.count.item() == steps > 0
+    states = module.last_rollout["trajectory"]["state"][module.last_rollout["valid"]]
+    assert not torch.allclose(module.policy.observe(states), module.policy.norm(states))  # it standardises
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["state_dict"]
+    for name in ("mean", "var", "count"):
+        assert torch.equal(saved[f"policy.obs_norm.{name}"], getattr(norm, name))
+    assert make_module(env, 3).policy.obs_norm is None  # off by default: the recorded runs' policy
 
 
 def test_nan_reward_stops_with_a_diagnostic(tiny_lm, tmp_path):

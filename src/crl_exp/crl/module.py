@@ -66,7 +66,7 @@ class CRLModule(L.LightningModule):
         self.automatic_optimization = False
         with torch.random.fork_rng():  # seeded init without touching the global RNG
             torch.manual_seed(seed)
-            self.policy = ActorCritic(d_model, d_sae, policy_cfg.hidden, policy_cfg.shared_trunk)
+            self.policy = ActorCritic(d_model, d_sae, policy_cfg.hidden, policy_cfg.shared_trunk, policy_cfg.obs_norm)
         self.ppo_cfg, self.total_iterations, self.seed = ppo_cfg, total_iterations, seed
         self.top_k = policy_cfg.top_k
         if not 1 <= self.top_k <= d_sae or (masking_cfg.schedule != "none" and self.top_k > masking_cfg.min_unmasked):
@@ -122,6 +122,8 @@ class CRLModule(L.LightningModule):
         chosen = traj["feature"][valid]
         self.last_rollout = {"records": records, "trajectory": traj, "valid": valid}
         self.mask.update(chosen, entropy=stats["entropy"])
+        # after the update, so this iteration's stored log-probs and its PPO ratios used one normaliser
+        self.policy.update_obs_norm(traj["state"][valid])
         metrics = {
             "train/reward_mean": episode_rewards.mean().item(),
             "train/accuracy": sum(r["correct"] for r in records) / len(records),

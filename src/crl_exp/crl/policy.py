@@ -5,7 +5,10 @@ Actor: one ``Linear`` head over the SAE's features (a masked categorical; logits
 CleanRL: orthogonal weights, actor head gain 0.01 (near-uniform initial policy), value head gain 1.
 
 The state is the detached residual vector x_t at the steered layer; ``LayerNorm`` without affine parameters
-removes its scale (Gemma residual norms are in the thousands) before the trunk.
+removes its scale (Gemma residual norms are in the thousands) before the trunk. ``obs_norm`` adds CleanRL's
+per-dimension running standardisation after it: on BBQ at layer 12 of Gemma 3 270M, 96.6% of the LayerNorm'd
+last-token state's energy is shared by every prompt (pairwise cosine 0.97), so without it the trunk sees nearly
+the same input for every prompt and a learned policy picks one feature everywhere.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ class PolicyConfig:
     # null: the whole SAE dictionary is the action space (the paper). N: only the N features most correlated with
     # reward on a stratified train subset (CorrSteer's ranking, the static baseline's pool); AFM masks within them
     candidates: int | None = None
+    # per-dimension running mean/variance standardisation of the LayerNorm'd state (CleanRL's NormalizeObservation),
+    # updated from each iteration's rollout states after its PPO update, frozen in evaluation, kept in checkpoints
+    obs_norm: bool = False
 
 
 def _layer(linear: nn.Linear, gain: float) -> nn.Linear:
@@ -41,11 +47,45 @@ def _trunk(d_in: int, hidden: int) -> nn.Sequential:
                          _layer(nn.Linear(hidden, hidden), math.sqrt(2)), nn.Tanh())
 
 
+class RunningObsNorm(nn.Module):
+    """Per-dimension running standardisation, ``clip((x - mean) / sqrt(var + eps))``; the identity until the
+    first ``update``. Statistics merge batch moments exactly (Chan et al.), so the order of updates with equal
+    data does not matter; they are buffers, hence saved with the policy and moved with it."""
+
+    def __init__(self, dim: int, clip: float = 5.0, eps: float = 1e-8):
+        super().__init__()
+        self.clip, self.eps = clip, eps
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(dim, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.count == 0:
+            return x
+        z = (x - self.mean.to(x.dtype)) / torch.sqrt(self.var + self.eps).to(x.dtype)
+        return z.clamp(-self.clip, self.clip)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Merge the moments of a batch ``[N, dim]`` into the running ones."""
+        x = x.reshape(-1, self.mean.numel()).to(self.mean)
+        n = x.shape[0]
+        if n == 0:
+            return
+        batch_mean, batch_var = x.mean(0), x.var(0, unbiased=False)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.var.copy_((self.var * self.count + batch_var * n + delta.pow(2) * self.count * n / total) / total)
+        self.mean.add_(delta * n / total)
+        self.count.copy_(total)
+
+
 class ActorCritic(nn.Module):
-    def __init__(self, d_model: int, d_sae: int, hidden: int = 256, shared_trunk: bool = False):
+    def __init__(self, d_model: int, d_sae: int, hidden: int = 256, shared_trunk: bool = False, obs_norm: bool = False):
         super().__init__()
         self.d_model, self.d_sae = d_model, d_sae
         self.norm = nn.LayerNorm(d_model, elementwise_affine=False)
+        self.obs_norm = RunningObsNorm(d_model) if obs_norm else None
         self.actor_trunk = _trunk(d_model, hidden)
         self.critic_trunk = None if shared_trunk else _trunk(d_model, hidden)
         self.actor_head = _layer(nn.Linear(hidden, d_sae), 0.01)
@@ -53,13 +93,24 @@ class ActorCritic(nn.Module):
 
     def forward(self, state: torch.Tensor, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked logits [B, d_sae], values [B]) for states [B, d_model]; ``allowed`` is a bool [d_sae] mask."""
-        x = self.norm(state.float())
+        x = self.observe(state)
         h = self.actor_trunk(x)
         logits = self.actor_head(h)
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
         hv = h if self.critic_trunk is None else self.critic_trunk(x)
         return logits, self.value_head(hv).squeeze(-1)
+
+    def observe(self, state: torch.Tensor) -> torch.Tensor:
+        """The trunks' input: LayerNorm'd state, then the running standardisation if ``obs_norm``."""
+        x = self.norm(state.float())
+        return x if self.obs_norm is None else self.obs_norm(x)
+
+    @torch.no_grad()
+    def update_obs_norm(self, states: torch.Tensor) -> None:
+        """Fold rollout states ``[N, d_model]`` into the running statistics (a no-op without ``obs_norm``)."""
+        if self.obs_norm is not None:
+            self.obs_norm.update(self.norm(states.float()))
 
     def distribution(self, state: torch.Tensor, allowed: torch.Tensor | None = None) -> tuple[Categorical, torch.Tensor]:
         logits, value = self(state, allowed)
