@@ -81,3 +81,20 @@ def test_recorded_keys_are_skipped_and_unknown_patterns_refused(grid, capsys):
     assert len(order) == len(set(order))
     with pytest.raises(SystemExit, match="no group or key matches"):
         grid.selected(["no_such_run"])
+
+
+def test_state_diversity_separates_a_shared_direction_from_prompt_specific_energy():
+    spec = importlib.util.spec_from_file_location("state_diversity", SCRIPT.parent / "state_diversity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import torch
+
+    torch.manual_seed(0)
+    shared = torch.zeros(64)
+    shared[:4] = 30.0
+    states = shared + torch.randn(16, 64)  # a large direction every prompt shares, small prompt-specific noise
+    row = module.diversity(states)
+    assert row["mean_pairwise_cosine"] > 0.9 and row["prompt_specific_energy_share"] < 0.1
+    assert abs(row["mean_pairwise_cosine_standardised"]) < 0.1  # independent noise once standardised
+    spread = module.diversity(torch.randn(16, 64))
+    assert spread["mean_pairwise_cosine"] < 0.2 and spread["prompt_specific_energy_share"] > 0.85
