@@ -194,3 +194,43 @@ def test_sae_without_a_residual_norm_gets_one_measured_and_cached(tmp_path, tiny
     assert sae.metrics["resid_norm"] == pytest.approx(by_hand) and sae.info["resid_norm_measured"]
     # cached: a second load reads it without touching the benchmark files (a missing data_dir would fail)
     assert load_sae_for(again, lm).metrics["resid_norm"] == pytest.approx(by_hand)
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("n_dead", [0, 5, 40])
+def test_sparse_topk_step_matches_sae_lens_dense_step(n_dead, rescale):
+    """Same weights, same batch: the sparse training step gives sae-lens' TopK losses and gradients (MSE and
+    AuxK, with no, few (< d_in / 2) and many dead latents), so training follows the same trajectory."""
+    from sae_lens.saes.sae import TrainStepInput
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    from crl_exp.saes.training import SparseTopKTrainingSAE
+
+    torch.manual_seed(0)
+    cfg = TopKTrainingSAEConfig(d_in=24, d_sae=96, k=6, device="cpu", normalize_activations="none",
+                                rescale_acts_by_decoder_norm=rescale)
+    dense = TopKTrainingSAE(cfg)
+    sparse = SparseTopKTrainingSAE(cfg)
+    with torch.no_grad():  # a non-trivial decoder bias, and decoder rows of different norms
+        dense.b_dec.normal_()
+        dense.W_dec.mul_(torch.rand(96, 1) + 0.5)
+    sparse.load_state_dict(dense.state_dict())
+    x = torch.randn(50, 24) * 3
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[torch.randperm(96, generator=torch.Generator().manual_seed(1))[:n_dead]] = True
+    outputs = {}
+    for name, sae in (("dense", dense), ("sparse", sparse)):
+        out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={}, dead_neuron_mask=dead,
+                                                       n_training_steps=0, is_logging_step=False))
+        out.loss.backward()
+        outputs[name] = out
+    for key in ("mse_loss", "auxiliary_reconstruction_loss"):
+        torch.testing.assert_close(outputs["sparse"].losses[key], outputs["dense"].losses[key], rtol=1e-5, atol=1e-6)
+    assert (outputs["dense"].losses["auxiliary_reconstruction_loss"] > 0) == (n_dead > 0)
+    torch.testing.assert_close(outputs["sparse"].sae_out, outputs["dense"].sae_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs["sparse"].feature_acts, outputs["dense"].feature_acts, rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(dense.named_parameters(), sparse.parameters(), strict=True):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="use_sparse_activations"):
+        SparseTopKTrainingSAE(TopKTrainingSAEConfig(d_in=8, d_sae=16, k=2, use_sparse_activations=True))
