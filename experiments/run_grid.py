@@ -142,8 +142,8 @@ def collect(client: MlflowClient, run, curve_key: str | None = None) -> dict:
         "layer": cfg["sae"]["layer"], "masking": cfg["masking"]["schedule"],
         "seed": cfg["seed"], "budget": cfg["budget"]["name"], "coefficient": cfg["steering"]["coefficient"],
         "coefficient_scale": cfg["steering"]["coefficient_scale"], "reward": cfg["task"].get("reward"),
-        "action_space": run.data.tags.get("action_space"), "primary_metric": summary["primary_metric"],
-        "n_heldout": summary["n_heldout"], "results": summary["results"], "deltas": summary["deltas"],
+        "action_space": run.data.tags.get("action_space"), "obs_norm": bool(cfg["policy"].get("obs_norm", False)),
+        "primary_metric": summary["primary_metric"], "n_heldout": summary["n_heldout"], "results": summary["results"], "deltas": summary["deltas"],
         "crl_variants": summary["crl_variants"], "oracle": summary["oracle"],
         "masked_action_share": summary["masked_action_share"], "static_feature": summary["static_feature"],
         "references": {k.split("/")[1].removesuffix("_reward"): v for k, v in m.items()
@@ -309,7 +309,8 @@ def _fmt_ci(lo, hi) -> str:
 
 def config_label(r: dict) -> str:
     return (f"{r['task']} / {r['model']} / layer {r['layer']} / {r['budget']} / {r['action_space']} / "
-            f"masking {r['masking']} / coefficient {r['coefficient']} / reward {r.get('reward')}")
+            f"masking {r['masking']} / coefficient {r['coefficient']} / reward {r.get('reward')}"
+            + (" / obs_norm" if r.get("obs_norm") else ""))
 
 
 def seed_rows(r: dict) -> list[str]:
