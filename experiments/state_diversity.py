@@ -1,6 +1,7 @@
 """How different are the policy's inputs across prompts? (Why every trained greedy policy picks one feature.)
 
 Usage: .venv/bin/python experiments/state_diversity.py [--experiment bbq_layer12] [--prompts 48] [--out FILE.json]
+(recorded: experiments/diagnostics/state_diversity_<experiment>.json)
 
 For ``--prompts`` training prompts (train split only) of an experiment, the residual state the policy sees at the
 first steered step: resid_post of ``sae.layer`` (the output of that block, where the steering hook sits) at the
