@@ -99,3 +99,50 @@ def test_left_padded_cache_keeps_one_window_per_sliding_layer(tiny_lm):
     assert all(layer.get_seq_length() == 40 for layer in cache.layers)
     assert torch.equal(cache.layers[2].keys[1, :, 10:], rows[1][2][0][0])  # right-aligned, left zeros
     assert not cache.layers[2].keys[1, :, :10].any()
+
+
+def test_inplace_layers_return_what_the_stock_layers_return_and_keep_old_views(monkeypatch):
+    """A prefill then 60 one-token steps (and a 3-token step) through both layer kinds, with 2 spare columns so
+    the global buffer grows and the sliding one compacts many times: every returned key/value tensor equals the
+    stock layer's, and a view taken early is never overwritten."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    import crl_exp.models.inplace_cache as ic
+
+    monkeypatch.setattr(ic, "MIN_SPARE", 2)
+    torch.manual_seed(0)
+    for stock, inplace in ((DynamicLayer(), ic.InplaceLayer()),
+                           (DynamicSlidingWindowLayer(16), ic.InplaceSlidingWindowLayer(16))):
+        steps = [torch.randn(2, 1, 20, 4)] + [torch.randn(2, 1, 1, 4) for _ in range(30)] + [torch.randn(2, 1, 3, 4)]
+        steps += [torch.randn(2, 1, 1, 4) for _ in range(30)]
+        snapshot = None
+        for i, k in enumerate(steps):
+            want, got = stock.update(k, -k), inplace.update(k, -k)
+            assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1]), (type(inplace).__name__, i)
+            assert torch.equal(stock.keys, inplace.keys) and stock.get_seq_length() == inplace.get_seq_length()
+            assert stock.get_mask_sizes(1) == inplace.get_mask_sizes(1)
+            if i == 5:
+                snapshot, frozen = inplace.keys, inplace.keys.clone()
+        assert torch.equal(snapshot, frozen)
+
+
+def test_long_generations_through_the_inplace_cache_match_the_stock_cache(tiny_lm, monkeypatch):
+    """80 steered steps from prefix caches (buffers grow and sliding windows compact, 4 spare columns) decode
+    exactly as the full-prompt path, which runs on transformers' own cache layers."""
+    import crl_exp.models.inplace_cache as ic
+
+    monkeypatch.setattr(ic, "MIN_SPARE", 4)
+    prompts = [SHOTS_A + SUFFIXES[0], SHOTS_A + SUFFIXES[2], SHOTS_B + SUFFIXES[1]]
+    steerer = ResidualSteerer(tiny_lm.model, 1, random_directions(tiny_lm.d_model, 16))
+    runs = []
+    for prefixes in (None, [SHOTS_A, SHOTS_A, SHOTS_B]):
+        torch.manual_seed(0)
+        policy = ActorCritic(tiny_lm.d_model, 16, 16)
+        with torch.no_grad():
+            policy.actor_head.weight.normal_(0, 1)
+        controller = PolicyController(policy, 3.0, greedy=True)
+        runs.append((generate(tiny_lm, prompts, 80, steerer, controller, prefixes=prefixes), controller.stacked()))
+    (full, a), (cached, b) = runs
+    assert full.new_tokens.shape[1] == 80 and torch.equal(full.new_tokens, cached.new_tokens)
+    assert torch.equal(a["feature"], b["feature"])
+    torch.testing.assert_close(a["state"], b["state"], atol=1e-4, rtol=1e-5)

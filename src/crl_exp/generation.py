@@ -13,6 +13,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 
 from crl_exp.models import LoadedModel
 from crl_exp.models.greedy_head import screened_greedy_head
+from crl_exp.models.inplace_cache import adopt_inplace_layers
 from crl_exp.steering.hook import Controller, ResidualSteerer
 
 # Bound on the few-shot prefix caches kept per model (``PrefixStore``). Gemma 3 270M in fp32 holds ~21 MB for a
@@ -154,6 +155,7 @@ def left_padded_cache(lm: LoadedModel, rows: list[list[tuple[torch.Tensor, torch
         layer.keys, layer.values = keys, values
         if window is not None:
             layer.cumulative_length = width
+    adopt_inplace_layers(cache)  # decoding then writes into spare columns instead of re-copying (inplace_cache.py)
     return cache
 
 
