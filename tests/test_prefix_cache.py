@@ -123,6 +123,8 @@ def test_inplace_layers_return_what_the_stock_layers_return_and_keep_old_views(m
             assert stock.get_mask_sizes(1) == inplace.get_mask_sizes(1)
             if i == 5:
                 snapshot, frozen = inplace.keys, inplace.keys.clone()
+            held = inplace.get_seq_length() if isinstance(inplace, ic.InplaceLayer) else 15 + 20  # window - 1 + max step
+            assert inplace._k.shape[-2] <= held * 1.25 + ic.MIN_SPARE  # the stated memory bound
         assert torch.equal(snapshot, frozen)
 
 

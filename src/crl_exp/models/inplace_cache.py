@@ -10,8 +10,9 @@ the stock layers would return (as views), and columns already written are never 
 of ``keys``/``values`` earlier (branch-point snapshots, prefix-store entries) stays valid.
 
 ``adopt_inplace_layers(cache)`` swaps them into a ``DynamicCache`` built by ``generation.left_padded_cache``.
-Spare columns: ``max(MIN_SPARE, length // 4)`` per layer, so a cache holds at most 25% (or 64 columns) more
-than the stock layers, which need two full copies during each ``torch.cat``.
+Spare columns: ``max(MIN_SPARE, length // 4)`` per layer, so a layer holds at most 25% (or 64 columns) more than
+the stock layer, which needs two full copies during each ``torch.cat``; a sliding-window layer never holds more
+than 1.25 x (``window - 1`` + its largest step's tokens) + 64 columns.
 """
 
 from __future__ import annotations
@@ -75,8 +76,7 @@ class InplaceSlidingWindowLayer(DynamicSlidingWindowLayer):
 
     def _adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         n = keys.shape[-2]
-        columns = max(n, self.sliding_window - 1) + _spare(self.sliding_window)
-        self._k, self._v = _buffer_like(keys, columns), _buffer_like(values, columns)
+        self._k, self._v = _buffer_like(keys, n + _spare(n)), _buffer_like(values, n + _spare(n))
         self._k[:, :, :n], self._v[:, :, :n] = keys, values
         self._start, self._n = 0, n
         self._publish()
@@ -98,7 +98,7 @@ class InplaceSlidingWindowLayer(DynamicSlidingWindowLayer):
         self.cumulative_length += q
         if self._start + self._n + q > self._k.shape[-2]:  # compact into a fresh buffer (old views stay valid)
             keys, values = self.keys, self.values
-            columns = max(self._n + q, self.sliding_window - 1) + _spare(self.sliding_window)
+            columns = self._n + q + _spare(self._n + q)  # the window holds <= window - 1 columns before a step
             self._k, self._v = _buffer_like(keys, columns), _buffer_like(values, columns)
             self._k[:, :, : self._n], self._v[:, :, : self._n] = keys, values
             self._start = 0
