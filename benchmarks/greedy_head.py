@@ -39,6 +39,21 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
     return agree / total, same / len(a)
 
 
+def steered_gsm8k(feature: int, n_prompts: int, group: int = 1):
+    """The real model and SAE of ``+experiment=gsm8k_layer12``, a steerer with a fixed-feature controller, and
+    ``n_prompts`` 4-shot training prompts (each ``group`` times in a row) with their few-shot prefixes."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=gsm8k_layer12"])
+    lm, sae = load_model_and_sae(cfg)
+    task = build_task(cfg.task, cfg.get("data_dir"))
+    steerer = ResidualSteerer(lm.model, sae.layer, steering_directions(cfg.steering, sae))
+    controller = StaticController(feature, float(cfg.steering.coefficient))
+    examples = [ex for ex in task.split("train", n_prompts) for _ in range(group)]
+    prompts = [render_prompt(task, lm, ex) for ex in examples]
+    prefixes = [prompt_prefix(task, ex, p) for ex, p in zip(examples, prompts, strict=True)]
+    return lm, task, steerer, controller, prompts, prefixes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=32)
@@ -47,15 +62,7 @@ def main() -> None:
     ap.add_argument("--feature", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=gsm8k_layer12"])
-    lm, sae = load_model_and_sae(cfg)
-    task = build_task(cfg.task, cfg.get("data_dir"))
-    steerer = ResidualSteerer(lm.model, sae.layer, steering_directions(cfg.steering, sae))
-    controller = StaticController(args.feature, float(cfg.steering.coefficient))
-    examples = task.split("train", args.prompts)
-    prompts = [render_prompt(task, lm, ex) for ex in examples]
-    prefixes = [prompt_prefix(task, ex, p) for ex, p in zip(examples, prompts, strict=True)]
+    lm, task, steerer, controller, prompts, prefixes = steered_gsm8k(args.feature, args.prompts)
 
     def decode(screen: bool):
         lm.screened_greedy_head = screen

@@ -15,17 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
-from greedy_head import agreement
-from hydra import compose, initialize_config_dir
+from greedy_head import agreement, steered_gsm8k
 
 import crl_exp.generation as generation
-from crl_exp.episodes import prompt_prefix, render_prompt
-from crl_exp.paths import CONFIG_DIR
-from crl_exp.runtime import load_model_and_sae
-from crl_exp.steering.controllers import StaticController
-from crl_exp.steering.factory import steering_directions
-from crl_exp.steering.hook import ResidualSteerer
-from crl_exp.tasks import build_task
 
 
 def main() -> None:
@@ -37,15 +29,7 @@ def main() -> None:
     ap.add_argument("--feature", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=gsm8k_layer12"])
-    lm, sae = load_model_and_sae(cfg)
-    task = build_task(cfg.task, cfg.get("data_dir"))
-    steerer = ResidualSteerer(lm.model, sae.layer, steering_directions(cfg.steering, sae))
-    controller = StaticController(args.feature, float(cfg.steering.coefficient))
-    examples = [ex for ex in task.split("train", args.prompts) for _ in range(args.group)]
-    prompts = [render_prompt(task, lm, ex) for ex in examples]
-    prefixes = [prompt_prefix(task, ex, p) for ex, p in zip(examples, prompts, strict=True)]
+    lm, _, steerer, controller, prompts, prefixes = steered_gsm8k(args.feature, args.prompts, args.group)
     adopt = generation.adopt_inplace_layers
 
     def decode(inplace: bool):
