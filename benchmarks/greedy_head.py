@@ -1,13 +1,16 @@
 """Screened greedy head vs the plain fp32 head on the real model: decoding speed and greedy-token agreement.
 
-Usage: .venv/bin/python benchmarks/greedy_head.py [--prompts 32] [--max-new-tokens N] [--repeats 1] [--out FILE.json]
+Usage: .venv/bin/python benchmarks/greedy_head.py [--experiment gsm8k_layer12] [--prompts 32] [--group 1]
+       [--max-new-tokens N] [--repeats 1] [--out FILE.json]
 
-GSM8K 4-shot training prompts (prefix-cached, the task's stop strings and its >= 128-token cap, as in a rollout),
-steered with a fixed SAE feature at every token, decoded in one batch twice per repeat: once with the fp32 head
-(``screened_greedy_head=False``), once with the bf16-screened head (``models/greedy_head.py``). Reports the
-decoding seconds of each (the ratio is measured in this one process, alternating the two), the share of greedy
-tokens that agree (position by position up to each row's first disagreement), identical rows, and how many
-tokens per row the screen had to settle in fp32.
+Training prompts of ``+experiment=<experiment>`` (GSM8K: 4-shot, prefix-cached, >= 128 tokens; XSTest: short
+chat turns, 48 tokens, most rows finishing early), each ``--group`` times (one shared prefill per prompt, as in a
+rollout), steered with a fixed SAE feature at every token, decoded in one batch three times per repeat: with the
+fp32 head (``screened_greedy_head=False``), with the bf16-screened head (``models/greedy_head.py``), and with the
+screen as it was before its candidates were settled by one matmul (``GatherSettledHead``, below). Reports each
+arm's decoding seconds (ratios measured in this one process, arms alternating), the share of greedy tokens that
+agree with fp32's (position by position up to each row's first disagreement), identical rows, and how many
+tokens per row each screen had to settle in fp32.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
+from torch.nn import functional as F
 
 from crl_exp.episodes import prompt_prefix, render_prompt
 from crl_exp.generation import generate
-from crl_exp.models.greedy_head import screened_greedy_head
+from crl_exp.models.greedy_head import _HEADS, ScreenedGreedyHead, screened_greedy_head
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.runtime import load_model_and_sae
 from crl_exp.steering.controllers import StaticController
@@ -39,11 +44,11 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
     return agree / total, same / len(a)
 
 
-def steered_gsm8k(feature: int, n_prompts: int, group: int = 1):
-    """The real model and SAE of ``+experiment=gsm8k_layer12``, a steerer with a fixed-feature controller, and
-    ``n_prompts`` 4-shot training prompts (each ``group`` times in a row) with their few-shot prefixes."""
+def steered_setup(feature: int, n_prompts: int, group: int = 1, experiment: str = "gsm8k_layer12"):
+    """The real model and SAE of ``+experiment=<experiment>``, a steerer with a fixed-feature controller, and
+    ``n_prompts`` training prompts (each ``group`` times in a row) with their few-shot prefixes (if any)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=gsm8k_layer12"])
+        cfg = compose("config", overrides=[f"+experiment={experiment}"])
     lm, sae = load_model_and_sae(cfg)
     task = build_task(cfg.task, cfg.get("data_dir"))
     steerer = ResidualSteerer(lm.model, sae.layer, steering_directions(cfg.steering, sae))
@@ -54,36 +59,65 @@ def steered_gsm8k(feature: int, n_prompts: int, group: int = 1):
     return lm, task, steerer, controller, prompts, prefixes
 
 
+class GatherSettledHead(ScreenedGreedyHead):
+    """The screen as it was before 2026-11-27 (the reference arm): each candidate settled by gathering its own
+    weight row (memory-bound when candidates number thousands per row)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        logits = F.linear(flat.to(torch.bfloat16), self.weight_bf16).float()
+        bound = self.bound_per_norm * flat.norm(dim=-1)
+        rows, cols = (logits >= (logits.max(-1).values - 2 * bound)[:, None]).nonzero(as_tuple=True)
+        logits[rows, cols] = (self.head.weight[cols] * flat[rows]).sum(-1)
+        self.calls, self.rows, self.candidates = self.calls + 1, self.rows + len(flat), self.candidates + len(rows)
+        return logits.view(*hidden.shape[:-1], -1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--experiment", default="gsm8k_layer12", help="gsm8k_layer12 or xstest_layer12 (its shape)")
     ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--group", type=int, default=1, help="rows per prompt (a training rollout: 8)")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (160)")
-    ap.add_argument("--feature", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    ap.add_argument("--feature", type=int, default=0, help="the steered SAE feature; -1: no steering")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    lm, task, steerer, controller, prompts, prefixes = steered_gsm8k(args.feature, args.prompts)
+    lm, task, steerer, controller, prompts, prefixes = steered_setup(max(args.feature, 0), args.prompts, args.group,
+                                                                     args.experiment)
+    steps = args.max_new_tokens or task.max_new_tokens
+    with screened_greedy_head(lm.model) as head:  # the cached head object generate() will use
+        gather = GatherSettledHead(head.head)
+    arms = {"fp32": None, "screened": head, "screened_gather": gather}
 
-    def decode(screen: bool):
-        lm.screened_greedy_head = screen
-        return generate(lm, prompts, args.max_new_tokens or task.max_new_tokens, steerer, controller, stop_strings=task.stop_strings,
-                        prefixes=prefixes)
+    def decode(arm: str):
+        lm.screened_greedy_head = arm != "fp32"
+        if arm == "screened_gather":
+            _HEADS[lm.model] = gather
+        try:
+            return generate(lm, prompts, steps, steerer if args.feature >= 0 else None, controller, stop_strings=task.stop_strings,
+                            prefixes=prefixes if any(prefixes) else None, share_prefix=args.group > 1)
+        finally:
+            _HEADS[lm.model] = head
 
-    decode(True)  # warm-up: the prefix store, the bf16 weight copy
-    seconds = {"fp32": 0.0, "screened": 0.0}
-    with screened_greedy_head(lm.model) as head:  # the same cached head object generate() will use: its counters
-        rows0, cand0 = head.rows, head.candidates
+    decode("screened")  # warm-up: the prefix store, the bf16 weight copy
+    seconds = dict.fromkeys(arms, 0.0)
+    counts = {a: (h.rows, h.candidates) for a, h in arms.items() if h is not None}
+    gens = {}
     for _ in range(args.repeats):
-        plain, screened = decode(False), decode(True)
-        seconds["fp32"] += plain.seconds
-        seconds["screened"] += screened.seconds
-    token_agreement, identical = agreement(plain.new_tokens.tolist(), screened.new_tokens.tolist())
-    row = {"task": "gsm8k", "prompts": len(prompts), "max_new_tokens": args.max_new_tokens or task.max_new_tokens,
-           "generated_steps": int(plain.new_tokens.shape[1]), "repeats": args.repeats,
-           "fp32_head_seconds": seconds["fp32"], "screened_head_seconds": seconds["screened"],
-           "speedup": seconds["fp32"] / seconds["screened"], "greedy_token_agreement": token_agreement,
-           "identical_rows": identical,
-           "settled_tokens_per_row": (head.candidates - cand0) / max(1, head.rows - rows0)}
+        for arm in arms:
+            gens[arm] = decode(arm)
+            seconds[arm] += gens[arm].seconds
+    row = {"experiment": args.experiment, "feature": args.feature, "rows": len(prompts), "distinct_prompts": args.prompts,
+           "max_new_tokens": steps, "generated_steps": int(gens["fp32"].new_tokens.shape[1]),
+           "repeats": args.repeats, **{f"{a}_seconds": v for a, v in seconds.items()},
+           "speedup_vs_fp32": seconds["fp32"] / seconds["screened"],
+           "speedup_vs_gather": seconds["screened_gather"] / seconds["screened"]}
+    for arm in ("screened", "screened_gather"):
+        agree, identical = agreement(gens["fp32"].new_tokens.tolist(), gens[arm].new_tokens.tolist())
+        rows0, cand0 = counts[arm]
+        row.update({f"{arm}_token_agreement": agree, f"{arm}_identical_rows": identical,
+                    f"{arm}_settled_tokens_per_row": (arms[arm].candidates - cand0) / max(1, arms[arm].rows - rows0)})
     print(json.dumps(row), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(row, indent=1))

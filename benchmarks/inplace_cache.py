@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from greedy_head import agreement, steered_gsm8k
+from greedy_head import agreement, steered_setup
 
 import crl_exp.generation as generation
 
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--feature", type=int, default=0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    lm, _, steerer, controller, prompts, prefixes = steered_gsm8k(args.feature, args.prompts, args.group)
+    lm, _, steerer, controller, prompts, prefixes = steered_setup(args.feature, args.prompts, args.group)
     adopt = generation.adopt_inplace_layers
 
     def decode(inplace: bool):

@@ -44,6 +44,25 @@ def test_screened_argmax_is_the_fp32_argmax_where_plain_bf16_is_not():
     assert ((plain_bf16 - exact).abs() <= bound).all()  # the bound holds
 
 
+def test_many_candidates_are_settled_exactly():
+    """A hidden state whose norm lies mostly off the head's rows (e.g. padding rows of finished sequences) makes
+    the bound wide next to the logits' spread: hundreds of candidates per row, settled together (one matmul over
+    their columns) to the fp32 logits."""
+    head, hidden = near_tie_head(vocab=5_000, rows=16, seed=2)
+    with torch.no_grad():
+        head.weight[:, 0] = 0.0  # no row reads dimension 0 ...
+    hidden[:, 0] = 3e3  # ... which carries most of the hidden state's norm
+    exact = head(hidden)
+    screened = ScreenedGreedyHead(head)
+    out = screened(hidden[:, None, :])[:, 0]
+    assert screened.candidates > 10 * len(hidden)
+    assert torch.equal(out.argmax(-1), exact.argmax(-1))
+    bound = screened.bound_per_norm * hidden.norm(dim=-1, keepdim=True)
+    plain_bf16 = (hidden.bfloat16() @ head.weight.bfloat16().T).float()
+    candidate = plain_bf16 >= plain_bf16.max(-1, keepdim=True).values - 2 * bound
+    torch.testing.assert_close(out[candidate], exact[candidate], rtol=1e-6, atol=1e-3)
+
+
 def test_generation_is_token_identical_with_and_without_the_screen(tiny_lm):
     def run(screen: bool):
         tiny_lm.screened_greedy_head = screen
