@@ -33,6 +33,7 @@ from mlflow.tracking import MlflowClient
 
 from crl_exp.analysis.sweep_table import newest_per_config, seed_aggregate
 from crl_exp.analysis.training_curve import plot_training_curves
+from crl_exp.crl.config import BudgetConfig
 from crl_exp.modes.analyze import read_examples
 from crl_exp.tracking.mlflow_run import resolve_tracking_uri
 
@@ -98,6 +99,11 @@ def grid() -> dict[str, dict[str, list[str]]]:
                                                                       "policy.obs_norm=true") for s in SEEDS},
         "cpu_long_obs_norm": {f"bbq_gemma3_l12_cand32_long_obsnorm_s{s}": _run(
             "bbq", s, "budget=cpu_long", "policy.candidates=32", "policy.obs_norm=true") for s in SEEDS},
+        # the last lever listed and not yet run (fixed before these runs, one variant, against cpu_obs_norm): the
+        # same 64 episodes per iteration from 32 prompts x G=2 instead of 8 x G=8, so each PPO update sees four
+        # times as many distinct states (416 prompt draws in 13 iterations instead of 104)
+        "cpu_group_size": {f"bbq_gemma3_l12_cand32_obsnorm_g2_s{s}": _run(
+            "bbq", s, "policy.candidates=32", "policy.obs_norm=true", "budget.group_size=2") for s in SEEDS},
     }
     return groups
 
@@ -143,6 +149,7 @@ def collect(client: MlflowClient, run, curve_key: str | None = None) -> dict:
         "seed": cfg["seed"], "budget": cfg["budget"]["name"], "coefficient": cfg["steering"]["coefficient"],
         "coefficient_scale": cfg["steering"]["coefficient_scale"], "reward": cfg["task"].get("reward"),
         "action_space": run.data.tags.get("action_space"), "obs_norm": bool(cfg["policy"].get("obs_norm", False)),
+        "group_size": cfg["budget"].get("group_size"),
         "primary_metric": summary["primary_metric"], "n_heldout": summary["n_heldout"], "results": summary["results"], "deltas": summary["deltas"],
         "crl_variants": summary["crl_variants"], "oracle": summary["oracle"],
         "masked_action_share": summary["masked_action_share"], "static_feature": summary["static_feature"],
@@ -310,7 +317,8 @@ def _fmt_ci(lo, hi) -> str:
 def config_label(r: dict) -> str:
     return (f"{r['task']} / {r['model']} / layer {r['layer']} / {r['budget']} / {r['action_space']} / "
             f"masking {r['masking']} / coefficient {r['coefficient']} / reward {r.get('reward')}"
-            + (" / obs_norm" if r.get("obs_norm") else ""))
+            + (" / obs_norm" if r.get("obs_norm") else "")
+            + (f" / G={r['group_size']}" if r.get("group_size") not in (None, BudgetConfig.group_size) else ""))
 
 
 def seed_rows(r: dict) -> list[str]:
