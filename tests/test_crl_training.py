@@ -191,7 +191,7 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| crl |" in proc.stdout and "| static |" in proc.stdout
-    assert "| sampled (mean of 2 samples per prompt) |" in proc.stdout and "| greedy, mask on |" in proc.stdout
+    assert "| sampled (mean of 2 samples per prompt) |" in proc.stdout and "| greedy, mask on" in proc.stdout
     logs = proc.stdout + proc.stderr  # every log line once (Lightning printed twice), no advertising tips
     assert logs.count("GPU available") == 1 and "Tip:" not in logs
     client = MlflowClient(f"sqlite:///{db}")
@@ -328,3 +328,49 @@ def test_lightning_leaves_the_run_open_for_the_heldout_evaluation(tiny_lm, tmp_p
                    build_trainer(1, tmp_path / cls.__name__, logger=logger, progress_bar=False))
         statuses[cls.__name__] = MlflowClient(uri).get_run(logger.run_id).info.status
     assert statuses == {"MLFlowLogger": "FINISHED", "RunOwnedMLFlowLogger": "RUNNING"}
+
+
+def test_greedy_with_the_mask_on_reuses_the_unmasked_episodes_only_when_they_are_the_same(tiny_lm, tmp_path):
+    """Greedy with a mask picks what greedy without it picked wherever that was allowed: masking only features the
+    unmasked greedy policy never chose gives the same episodes (so the evaluation reuses them), masking one it
+    chose does not."""
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from crl_exp.crl.rollout import PolicyController
+    from crl_exp.episodes import run_episodes
+    from crl_exp.modes.train import evaluate_policy_variants
+    from crl_exp.tracking.mlflow_run import RunTracker
+
+    env = planted_env(tiny_lm)
+    env.task.cfg.max_new_tokens = 6
+    module = make_module(env, 1)
+    with torch.no_grad():
+        module.policy.actor_head.weight.normal_(0, 1)  # a prompt- and step-dependent greedy choice
+    pool = env.task.split("train")
+
+    def greedy(allowed):
+        controller = PolicyController(module.policy, COEF, allowed=allowed, greedy=True)
+        recs, _ = run_episodes(env.task, env.lm, pool, 4, env.steerer, controller)
+        return recs, torch.cat([s.feature for s in controller.steps])
+
+    unmasked, chosen = greedy(None)
+    unused = torch.ones(D_SAE, dtype=torch.bool)
+    unused[chosen.unique()] = False
+    assert unused.any() and not unused.all()
+    masked_unused, chosen_unused = greedy(~unused)  # every feature it never chose masked
+    assert [r["completion"] for r in masked_unused] == [r["completion"] for r in unmasked]
+    assert torch.equal(chosen_unused, chosen)
+    top = int(chosen.mode().values)
+    _, chosen_masked = greedy(torch.arange(D_SAE) != top)
+    assert not torch.equal(chosen_masked, chosen) and top not in chosen_masked.tolist()
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.create_run(client.create_experiment("variants"))
+    tracker = RunTracker(client, run.info.run_id, client.tracking_uri)
+    cfg = OmegaConf.create({"budget": {"eval_batch_size": 4, "eval_sampled_seeds": 0}})
+    reused = evaluate_policy_variants(cfg, env, module, env.task, pool, None, "reward", tracker,
+                                      unmasked_greedy=unmasked)["crl_mask_on"]
+    run_again = evaluate_policy_variants(cfg, env, module, env.task, pool, None, "reward", tracker)["crl_mask_on"]
+    assert reused["same_episodes_as_greedy"] and not run_again["same_episodes_as_greedy"]
+    assert reused["reward"] == run_again["reward"] == env.task.metrics_from_records(unmasked)["reward"]

@@ -190,16 +190,20 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
             tracker.log_metrics({f"delta/crl_minus_{base}/{metric}": v["delta"],
                                  f"delta/crl_minus_{base}/{metric}_ci_low": v["ci95"][0],
                                  f"delta/crl_minus_{base}/{metric}_ci_high": v["ci95"][1]})
-    variants = evaluate_policy_variants(cfg, env, module, task, test_pool, eval_mask, key, tracker)
+    final_mask = module.mask.allowed()
+    masked_share = (sum(not bool(final_mask[int(r["feature"])]) for r in log_rows) / len(log_rows)
+                    if log_rows else float("nan"))
+    tracker.log_metrics({"heldout/crl/masked_action_share": masked_share})
+    # greedy with the mask on picks what greedy without it picked wherever that was allowed: if no greedy action
+    # was masked, every step (hence every episode) is the same, so the headline's episodes are reused
+    unmasked_greedy = records["crl"] if eval_mask is None and masked_share == 0 and module.top_k == 1 else None
+    variants = evaluate_policy_variants(cfg, env, module, task, test_pool, eval_mask, key, tracker,
+                                        unmasked_greedy=unmasked_greedy)
     oracle = None
     n_oracle = int(budget.static_feature.get("oracle_candidates", 0))
     if task.max_new_tokens == 1 and n_oracle:  # one-token tasks: every candidate costs one last-token forward
         oracle = per_prompt_oracle(env, test_pool, selection.pool[:n_oracle])
         tracker.log_metrics({f"heldout/oracle/{k}": float(v) for k, v in oracle.items()})
-    final_mask = module.mask.allowed()
-    masked_share = (sum(not bool(final_mask[int(r["feature"])]) for r in log_rows) / len(log_rows)
-                    if log_rows else float("nan"))
-    tracker.log_metrics({"heldout/crl/masked_action_share": masked_share})
     write_interpretability_outputs(tracker, task.name, log_rows, records, out_dir)
     usage = Counter(r["feature"] for r in log_rows)
     syntactic, per_feature = usage_weighted_syntactic_share(dict(usage.most_common(50)), top_acts, lm.tokenizer)
@@ -228,10 +232,12 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
 
 
 def evaluate_policy_variants(cfg: DictConfig, env, module, task, test_pool: list, eval_mask, key: str,
-                             tracker: RunTracker) -> dict[str, Any]:
+                             tracker: RunTracker, unmasked_greedy: list[dict] | None = None) -> dict[str, Any]:
     """The trained policy as evaluated other ways than the headline (greedy, mask as configured): sampled
     (``budget.eval_sampled_seeds`` independent samples per prompt: mean and spread over the samples) and greedy
-    with the mask switched the other way (on when the headline runs it off, the default)."""
+    with the mask switched the other way (on when the headline runs it off, the default).
+    ``unmasked_greedy``: the headline's records when none of its actions was masked; greedy with the mask on is
+    then the same episodes, so they are reused instead of generated again."""
     bs, seeds = int(cfg.budget.eval_batch_size), int(cfg.budget.get("eval_sampled_seeds", 0))
     out: dict[str, Any] = {}
 
@@ -256,9 +262,12 @@ def evaluate_policy_variants(cfg: DictConfig, env, module, task, test_pool: list
                              "heldout/crl_sampled/reward_mean": out["crl_sampled"]["reward_mean"]})
     other = module.mask.allowed() if eval_mask is None else None
     name = "crl_mask_on" if eval_mask is None else "crl_mask_off"
-    recs, _ = run_episodes(task, env.lm, test_pool, bs, env.steerer, controller(other, True), desc=f"held-out {name}")
+    reused = name == "crl_mask_on" and unmasked_greedy is not None
+    recs = unmasked_greedy if reused else run_episodes(task, env.lm, test_pool, bs, env.steerer,
+                                                       controller(other, True), desc=f"held-out {name}")[0]
     metrics = task.metrics_from_records(recs)
-    out[name] = {key: metrics.get(key, float("nan")), "reward": metrics.get("reward", float("nan"))}
+    out[name] = {key: metrics.get(key, float("nan")), "reward": metrics.get("reward", float("nan")),
+                 "same_episodes_as_greedy": reused}
     tracker.log_metrics({f"heldout/{name}/{key}": out[name][key], f"heldout/{name}/reward": out[name]["reward"]})
     return out
 
@@ -273,8 +282,10 @@ def variants_table(key: str, variants: dict[str, Any], masked_share: float) -> s
                      f"{v['reward_mean']:.3f} |")
     for name in ("crl_mask_on", "crl_mask_off"):
         if name in variants:
-            lines.append(f"| greedy, {name.removeprefix('crl_').replace('_', ' ')} | {variants[name][key]:.3f} | - | "
-                         f"{variants[name]['reward']:.3f} |")
+            same = " (no greedy action was masked: the same episodes)" if variants[name].get(
+                "same_episodes_as_greedy") else ""
+            lines.append(f"| greedy, {name.removeprefix('crl_').replace('_', ' ')}{same} | {variants[name][key]:.3f} | "
+                         f"- | {variants[name]['reward']:.3f} |")
     return "\n".join(lines)
 
 
