@@ -148,3 +148,21 @@ def test_long_generations_through_the_inplace_cache_match_the_stock_cache(tiny_l
     assert full.new_tokens.shape[1] == 80 and torch.equal(full.new_tokens, cached.new_tokens)
     assert torch.equal(a["feature"], b["feature"])
     torch.testing.assert_close(a["state"], b["state"], atol=1e-4, rtol=1e-5)
+
+
+def test_prefill_skips_the_output_head_and_keeps_the_same_cache(tiny_lm):
+    """A prefill's logits are never read: its cache comes from the model's body alone, equal to the full model's."""
+    from crl_exp.generation import cache_tensors, prefill
+
+    ids = tiny_lm.tokenizer(["The quick brown fox jumps over"], return_tensors="pt").input_ids
+    calls = []
+    hook = tiny_lm.model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        body = cache_tensors(prefill(tiny_lm, ids))
+        assert not calls  # the head never ran
+        full = cache_tensors(tiny_lm.model(input_ids=ids, use_cache=True).past_key_values)
+    finally:
+        hook.remove()
+    assert len(body) == len(full)
+    for (k, v), (k2, v2) in zip(body, full, strict=True):
+        assert torch.equal(k, k2) and torch.equal(v, v2)
