@@ -44,11 +44,13 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
     return agree / total, same / len(a)
 
 
-def steered_setup(feature: int, n_prompts: int, group: int = 1, experiment: str = "gsm8k_layer12"):
-    """The real model and SAE of ``+experiment=<experiment>``, a steerer with a fixed-feature controller, and
-    ``n_prompts`` training prompts (each ``group`` times in a row) with their few-shot prefixes (if any)."""
+def steered_setup(feature: int, n_prompts: int, group: int = 1, experiment: str = "gsm8k_layer12",
+                  overrides: tuple[str, ...] = ()):
+    """The real model and SAE of ``+experiment=<experiment>`` (plus Hydra ``overrides``), a steerer with a
+    fixed-feature controller, and ``n_prompts`` training prompts (each ``group`` times in a row) with their
+    few-shot prefixes (if any)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={experiment}"])
+        cfg = compose("config", overrides=[f"+experiment={experiment}", *overrides])
     lm, sae = load_model_and_sae(cfg)
     task = build_task(cfg.task, cfg.get("data_dir"))
     steerer = ResidualSteerer(lm.model, sae.layer, steering_directions(cfg.steering, sae))
