@@ -67,6 +67,8 @@ def grid() -> dict[str, dict[str, list[str]]]:
     groups: dict[str, dict[str, list[str]]] = {
         "cpu": {f"{t}_gemma3_l12_s{s}": _run(t, s) for t in ("bbq", "mmlu", "gsm8k", "xstest", "harmbench")
                 for s in SEEDS},
+        # GSM8K as first run, with the model in fp32 (its experiment now loads bf16: 1.78x faster decoding)
+        "cpu_gsm8k_fp32": {f"gsm8k_gemma3_l12_fp32_s{s}": _run("gsm8k", s, "model.dtype=float32") for s in SEEDS},
         "cpu_smollm2": {f"{t}_smollm2_s{s}": _run(t, s, experiment=f"{t}_smollm2") for t in ("xstest", "harmbench")
                         for s in SEEDS},
         # the lever the budget=cpu curves point to: a learnable action space (policy.candidates, issue 12)
@@ -149,7 +151,7 @@ def collect(client: MlflowClient, run, curve_key: str | None = None) -> dict:
         "seed": cfg["seed"], "budget": cfg["budget"]["name"], "coefficient": cfg["steering"]["coefficient"],
         "coefficient_scale": cfg["steering"]["coefficient_scale"], "reward": cfg["task"].get("reward"),
         "action_space": run.data.tags.get("action_space"), "obs_norm": bool(cfg["policy"].get("obs_norm", False)),
-        "group_size": cfg["budget"].get("group_size"),
+        "group_size": cfg["budget"].get("group_size"), "dtype": cfg["model"].get("dtype"),
         "primary_metric": summary["primary_metric"], "n_heldout": summary["n_heldout"], "results": summary["results"], "deltas": summary["deltas"],
         "crl_variants": summary["crl_variants"], "oracle": summary["oracle"],
         "masked_action_share": summary["masked_action_share"], "static_feature": summary["static_feature"],
@@ -318,7 +320,8 @@ def config_label(r: dict) -> str:
     return (f"{r['task']} / {r['model']} / layer {r['layer']} / {r['budget']} / {r['action_space']} / "
             f"masking {r['masking']} / coefficient {r['coefficient']} / reward {r.get('reward')}"
             + (" / obs_norm" if r.get("obs_norm") else "")
-            + (f" / G={r['group_size']}" if r.get("group_size") not in (None, BudgetConfig.group_size) else ""))
+            + (f" / G={r['group_size']}" if r.get("group_size") not in (None, BudgetConfig.group_size) else "")
+            + (f" / {r['dtype']}" if r.get("dtype") not in (None, "float32") else ""))
 
 
 def seed_rows(r: dict) -> list[str]:

@@ -70,7 +70,7 @@ def test_report_pools_seeds_with_seed_variance(grid, tmp_path):
     assert high == pytest.approx(0.04 + 1.959963984540054 * se, abs=1e-3)
 
 
-def test_obs_norm_and_group_size_runs_are_reported_apart_from_the_same_configuration_without_them(grid, tmp_path):
+def test_obs_norm_group_size_and_dtype_runs_are_reported_apart_from_the_default_configuration(grid, tmp_path):
     (grid.RESULTS / "bbq_s0.json").write_text(json.dumps(record(0, 0.40, 0.38, 0.04)))
     (grid.RESULTS / "bbq_obsnorm_s0.json").write_text(json.dumps({**record(0, 0.50, 0.38, 0.04), "obs_norm": True,
                                                                   "key": "bbq_obsnorm_s0"}))
@@ -78,10 +78,15 @@ def test_obs_norm_and_group_size_runs_are_reported_apart_from_the_same_configura
         **record(1, 0.50, 0.38, 0.04), "obs_norm": True, "group_size": 8, "key": "bbq_obsnorm_g8_s1"}))
     (grid.RESULTS / "bbq_obsnorm_g2_s0.json").write_text(json.dumps({
         **record(0, 0.45, 0.38, 0.04), "obs_norm": True, "group_size": 2, "key": "bbq_obsnorm_g2_s0"}))
+    (grid.RESULTS / "bbq_fp32_s1.json").write_text(json.dumps({  # the default dtype: pooled with s0
+        **record(1, 0.40, 0.38, 0.04), "dtype": "float32", "key": "bbq_fp32_s1"}))
+    (grid.RESULTS / "bbq_bf16_s0.json").write_text(json.dumps({
+        **record(0, 0.40, 0.38, 0.04), "dtype": "bfloat16", "key": "bbq_bf16_s0"}))
     text = grid.write_report(tmp_path / "out.md")
     headers = [line for line in text.splitlines() if line.startswith("## bbq / gemma3_270m")]
-    assert len(headers) == 3 and sum(h.endswith(" / obs_norm") for h in headers) == 1
+    assert len(headers) == 4 and sum(h.endswith(" / obs_norm") for h in headers) == 1
     assert sum(h.endswith(" / obs_norm / G=2") for h in headers) == 1
+    assert sum(h.endswith(" / bfloat16") for h in headers) == 1
 
 
 def test_recorded_keys_are_skipped_and_unknown_patterns_refused(grid, capsys):
