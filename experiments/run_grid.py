@@ -34,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from crl_exp.analysis.sweep_table import newest_per_config, seed_aggregate
 from crl_exp.analysis.training_curve import plot_training_curves
 from crl_exp.crl.config import BudgetConfig
+from crl_exp.crl.policy import PolicyConfig
 from crl_exp.modes.analyze import read_examples
 from crl_exp.tracking.mlflow_run import resolve_tracking_uri
 
@@ -50,7 +51,7 @@ COEFFICIENT = {"bbq": 0.1, "mmlu": 0.5}
 
 def _run(task: str, seed: int, *extra: str, model: str | None = None, experiment: str | None = None) -> list[str]:
     args = [f"+experiment={experiment or f'{task}_layer12'}", f"seed={seed}", "trainer.progress_bar=false"]
-    if task in COEFFICIENT:
+    if task in COEFFICIENT and not any(e.startswith("steering.coefficient=") for e in extra):
         args.append(f"steering.coefficient={COEFFICIENT[task]}")
     if model:
         args.append(f"model={model}")
@@ -106,6 +107,15 @@ def grid() -> dict[str, dict[str, list[str]]]:
         # times as many distinct states (416 prompt draws in 13 iterations instead of 104)
         "cpu_group_size": {f"bbq_gemma3_l12_cand32_obsnorm_g2_s{s}": _run(
             "bbq", s, "policy.candidates=32", "policy.obs_norm=true", "budget.group_size=2") for s in SEEDS},
+        # the issue's two levers not yet run (fixed before these runs, one variant each, against cpu_obs_norm):
+        # the coefficient: at 0.1 the actions' rewards differ little (the actor's entropy stays at 3.45 of ln 32),
+        # so 0.25 (the config default, second on validation) gives each action a larger effect to learn from;
+        # top-k: two features per step (policy.top_k=2, each at half the coefficient), so a prompt can combine two
+        # directions
+        "cpu_coefficient": {f"bbq_gemma3_l12_cand32_obsnorm_coef025_s{s}": _run(
+            "bbq", s, "policy.candidates=32", "policy.obs_norm=true", "steering.coefficient=0.25") for s in SEEDS},
+        "cpu_top_k": {f"bbq_gemma3_l12_cand32_obsnorm_top2_s{s}": _run(
+            "bbq", s, "policy.candidates=32", "policy.obs_norm=true", "policy.top_k=2") for s in SEEDS},
     }
     return groups
 
@@ -152,6 +162,7 @@ def collect(client: MlflowClient, run, curve_key: str | None = None) -> dict:
         "coefficient_scale": cfg["steering"]["coefficient_scale"], "reward": cfg["task"].get("reward"),
         "action_space": run.data.tags.get("action_space"), "obs_norm": bool(cfg["policy"].get("obs_norm", False)),
         "group_size": cfg["budget"].get("group_size"), "dtype": cfg["model"].get("dtype"),
+        "top_k": cfg["policy"].get("top_k"),
         "primary_metric": summary["primary_metric"], "n_heldout": summary["n_heldout"], "results": summary["results"], "deltas": summary["deltas"],
         "crl_variants": summary["crl_variants"], "oracle": summary["oracle"],
         "masked_action_share": summary["masked_action_share"], "static_feature": summary["static_feature"],
@@ -321,7 +332,8 @@ def config_label(r: dict) -> str:
             f"masking {r['masking']} / coefficient {r['coefficient']} / reward {r.get('reward')}"
             + (" / obs_norm" if r.get("obs_norm") else "")
             + (f" / G={r['group_size']}" if r.get("group_size") not in (None, BudgetConfig.group_size) else "")
-            + (f" / {r['dtype']}" if r.get("dtype") not in (None, "float32") else ""))
+            + (f" / {r['dtype']}" if r.get("dtype") not in (None, "float32") else "")
+            + (f" / top-{r['top_k']}" if r.get("top_k") not in (None, PolicyConfig.top_k) else ""))
 
 
 def seed_rows(r: dict) -> list[str]:

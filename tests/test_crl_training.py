@@ -173,7 +173,8 @@ def test_nan_reward_stops_with_a_diagnostic(tiny_lm, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, tiny_model_dir, data_dir):
+@pytest.mark.parametrize("variant", [[], ["policy.top_k=2", "policy.obs_norm=true"]], ids=["top-1", "top-2"])
+def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, tiny_model_dir, data_dir, variant):
     import subprocess
     import sys
 
@@ -187,7 +188,7 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
            "budget.episodes_per_iteration=4", "budget.group_size=2", "budget.eval_examples=8", "budget.eval_sampled_seeds=2", "budget.static_feature.train_examples=4",
            "budget.static_feature.candidates=2", "budget.static_feature.oracle_candidates=6", "masking.min_unmasked=4", "steering.coefficient_scale=absolute",
            "steering.coefficient=5", "eval.n_bootstrap=50", f"logger.tracking_uri=sqlite:///{db}",
-           f"hydra.run.dir={tmp_path / 'out'}", "trainer.progress_bar=false", f"data_dir={data_dir}"]
+           f"hydra.run.dir={tmp_path / 'out'}", "trainer.progress_bar=false", f"data_dir={data_dir}", *variant]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| crl |" in proc.stdout and "| static |" in proc.stdout

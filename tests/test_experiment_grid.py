@@ -70,7 +70,7 @@ def test_report_pools_seeds_with_seed_variance(grid, tmp_path):
     assert high == pytest.approx(0.04 + 1.959963984540054 * se, abs=1e-3)
 
 
-def test_obs_norm_group_size_and_dtype_runs_are_reported_apart_from_the_default_configuration(grid, tmp_path):
+def test_obs_norm_group_size_dtype_and_top_k_runs_are_reported_apart_from_the_default_configuration(grid, tmp_path):
     (grid.RESULTS / "bbq_s0.json").write_text(json.dumps(record(0, 0.40, 0.38, 0.04)))
     (grid.RESULTS / "bbq_obsnorm_s0.json").write_text(json.dumps({**record(0, 0.50, 0.38, 0.04), "obs_norm": True,
                                                                   "key": "bbq_obsnorm_s0"}))
@@ -82,11 +82,16 @@ def test_obs_norm_group_size_and_dtype_runs_are_reported_apart_from_the_default_
         **record(1, 0.40, 0.38, 0.04), "dtype": "float32", "key": "bbq_fp32_s1"}))
     (grid.RESULTS / "bbq_bf16_s0.json").write_text(json.dumps({
         **record(0, 0.40, 0.38, 0.04), "dtype": "bfloat16", "key": "bbq_bf16_s0"}))
+    (grid.RESULTS / "bbq_top1_s1.json").write_text(json.dumps({  # the default top-k: pooled with s0
+        **record(1, 0.40, 0.38, 0.04), "top_k": 1, "key": "bbq_top1_s1"}))
+    (grid.RESULTS / "bbq_top2_s0.json").write_text(json.dumps({
+        **record(0, 0.40, 0.38, 0.04), "top_k": 2, "key": "bbq_top2_s0"}))
     text = grid.write_report(tmp_path / "out.md")
     headers = [line for line in text.splitlines() if line.startswith("## bbq / gemma3_270m")]
-    assert len(headers) == 4 and sum(h.endswith(" / obs_norm") for h in headers) == 1
+    assert len(headers) == 5 and sum(h.endswith(" / obs_norm") for h in headers) == 1
     assert sum(h.endswith(" / obs_norm / G=2") for h in headers) == 1
     assert sum(h.endswith(" / bfloat16") for h in headers) == 1
+    assert sum(h.endswith(" / top-2") for h in headers) == 1
 
 
 def test_recorded_keys_are_skipped_and_unknown_patterns_refused(grid, capsys):
@@ -100,6 +105,11 @@ def test_recorded_keys_are_skipped_and_unknown_patterns_refused(grid, capsys):
     assert len(order) == len(set(order))
     with pytest.raises(SystemExit, match="no group or key matches"):
         grid.selected(["no_such_run"])
+    # a variant's own coefficient replaces the task's validated one instead of following it on the command line
+    coefs = [a for a in grid.grid()["cpu_coefficient"]["bbq_gemma3_l12_cand32_obsnorm_coef025_s0"]
+             if a.startswith("steering.coefficient=")]
+    assert coefs == ["steering.coefficient=0.25"]
+    assert "steering.coefficient=0.1" in grid.grid()["cpu_top_k"]["bbq_gemma3_l12_cand32_obsnorm_top2_s0"]
 
 
 def test_state_diversity_separates_a_shared_direction_from_prompt_specific_energy():
