@@ -70,7 +70,8 @@ def test_report_pools_seeds_with_seed_variance(grid, tmp_path):
     assert high == pytest.approx(0.04 + 1.959963984540054 * se, abs=1e-3)
 
 
-def test_obs_norm_group_size_dtype_and_top_k_runs_are_reported_apart_from_the_default_configuration(grid, tmp_path):
+def test_obs_norm_group_size_dtype_top_k_and_advantage_runs_are_reported_apart_from_the_default_configuration(
+        grid, tmp_path):
     (grid.RESULTS / "bbq_s0.json").write_text(json.dumps(record(0, 0.40, 0.38, 0.04)))
     (grid.RESULTS / "bbq_obsnorm_s0.json").write_text(json.dumps({**record(0, 0.50, 0.38, 0.04), "obs_norm": True,
                                                                   "key": "bbq_obsnorm_s0"}))
@@ -86,12 +87,17 @@ def test_obs_norm_group_size_dtype_and_top_k_runs_are_reported_apart_from_the_de
         **record(1, 0.40, 0.38, 0.04), "top_k": 1, "key": "bbq_top1_s1"}))
     (grid.RESULTS / "bbq_top2_s0.json").write_text(json.dumps({
         **record(0, 0.40, 0.38, 0.04), "top_k": 2, "key": "bbq_top2_s0"}))
+    (grid.RESULTS / "bbq_gae_s1.json").write_text(json.dumps({  # the default advantage: pooled with s0
+        **record(1, 0.40, 0.38, 0.04), "advantage": "gae", "key": "bbq_gae_s1"}))
+    (grid.RESULTS / "bbq_groupadv_s0.json").write_text(json.dumps({
+        **record(0, 0.40, 0.38, 0.04), "advantage": "group", "key": "bbq_groupadv_s0"}))
     text = grid.write_report(tmp_path / "out.md")
     headers = [line for line in text.splitlines() if line.startswith("## bbq / gemma3_270m")]
-    assert len(headers) == 5 and sum(h.endswith(" / obs_norm") for h in headers) == 1
+    assert len(headers) == 6 and sum(h.endswith(" / obs_norm") for h in headers) == 1
     assert sum(h.endswith(" / obs_norm / G=2") for h in headers) == 1
     assert sum(h.endswith(" / bfloat16") for h in headers) == 1
     assert sum(h.endswith(" / top-2") for h in headers) == 1
+    assert sum(h.endswith(" / group advantage") for h in headers) == 1
 
 
 def test_recorded_keys_are_skipped_and_unknown_patterns_refused(grid, capsys):
