@@ -118,8 +118,8 @@ def grid() -> dict[str, dict[str, list[str]]]:
         "cpu_top_k": {f"bbq_gemma3_l12_cand32_obsnorm_top2_s{s}": _run(
             "bbq", s, "policy.candidates=32", "policy.obs_norm=true", "policy.top_k=2") for s in SEEDS},
         # the lever the curves of every obs_norm run point to (fixed before these runs, one variant, against
-        # cpu_obs_norm): the critic's explained variance stays at -8 to -250 through all 13 iterations (and
-        # through 150 at cpu_long), so the GAE advantage (reward - V) is mostly critic error and the actor's
+        # cpu_obs_norm): the critic's explained variance stays at -8 to -250 through all 13 iterations (seed 0
+        # of cpu_obs_norm and cpu_coefficient; -10 to -50 through 150 at cpu_long_obs_norm), so the GAE advantage (reward - V) is mostly critic error and the actor's
         # entropy does not move; BBQ is one step, so the group baseline (reward minus the mean of the same
         # prompt's 8 episodes, ppo.advantage=group) is an exact, critic-free baseline
         "cpu_group_advantage": {f"bbq_gemma3_l12_cand32_obsnorm_groupadv_s{s}": _run(
@@ -335,14 +335,22 @@ def _fmt_ci(lo, hi) -> str:
     return f"[{lo:+.3f}, {hi:+.3f}]"
 
 
+# options a record may differ by beyond the header's: (record key, its default, the label suffix otherwise). Records
+# without the key (older runs) used the default and pool with runs that state it.
+VARIANT_LABELS = (
+    ("obs_norm", False, " / obs_norm"),
+    ("group_size", BudgetConfig.group_size, " / G={}"),
+    ("dtype", "float32", " / {}"),
+    ("top_k", PolicyConfig.top_k, " / top-{}"),
+    ("advantage", PPOConfig.advantage, " / {} advantage"),
+)
+
+
 def config_label(r: dict) -> str:
     return (f"{r['task']} / {r['model']} / layer {r['layer']} / {r['budget']} / {r['action_space']} / "
             f"masking {r['masking']} / coefficient {r['coefficient']} / reward {r.get('reward')}"
-            + (" / obs_norm" if r.get("obs_norm") else "")
-            + (f" / G={r['group_size']}" if r.get("group_size") not in (None, BudgetConfig.group_size) else "")
-            + (f" / {r['dtype']}" if r.get("dtype") not in (None, "float32") else "")
-            + (f" / top-{r['top_k']}" if r.get("top_k") not in (None, PolicyConfig.top_k) else "")
-            + (f" / {r['advantage']} advantage" if r.get("advantage") not in (None, PPOConfig.advantage) else ""))
+            + "".join(label.format(r[key]) for key, default, label in VARIANT_LABELS
+                      if r.get(key) not in (None, default)))
 
 
 def seed_rows(r: dict) -> list[str]:
