@@ -14,14 +14,15 @@ import crl_exp
 PACKAGE = Path(crl_exp.__file__).parent
 # Lower number = lower layer. tracking is a leaf: it needs nothing but the base modules.
 LAYERS = {
-    "errors": 0, "paths": 0, "cache_integrity": 0, "tracking": 0,
+    "errors": 0, "paths": 0, "cache_integrity": 0, "tracking": 0, "stats": 0,
     "tasks": 1,
     "models": 2, "saes": 2, "steering": 2,
-    "generation": 3, "episodes": 3, "runtime": 3,
+    "generation": 3, "episodes": 3, "runtime": 3, "reward_table": 3,
     "crl": 4,
     "analysis": 5,
-    "modes": 6,
-    "app": 7, "__main__": 7, "sae": 7, "__init__": 7, "config_store": 7,
+    "evaluation": 6,
+    "modes": 7,
+    "app": 8, "__main__": 8, "sae": 8, "__init__": 8, "config_store": 8,
 }
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from crl_exp.tasks.metrics import mde_paired_binary, mde_paired_mean, wilson_interval
+from crl_exp.stats import mde_paired_binary, mde_paired_mean, wilson_interval
 
 
 def test_wilson_interval_known_values_and_the_degenerate_cases():

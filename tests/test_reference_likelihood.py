@@ -67,3 +67,36 @@ def compose_task(name, *overrides):
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("config", overrides=[f"task={name}", *overrides]).task
+
+
+def test_a_rows_reward_does_not_depend_on_its_batch(tiny_lm):
+    """A row that stops early scores the same alone and beside a row that runs long: with the reference read after
+    the whole batch's cache, the long row's extra columns pushed the short row's prompt out of the 16-token
+    sliding window."""
+    prompt, other = "abcdefgh", "a much longer prompt"
+    plain = generate(tiny_lm, [prompt], 24).completions[0]
+    marker = plain[2]  # stops the short row after two characters of reasoning
+    cut = plain.find(marker)
+    assert 0 < cut < 6
+    alone = generate(tiny_lm, [prompt], 24, stop_strings=[marker], references=["#1"], reference_marker=marker)
+    batch = generate(tiny_lm, [prompt, other], 24, stop_strings=[marker], references=["#1", "#2"],
+                     reference_marker=marker)
+    assert batch.completions[0] == alone.completions[0] == plain[:cut]
+    assert batch.new_tokens.shape[1] > alone.new_tokens.shape[1] + 8  # the other row really runs longer
+    assert batch.reference_likelihood[0].item() == pytest.approx(alone.reference_likelihood[0].item(), rel=1e-4)
+
+
+def test_the_reference_is_read_after_the_reasoning_as_it_was_steered(tiny_lm):
+    """Steered episodes: the kept tokens are read with the episode's own edits replayed (a different reward from
+    reading the same tokens unsteered), and the replay is what incremental steered decoding computed."""
+    from crl_exp.steering.controllers import StaticController
+    from crl_exp.steering.directions import SteeringDirections
+    from crl_exp.steering.hook import ResidualSteerer
+
+    torch.manual_seed(0)
+    directions = SteeringDirections.from_decoder(torch.randn(8, tiny_lm.d_model))
+    steerer = ResidualSteerer(tiny_lm.model, 1, directions)
+    prompt = "abc"
+    steered = generate(tiny_lm, [prompt], 6, steerer, StaticController(3, 4.0), references=["#5"])
+    unsteered_read = by_hand(tiny_lm, prompt, steered.completions[0], "#5")
+    assert abs(steered.reference_likelihood[0].item() - unsteered_read) > 1e-4

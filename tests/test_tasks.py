@@ -13,10 +13,11 @@ from omegaconf import OmegaConf
 
 from crl_exp.errors import CRLConfigError
 from crl_exp.paths import CONFIG_DIR
+from crl_exp.stats import bootstrap_ci
 from crl_exp.tasks import build_task
 from crl_exp.tasks.bbq import answer_kind
 from crl_exp.tasks.judges import FULL_REFUSAL
-from crl_exp.tasks.metrics import ANTI_BIASED, BIASED, INVALID, UNKNOWN, GroupedMean, bbq_bias_scores, bootstrap_ci
+from crl_exp.tasks.metrics import ANTI_BIASED, BIASED, INVALID, UNKNOWN, GroupedMean, bbq_bias_scores
 from crl_exp.tasks.parsing import gsm8k_gold, normalise_number, parse_gsm8k_completion, parse_letter
 from crl_exp.tasks.schema import Example
 

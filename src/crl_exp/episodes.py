@@ -20,10 +20,10 @@ from crl_exp.generation import generate
 from crl_exp.models import LoadedModel
 from crl_exp.runtime import load_model, load_sae_for
 from crl_exp.saes import LoadedSAE
+from crl_exp.stats import bootstrap_ci
 from crl_exp.steering.factory import steering_directions
 from crl_exp.steering.hook import ResidualSteerer
 from crl_exp.tasks import Task
-from crl_exp.tasks.metrics import bootstrap_ci
 from crl_exp.tasks.schema import Example
 
 
@@ -117,8 +117,8 @@ def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=Non
     scored = task.score_batch(batch, prompts, gen.completions, option_probs)
     if gen.reference_likelihood is not None:
         task.add_reference_likelihood(scored, gen.reference_likelihood.tolist())
-    records = [{"id": ex.id, "group": ex.group, "question": ex.question, "answer": ex.answer, "prompt": prompt,
-                "completion": completion, **rec}
+    records = [{"id": ex.id, "group": ex.group, "cluster": task.cluster(ex), "question": ex.question,
+                "answer": ex.answer, "prompt": prompt, "completion": completion, **rec}
                for ex, prompt, completion, rec in zip(batch, prompts, gen.completions, scored, strict=True)]
     return records, gen
 
@@ -144,8 +144,8 @@ def run_episodes(task: Task, lm: LoadedModel, examples: list[Example], batch_siz
 
 
 def summarize(task: Task, records: list[dict[str, Any]], n_boot: int, seed: int) -> tuple[dict, dict]:
-    """Point metrics and percentile-bootstrap 95% CIs (resampling examples)."""
+    """Point metrics and percentile-bootstrap 95% CIs, resampling whole clusters (``Task.cluster``)."""
     metrics = task.metrics_from_records(records)
     cis = bootstrap_ci(len(records), lambda idx: task.metrics_from_records([records[i] for i in idx.tolist()]),
-                       n_boot=n_boot, seed=seed)
+                       n_boot=n_boot, seed=seed, clusters=[r.get("cluster", r["id"]) for r in records])
     return metrics, cis

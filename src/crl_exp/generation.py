@@ -14,7 +14,7 @@ from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from crl_exp.models import LoadedModel
 from crl_exp.models.greedy_head import screened_greedy_head
 from crl_exp.models.inplace_cache import adopt_inplace_layers
-from crl_exp.steering.hook import Controller, ResidualSteerer
+from crl_exp.steering.hook import NO_FEATURE, Controller, ResidualSteerer
 
 # Bound on the few-shot prefix caches kept per model (``PrefixStore``). Gemma 3 270M in fp32 holds ~21 MB for a
 # 1,000-token prefix (global layers keep every token, sliding layers their 512-token window), so 1 GiB holds
@@ -275,26 +275,51 @@ def reference_inputs(lm: LoadedModel, new: torch.Tensor, texts: list[str], refer
     return kept, ref_ids
 
 
-@torch.inference_mode()
-def reference_likelihood(lm: LoadedModel, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         new_tokens: torch.Tensor, kept: list[int], references: list[list[int]]) -> torch.Tensor:
-    """[B] exp(mean log-prob) of each row's ``references`` token ids right after its first ``kept[i]`` generated
-    tokens, teacher-forced (VeriFree's verifier-free reward), in one forward that reads the episode's own KV cache.
+def recorded_edits(steps: list, kept: list[int], width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """[B, width] features / coefficients of the edits an episode made at feed positions t < kept[b] (position t:
+    the token fed at decoding step t), from a steerer's ``steps``; ``None`` when nothing was steered."""
+    if not steps:
+        return None
+    first = steps[0].features
+    b = first.shape[0]
+    features = torch.full((b, width, *first.shape[1:]), NO_FEATURE, dtype=torch.long)
+    coefficients = torch.zeros((b, width))
+    for t, step in enumerate(steps[:width]):
+        rows = torch.tensor([t < k for k in kept])
+        features[rows, t] = step.features.cpu()[rows]
+        coefficients[rows, t] = step.coefficients.float().cpu()[rows]
+    return features, coefficients
 
-    The cache holds the left-padded prompt (``input_ids``: W columns) and generated tokens 0..T-2. Row i masks
-    every cache column from its last kept token on and feeds that token again at its own position (the last
-    prompt token when nothing is kept), then the reference tokens, unsteered; rows are right-padded. So the
-    reasoning is read exactly as it was steered, and nothing after the cut is seen.
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The output head on selected hidden states (with the model's final logit soft-capping, if any)."""
+    logits = model.get_output_embeddings()(hidden)
+    config = getattr(model.config, "text_config", model.config)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+@torch.inference_mode()
+def reference_likelihood(lm: LoadedModel, prompts: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         new_tokens: torch.Tensor, kept: list[int], references: list[list[int]], steerer=None,
+                         prefixes: list[str | None] | None = None, add_special_tokens: bool = True) -> torch.Tensor:
+    """[B] exp(mean log-prob) of each row's ``references`` token ids right after its first ``kept[i]`` generated
+    tokens, teacher-forced (VeriFree's verifier-free reward).
+
+    One batched forward over a fresh cache of every row's prompt but its last token (``prompt_prefix_cache``:
+    left-padded, few-shot prefixes from the store), feeding per row, right-padded: the last prompt token and the
+    kept tokens (the edits the episode made at those steps replayed from ``steerer.steps``), then the reference,
+    unsteered. A row's tokens are contiguous and its padding lies outside them, so its reward does not depend on
+    the other rows of its batch (Gemma's sliding-window layers count physical columns: reading a short row after
+    a long row's cache would push its prompt out of the window).
     """
     B, W = input_ids.shape
-    cache_mask = attention_mask.new_ones((B, cache.get_seq_length()))  # generated columns: kept up to the cut
-    cache_mask[:, :W] = attention_mask
+    cache = prompt_prefix_cache(lm, prompts, input_ids, attention_mask, prefixes, add_special_tokens) if W >= 2 else None
     feeds, starts = [], []
     for i in range(B):
         k = kept[i]
-        cache_mask[i, W + k - 1:] = 0
-        feeds.append([int(new_tokens[i, k - 1]) if k > 0 else int(input_ids[i, -1]), *references[i]])
-        starts.append(int(attention_mask[i].sum()) - 1 + k)
+        feeds.append([int(input_ids[i, -1]), *[int(t) for t in new_tokens[i, :k]], *references[i]])
+        starts.append(int(attention_mask[i].sum()) - 1)
     width = max(len(f) for f in feeds)
     ids = input_ids.new_full((B, width), lm.tokenizer.pad_token_id)
     feed_mask = torch.zeros_like(ids)
@@ -302,14 +327,22 @@ def reference_likelihood(lm: LoadedModel, cache, input_ids: torch.Tensor, attent
         ids[i, : len(f)] = torch.tensor(f)
         feed_mask[i, : len(f)] = 1
     positions = torch.tensor(starts, device=ids.device)[:, None] + torch.arange(width, device=ids.device)
-    out = lm.model(input_ids=ids, attention_mask=torch.cat([cache_mask, feed_mask], 1), position_ids=positions,
-                   cache=cache, use_cache=True)
-    logprobs = out.logits.float().log_softmax(-1)
+    mask = torch.cat([attention_mask[:, :-1], feed_mask], 1) if cache is not None else feed_mask
+    edits = recorded_edits(steerer.steps if steerer is not None else [], kept, width)
+    body = lm.model.get_decoder()
+    replay = steerer.replaying(*edits) if edits is not None else nullcontext()
+    with replay:
+        hidden = body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                      use_cache=cache is not None).last_hidden_state
     scores = []
     for i, ref in enumerate(references):
+        if not ref:
+            scores.append(torch.tensor(float("nan")))
+            continue
+        at = kept[i] + torch.arange(len(ref), device=ids.device)  # the positions that predict the reference
+        logprobs = head_logits(lm.model, hidden[i, at]).float().log_softmax(-1)
         target = torch.tensor(ref, device=ids.device)
-        token_lp = logprobs[i, torch.arange(len(ref), device=ids.device), target]
-        scores.append(token_lp.mean().exp() if len(ref) else torch.tensor(float("nan")))
+        scores.append(logprobs[torch.arange(len(ref), device=ids.device), target].mean().exp())
     return torch.stack(scores).cpu()
 
 
@@ -370,6 +403,6 @@ def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int, steerer: 
     likelihood = None
     if references is not None:
         kept, ref_ids = reference_inputs(lm, new, texts, references, reference_marker)
-        likelihood = reference_likelihood(lm, out.past_key_values, enc.input_ids, enc.attention_mask,
-                                          new.to(lm.device), kept, ref_ids)
+        likelihood = reference_likelihood(lm, prompts, enc.input_ids, enc.attention_mask, new.to(lm.device), kept,
+                                          ref_ids, steerer, prefixes, add_special_tokens)
     return Generation(prompts, texts, new, seconds, valid, first, lse, enc.input_ids[:, -1].cpu(), likelihood)

@@ -22,7 +22,7 @@ from crl_exp.errors import CRLConfigError
 
 def analyse_branches(env, policy, task, acfg: DictConfig, tracker, title: str = "") -> list[dict]:
     """Branch points of ``policy`` on ``acfg.episodes`` held-out episodes; artifacts under ``branch_points/``."""
-    examples = task.split("test", int(acfg.episodes))
+    examples = task.heldout("dev", int(acfg.episodes))
     if not examples:
         raise CRLConfigError(f"No held-out episodes to analyse for {task.name}")
     # Originals are generated one episode at a time (unpadded), exactly as the branches are replayed.

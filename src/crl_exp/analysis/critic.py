@@ -1,10 +1,15 @@
-"""Critic trajectory analysis (DESIGN §6): is a failure the policy's limit or a value-estimation error?
+"""Critic trajectory analysis (docs/design.md, "Critic analysis"): is a failure the policy's limit or a
+value-estimation error?
 
 Episodes are grouped by outcome against the unsteered baseline on the same prompt: ``correct`` (both right),
 ``incorrect`` (both wrong), ``corrected`` (steering turned wrong into right), ``misguided`` (right into
-wrong). A failed CRL episode whose critic expected success (V_0 >= ``threshold``) is a *value-estimation
-error*; one whose critic foresaw failure (V_0 < threshold) is a *policy limitation*. Calibration of V_0 against
-success: AUROC and Brier score (V_0 clipped to [0, 1]).
+wrong). A failed CRL episode whose critic expected success is a *value-estimation error*; one whose critic foresaw
+failure is a *policy limitation*. "Expected success" is judged on the reward's own scale: V_0 at or above the
+midpoint between the mean return of successful and of failed episodes (a fixed 0.5 would call every failure a
+policy limitation when the dense reward averages 0.2). A critic that explains less of the return than its mean
+does (explained variance < 0) cannot tell the two apart: the split is then not made, and the report says so.
+Calibration of V_0 against the return is reported as continuous figures as well (explained variance,
+correlation, AUROC for success).
 """
 
 from __future__ import annotations
@@ -38,8 +43,22 @@ class CriticReport:
     metrics: dict[str, float]
 
 
-def analyse_critic(log: pd.DataFrame, baseline_correct: dict[str, float], threshold: float = 0.5) -> CriticReport:
-    """``log``: intervention log; ``baseline_correct``: prompt_id -> unsteered correctness on the same prompt."""
+def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
+    """1 - Var(return - V) / Var(return); NaN when the returns do not vary."""
+    var = returns.var().item() if len(returns) > 1 else 0.0
+    return 1.0 - (returns - values).var().item() / var if var > 0 else float("nan")
+
+
+def success_threshold(returns: torch.Tensor, success: torch.Tensor) -> float:
+    """The midpoint between the mean return of successes and of failures (the mean return if one is absent)."""
+    if success.all() or (~success).all():
+        return returns.mean().item()
+    return 0.5 * (returns[success].mean().item() + returns[~success].mean().item())
+
+
+def analyse_critic(log: pd.DataFrame, baseline_correct: dict[str, float], threshold: float | None = None) -> CriticReport:
+    """``log``: intervention log; ``baseline_correct``: prompt_id -> unsteered correctness on the same prompt.
+    ``threshold``: V_0 at or above it means "the critic expected success" (default: ``success_threshold``)."""
     if log.empty:
         raise ValueError("Critic analysis needs a non-empty intervention log")
     first = log.sort_values("position").groupby("episode").first()
@@ -50,18 +69,29 @@ def analyse_critic(log: pd.DataFrame, baseline_correct: dict[str, float], thresh
         raise ValueError(f"No unsteered baseline for {len(missing)} prompts, e.g. {sorted(missing)[:3]}")
     ep["baseline_correct"] = ep["prompt_id"].map(lambda p: baseline_correct[p] > 0.5)
     ep["group"] = [outcome_group(s, b) for s, b in zip(ep["success"], ep["baseline_correct"], strict=True)]
-    ep["failure_kind"] = ["" if s else ("value_estimation_error" if v >= threshold else "policy_limitation")
-                          for s, v in zip(ep["success"], ep["v0"], strict=True)]
     v0 = torch.tensor(ep["v0"].to_numpy(), dtype=torch.float)
     y = torch.tensor(ep["success"].to_numpy(), dtype=torch.float)
+    returns = torch.tensor(ep["return"].to_numpy(), dtype=torch.float)
+    ev = explained_variance(v0, returns)
+    analysable = ev == ev and ev >= 0
+    if threshold is None:
+        threshold = success_threshold(returns, y.bool())
+    ep["failure_kind"] = ["" if s else (("value_estimation_error" if v >= threshold else "policy_limitation")
+                                        if analysable else "critic_uninformative")
+                          for s, v in zip(ep["success"], ep["v0"], strict=True)]
     failures = (~ep["success"]).sum()
+    corr = torch.corrcoef(torch.stack([v0, returns]))[0, 1].item() if len(v0) > 1 else float("nan")
     metrics = {
+        "critic/explained_variance": ev,
+        "critic/analysable": float(analysable),
+        "critic/threshold": float(threshold),
+        "critic/v0_return_correlation": corr,
         "critic/v0_auroc": auroc(v0, y),
         "critic/v0_brier": ((v0.clamp(0, 1) - y) ** 2).mean().item(),
         "critic/value_estimation_errors": float((ep["failure_kind"] == "value_estimation_error").sum()),
         "critic/policy_limitations": float((ep["failure_kind"] == "policy_limitation").sum()),
         "critic/value_error_share_of_failures": float((ep["failure_kind"] == "value_estimation_error").sum()
-                                                       / failures) if failures else float("nan"),
+                                                       / failures) if failures and analysable else float("nan"),
         "critic/return_mean": float(ep["return"].mean()),
     }
     for g in ("correct", "incorrect", "corrected", "misguided"):

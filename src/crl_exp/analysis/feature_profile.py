@@ -1,19 +1,17 @@
 """What the chosen features respond to: syntactic (function words, punctuation) vs semantic (content) tokens.
 
-Method (documented in the README): while the CRL policy runs on held-out episodes, every recorded residual
-state is encoded by the SAE and each feature's top-``k`` activating tokens are kept (the token whose residual
-it is: the newest position at that step, i.e. the last prompt token at step 0 and generated token t-1 after
-that, so one-token tasks get a profile too). A token counts as *syntactic* if, stripped and
-lower-cased, it is empty/whitespace, punctuation, a digit string, or an English function word. A feature's
-syntactic share is the share of syntactic tokens among its top activations; a run's profile is the
-usage-weighted mean over the features the policy chose.
+Method: each feature the policy used is profiled by its top activating tokens over *train-split task text*
+(``top_features.corpus_top_contexts``: the SAE encodes resid_post of the steered layer at every position), the
+usual way to read a feature. Profiling at the steered positions instead would say nothing on one-token tasks,
+where every steered state sits on the same token (the ``:`` of ``Answer:``). A token counts as *syntactic* if,
+stripped and lower-cased, it is empty/whitespace, punctuation, a digit string, or an English function word. A
+feature's syntactic share is the share of syntactic tokens among its positive top activations; a run's profile is
+the usage-weighted mean over the features the policy chose.
 """
 
 from __future__ import annotations
 
 import string
-
-import torch
 
 FUNCTION_WORDS = frozenset("""a an the and or but nor so yet if then than that this these those there here of in on at
 by for with from to into onto upon about above below under over between through during before after since until
@@ -31,37 +29,21 @@ def is_syntactic(token_text: str) -> bool:
     return t in FUNCTION_WORDS
 
 
-class TopActivations:
-    """Running top-k (activation, token id) per SAE feature."""
-
-    def __init__(self, d_sae: int, k: int = 10):
-        self.values = torch.full((d_sae, k), float("-inf"))
-        self.tokens = torch.full((d_sae, k), -1, dtype=torch.long)
-
-    def update(self, acts: torch.Tensor, token_ids: torch.Tensor) -> None:
-        """``acts`` [N, d_sae] for N token positions with ids ``token_ids`` [N]."""
-        if len(acts) == 0:
-            return
-        vals = torch.cat([self.values, acts.T.float()], dim=1)
-        toks = torch.cat([self.tokens, token_ids[None].expand(acts.shape[1], -1)], dim=1)
-        top = vals.topk(self.values.shape[1], dim=1)
-        self.values, self.tokens = top.values, toks.gather(1, top.indices)
-
-    def profile(self, feature: int, tokenizer) -> tuple[float, list[str]]:
-        """(syntactic share, token texts) over the feature's positive top activations."""
-        keep = self.values[feature] > 0
-        texts = [tokenizer.decode([int(t)]) for t in self.tokens[feature][keep]]
-        if not texts:
-            return float("nan"), []
-        return sum(is_syntactic(x) for x in texts) / len(texts), texts
+def activating_token(context: str) -> str:
+    """The token a ``corpus_top_contexts`` context highlights (``...before[[token]]``)."""
+    return context.rsplit("[[", 1)[-1].removesuffix("]]")
 
 
-def usage_weighted_syntactic_share(usage: dict[int, int], top: TopActivations, tokenizer) -> tuple[float, dict]:
+def usage_weighted_syntactic_share(usage: dict[int, int],
+                                   top_contexts: dict[int, list[tuple[float, str]]]) -> tuple[float, dict]:
+    """(usage-weighted syntactic share, per-feature profile) from each feature's top contexts on train text;
+    a feature silent on that text has no share (NaN) and no weight."""
     per_feature, total, weight = {}, 0.0, 0
     for feature, n in usage.items():
-        share, texts = top.profile(feature, tokenizer)
+        texts = [activating_token(c) for v, c in top_contexts.get(feature, []) if v > 0]
+        share = sum(is_syntactic(x) for x in texts) / len(texts) if texts else float("nan")
         per_feature[feature] = {"uses": n, "syntactic_share": share, "top_tokens": texts}
-        if share == share:  # not NaN
+        if texts:
             total += share * n
             weight += n
     return (total / weight if weight else float("nan")), per_feature

@@ -7,7 +7,9 @@
    to it, and the headroom oracle draws from it.
 3. Steer *validation* episodes (a stratified subset) with each of the top ``candidates`` features (same
    coefficient as CRL) and keep the best mean reward: choosing on other episodes than those ranked avoids
-   rewarding the ranking's own noise.
+   rewarding the ranking's own noise. On one-token tasks (``exhaustive``) the trials are one exact reward table
+   (``reward_table``: a shared prefill and one row per feature), so every feature of CRL's action space is tried,
+   on more validation prompts, for the price a generating task pays for a handful.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from crl_exp.episodes import rollout_batch
+from crl_exp.reward_table import reward_table
 from crl_exp.steering.controllers import StaticController
 from crl_exp.steering.hook import NO_FEATURE
 
@@ -94,14 +97,23 @@ def try_features(env, features: list[int], examples, batch_size: int) -> dict[in
 
 @torch.no_grad()
 def select_static_feature(env, train_examples, validation_examples, candidates: int, batch_size: int,
-                          pool_size: int = 0, ranking=None) -> StaticSelection:
-    """``ranking``: a ``rank_features`` result to reuse (it does not depend on the coefficient)."""
+                          pool_size: int = 0, ranking=None, exhaustive: bool = False) -> StaticSelection:
+    """``ranking``: a ``rank_features`` result to reuse (it does not depend on the coefficient).
+    ``exhaustive``: one-token tasks, the top ``candidates`` tried through one reward table."""
     score, mean_act, unsteered = ranking or rank_features(env, train_examples, batch_size)
     pool = candidate_pool(score, mean_act, max(candidates, pool_size))
-    results = try_features(env, pool[:candidates], validation_examples, batch_size)
+    tried = pool[:candidates]
+    if exhaustive:
+        table = reward_table(env, validation_examples, tried, desc=f"static feature: {len(tried)} candidates")
+        results = {f: float(table.reward[:, j].mean()) for j, f in enumerate(tried)}
+        trials = table.episodes
+    else:
+        results = try_features(env, tried, validation_examples, batch_size)
+        trials = len(results) * len(validation_examples)
     best = max(results, key=lambda f: (results[f], float(score[f])))
-    log.info("Best static feature %d (validation reward %.3f; candidates %s)", best, results[best], results)
+    log.info("Best static feature %d (validation reward %.3f over %d candidates on %d prompts)", best, results[best],
+             len(results), len(validation_examples))
     ranked = 0 if ranking is not None else len(train_examples)  # a reused ranking cost nothing here
-    episodes = ranked + len(results) * len(validation_examples)
-    return StaticSelection(best, results[best], results, {f: float(score[f]) for f in pool[:candidates]},
+    episodes = ranked + trials
+    return StaticSelection(best, results[best], results, {f: float(score[f]) for f in tried},
                            unsteered, pool, episodes)

@@ -77,6 +77,19 @@ class CRLModule(L.LightningModule):
         self.run_id: str | None = None  # the MLflow run training logs to; a resume continues it
         self.last_rollout: dict[str, Any] | None = None
 
+    def action_space(self) -> torch.Tensor:
+        """Bool [d_sae]: the features this policy was trained to choose among (the candidate pool of
+        ``policy.candidates``, or the whole dictionary); no evaluation may act outside it."""
+        return self.mask.candidates.clone()
+
+    def controller(self, coefficient: float, *, greedy: bool, with_mask: bool, seed: int = 0,
+                   sae=None) -> PolicyController:
+        """The one way to act with this policy: inside its action space always, and inside the current Adaptive
+        Feature Mask too when ``with_mask`` (training, and the mask-on evaluation)."""
+        allowed = self.mask.allowed() if with_mask else self.action_space()
+        return PolicyController(self.policy, coefficient, allowed=allowed, greedy=greedy, seed=seed, sae=sae,
+                                top_k=self.top_k)
+
     def attach(self, env: SteeringEnv) -> CRLModule:
         self.__dict__["env"] = env  # plain attribute: the frozen LM/SAE never enter state_dict or checkpoints
         return self
@@ -101,8 +114,7 @@ class CRLModule(L.LightningModule):
         for group in optimizer.param_groups:
             group["lr"] = annealed_lr(cfg, iteration, self.total_iterations)
         seed = iteration_seed(self.seed, iteration)
-        controller = PolicyController(self.policy, env.coefficient, allowed=self.mask.allowed(), seed=seed,
-                                      sae=env.sae.sae, top_k=self.top_k)
+        controller = self.controller(env.coefficient, greedy=False, with_mask=True, seed=seed, sae=env.sae.sae)
         t0 = time.perf_counter()
         first: dict[str, int] = {}
         groups = torch.tensor([first.setdefault(ex.id, len(first)) for ex in batch])  # prompt number per episode

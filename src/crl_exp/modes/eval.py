@@ -9,18 +9,27 @@ from omegaconf import DictConfig
 
 from crl_exp.episodes import run_episodes, summarize
 from crl_exp.errors import CRLConfigError
+from crl_exp.evaluation.ledger import record_confirmation
 from crl_exp.modes.evaluation_log import format_table, log_evaluation
 from crl_exp.runtime import load_model, load_sae_for
 from crl_exp.steering.factory import build_steerer
 from crl_exp.tasks import build_task
 from crl_exp.tracking import RunTracker
+from crl_exp.tracking.provenance import git_commit
+from crl_exp.tracking.sweep import config_hash
 
 
 def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     """Evaluate ``cfg.task`` on ``cfg.eval.split``; returns metrics, CIs, speed and split sizes."""
     ecfg = cfg.eval
     task = build_task(cfg.task, cfg.get("data_dir"))
-    examples = task.split(ecfg.split, ecfg.get("limit"))
+    if ecfg.split == "test":  # the test split is scored by parts: dev unless the confirmation part is asked for
+        examples = task.heldout(str(ecfg.heldout), ecfg.get("limit"))
+        if ecfg.heldout == "confirm":
+            record_confirmation(ecfg.get("ledger"), task=task.name, config_hash=config_hash(cfg), commit=git_commit(),
+                                seed=int(cfg.seed), n=len(examples), run_id=tracker.run_id, mode="eval")
+    else:
+        examples = task.split(ecfg.split, ecfg.get("limit"))
     if not examples:
         raise CRLConfigError(f"{task.name} {ecfg.split} split is empty (after subsets)")
     tracker.log_metrics({f"data/{s}_size": n for s, n in task.split_sizes().items()})

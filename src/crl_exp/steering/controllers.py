@@ -26,14 +26,19 @@ class StaticController:
 
 
 class RandomController:
-    """A uniformly random feature per row and token (seeded), the random-steering baseline."""
+    """A uniformly random feature per row and token (seeded), the random-steering baseline: over ``features``
+    (a policy's action space) when given, else over the whole dictionary of ``d_sae`` features."""
 
-    def __init__(self, d_sae: int, coefficient: float, seed: int = 0):
+    def __init__(self, d_sae: int, coefficient: float, seed: int = 0, features=None):
+        self.features = (torch.as_tensor(list(features), dtype=torch.long) if features is not None
+                         else torch.arange(d_sae))
+        if len(self.features) == 0:
+            raise ValueError("RandomController needs at least one feature to draw from")
         self.d_sae = d_sae
         self.coefficient = float(coefficient)
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = state.shape[0]
-        feats = torch.randint(0, self.d_sae, (b,), generator=self.generator)
+        feats = self.features[torch.randint(0, len(self.features), (b,), generator=self.generator)]
         return feats.to(state.device), torch.full((b,), self.coefficient, device=state.device)

@@ -78,6 +78,29 @@ class ResidualSteerer:
             self._handle.remove()
             self._handle = None
 
+    @contextmanager
+    def replaying(self, features: torch.Tensor, coefficients: torch.Tensor):
+        """Re-apply recorded edits to a multi-token forward: position t of row b gets the edit of
+        ``features[b, t]`` (``[B, T]`` or ``[B, T, k]``; ``NO_FEATURE``: none) at ``coefficients[b, t]``, for
+        the first T positions of the forward's input. Used to read an episode's tokens as they were steered."""
+        b, t = coefficients.shape
+
+        def hook(module, inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.shape[0] != b or hidden.shape[1] < t:
+                raise RuntimeError(f"replaying {b} x {t} edits on a forward of shape {tuple(hidden.shape[:2])}")
+            flat = features.reshape(b * t, *features.shape[2:]).to(hidden.device)
+            edit = self.delta(flat, coefficients.reshape(-1).to(hidden.device)).reshape(b, t, -1)
+            steered = hidden.clone()
+            steered[:, :t] = hidden[:, :t] + edit.to(hidden.dtype)
+            return (steered, *output[1:]) if isinstance(output, tuple) else steered
+
+        handle = self._block.register_forward_hook(hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
+
     def delta(self, features: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
         """The edit ``distance(c) * d(f)`` per row; zero for ``NO_FEATURE`` rows.
 

@@ -23,6 +23,8 @@ from crl_exp.tasks.schema import LETTERS, Example
 log = logging.getLogger(__name__)
 
 MALFORMED_ERRORS = (KeyError, ValueError, TypeError, IndexError, AttributeError)
+HELDOUT_PARTS = ("dev", "confirm", "all")
+DEFAULT_CONFIRM_FRACTION = 0.5  # share of the test split's clusters kept for confirmation
 
 
 class Task(ABC):
@@ -139,6 +141,31 @@ class Task(ABC):
     def representative(self, name: str, limit: int | None) -> list[Example]:
         """A seeded subset of a split covering every group (subject, category) as evenly as ``limit`` allows."""
         examples = self.split(name)
+        keep = splitting.stratified_subsample([e.id for e in examples], [str(e.group) for e in examples], limit,
+                                              self.seed)
+        return [examples[i] for i in keep]
+
+    def cluster(self, ex: Example) -> str:
+        """The unit of near-twin examples (a BBQ template, an MMLU subject, an XSTest contrast pair, a HarmBench
+        context): intervals resample whole clusters, and the dev/confirmation cut never splits one."""
+        return ex.id
+
+    def confirm_unit(self, ex: Example) -> str:
+        """What the dev/confirmation cut hashes: the cluster, so near-twins never sit on both sides."""
+        return self.cluster(ex)
+
+    def heldout(self, part: str, limit: int | None = None) -> list[Example]:
+        """A representative (stratified by group) subset of one part of the test split.
+
+        The test split is cut, by a seeded hash of each example's cluster, into ``dev`` (what runs, sweeps and
+        ``make train`` score) and ``confirm`` (``task.confirm_fraction`` of the clusters: scored only when asked,
+        ``eval.heldout=confirm``, for the recorded answer). ``all`` is the whole split."""
+        if part not in HELDOUT_PARTS:
+            raise CRLConfigError(f"eval.heldout={part!r}: valid parts are {', '.join(HELDOUT_PARTS)}")
+        fraction = float(self.cfg.get("confirm_fraction", DEFAULT_CONFIRM_FRACTION))
+        examples = [ex for ex in self.split("test")
+                    if part == "all" or (splitting.unit_hash("confirm:" + self.confirm_unit(ex), self.seed) < fraction)
+                    == (part == "confirm")]
         keep = splitting.stratified_subsample([e.id for e in examples], [str(e.group) for e in examples], limit,
                                               self.seed)
         return [examples[i] for i in keep]

@@ -4,7 +4,7 @@ Local layout: ``bbq/<Category>.jsonl`` (upstream ``data/``); hub: a mirror with 
 (default ``heegyu/bbq``, one config per category). No upstream split exists: rows are split by seeded
 fractions of *templates* (``category/question_index``): rows of one template differ only in names, polarity
 and ambiguity, so hashing row ids would put near-twins of every test row into train. Metrics: accuracy per context condition (unconstrained and constrained), the bias scores
-s_DIS / s_AMB (see ``metrics.bbq_bias_scores``) and the invalid-answer rate.
+s_DIS / s_AMB overall and per category (see ``metrics.bbq_bias_scores``) and the invalid-answer rate.
 
 Which answer is "biased": for a negative question, the option that names one of the row's
 ``stereotyped_groups``; for a non-negative question, the other non-unknown option. Categories label their
@@ -24,7 +24,7 @@ import torch
 
 from crl_exp.errors import CRLConfigError
 from crl_exp.tasks import splits as splitting
-from crl_exp.tasks.metrics import ANTI_BIASED, BIASED, INVALID, UNKNOWN, BBQBiasScore
+from crl_exp.tasks.metrics import ANTI_BIASED, BIASED, INVALID, UNKNOWN, BBQBiasScore, bbq_bias_scores
 from crl_exp.tasks.multiple_choice import MultipleChoiceTask, options_block
 from crl_exp.tasks.schema import LETTERS, Example
 
@@ -101,6 +101,9 @@ class BBQTask(MultipleChoiceTask):
     def assign_split(self, ex: Example) -> str:
         return splitting.assign(ex.meta["template"], self.seed, dict(self.cfg.split_fractions))
 
+    def cluster(self, ex: Example) -> str:
+        return ex.meta["template"]
+
     def keep(self, ex: Example) -> bool:
         conditions = self.cfg.get("conditions") or ["ambig", "disambig"]
         bad = set(conditions) - {"ambig", "disambig"}
@@ -118,6 +121,7 @@ class BBQTask(MultipleChoiceTask):
         records = super().score_batch(examples, prompts, completions, option_probs)
         for ex, rec in zip(examples, records, strict=True):
             rec["group"] = ex.meta["condition"]
+            rec["category"] = ex.meta["category"]
             rec["answer_kind"] = answer_kind(ex, rec["parsed"])
             if "constrained" in rec:
                 rec["constrained_kind"] = answer_kind(ex, rec["constrained"])
@@ -130,6 +134,13 @@ class BBQTask(MultipleChoiceTask):
         bias.update(torch.tensor([r["answer_kind"] for r in records]), ambiguous,
                     torch.tensor([r["correct"] for r in records]))
         out.update(bias.compute())
+        for category in sorted({r.get("category") for r in records} - {None}):  # s_DIS / s_AMB per category
+            rows = [r for r in records if r.get("category") == category]
+            scores = bbq_bias_scores(torch.tensor([r["answer_kind"] for r in rows]),
+                                     torch.tensor([r["group"] == "ambig" for r in rows]),
+                                     torch.tensor([r["correct"] for r in rows]))
+            out[f"bias_score_disambig/{category}"] = scores["bias_score_disambig"]
+            out[f"bias_score_ambig/{category}"] = scores["bias_score_ambig"]
         if records and "constrained_kind" in records[0]:
             cbias = BBQBiasScore()
             cbias.update(torch.tensor([r["constrained_kind"] for r in records]), ambiguous,

@@ -2,7 +2,9 @@
 
 Local: ``harmbench/harmbench_behaviors_text_{val,test}.csv``; hub: ``walledai/HarmBench`` (configs
 ``standard``/``contextual``/``copyright``; ``prompt``, ``category``, ``context``), mapped to the CSV layout.
-Splits: upstream val is the validation split; upstream test is divided (seeded) into train and test.
+Splits: upstream val is the validation split; upstream test is divided (seeded) into train and test by a hash of
+the behaviour, or of its ``ContextString`` for contextual rows, so two behaviours over one passage never straddle
+train and test.
 Contextual behaviours get their ``ContextString`` prepended. The attack success rate reported here is
 1 - refusal rate under the configured refusal judge (the official judge is a 13B classifier; the judge's name is
 in every metric key)."""
@@ -10,6 +12,7 @@ in every metric key)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,11 +52,17 @@ class HarmBenchTask(RefusalTask):
                        answer="refuse", group=functional, context=(row.get("ContextString") or "").strip(),
                        meta={"upstream_split": upstream_split, "semantic_category": row.get("SemanticCategory", "")})
 
+    def cluster(self, ex: Example) -> str:
+        """Contextual behaviours sharing a ContextString (e.g. ``..._1``/``..._2`` of one passage) are one unit."""
+        if ex.context:
+            return "context:" + hashlib.sha256(ex.context.encode()).hexdigest()[:16]
+        return ex.id
+
     def assign_split(self, ex: Example) -> str:
         if ex.meta["upstream_split"] == "val":
             return "validation"
         fractions = dict(self.cfg.split_fractions)
-        return splitting.assign(ex.id, self.seed, {"train": fractions["train"], "test": fractions["test"]})
+        return splitting.assign(self.cluster(ex), self.seed, {"train": fractions["train"], "test": fractions["test"]})
 
     def group_names(self) -> list[str]:
         return list(FUNCTIONAL)

@@ -1,13 +1,10 @@
-"""Task metrics as torchmetrics ``Metric``s, plus bootstrap confidence intervals.
+"""Task metrics as torchmetrics ``Metric``s (intervals and power live in ``crl_exp.stats``).
 
 Each metric accumulates per-example tensors and computes through a pure function, so the same code serves
 the point estimate and every bootstrap resample.
 """
 
 from __future__ import annotations
-
-import math
-from collections.abc import Callable
 
 import torch
 from torchmetrics import Metric
@@ -87,63 +84,3 @@ class BBQBiasScore(Metric):
     def compute(self) -> dict[str, float]:
         return bbq_bias_scores(dim_zero_cat(self.kind), dim_zero_cat(self.ambiguous).bool(),
                                dim_zero_cat(self.correct))
-
-
-def bootstrap_ci(n: int, statistic: Callable[[torch.Tensor], dict[str, float]], n_boot: int = 1000,
-                 seed: int = 0, level: float = 0.95) -> dict[str, tuple[float, float]]:
-    """Percentile bootstrap over examples: ``statistic(indices)`` is recomputed on ``n_boot`` resamples."""
-    if n == 0:
-        return {}
-    g = torch.Generator().manual_seed(seed)
-    samples: dict[str, list[float]] = {}
-    for _ in range(n_boot):
-        idx = torch.randint(0, n, (n,), generator=g)
-        for key, value in statistic(idx).items():
-            samples.setdefault(key, []).append(value)
-    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
-    out = {}
-    for key, values in samples.items():
-        t = torch.tensor(values, dtype=torch.float64)
-        t = t[~torch.isnan(t)]
-        if len(t):
-            out[key] = (torch.quantile(t, lo_q).item(), torch.quantile(t, hi_q).item())
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------- power
-Z_95, Z_80 = 1.959963984540054, 0.8416212335729143  # two-sided alpha = 0.05; power = 0.8
-
-
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval of a proportion: sensible at 0 or n successes, where a bootstrap gives [0, 0]."""
-    if n == 0:
-        return float("nan"), float("nan")
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def mde_paired_binary(n: int, discordance: float, z_alpha: float = Z_95, z_beta: float = Z_80) -> float:
-    """Minimum detectable difference of two paired proportions (McNemar, Connor 1987) with ``n`` pairs whose
-    share of discordant pairs is ``discordance``: the smallest delta with
-    ``n >= (z_a sqrt(p_d) + z_b sqrt(p_d - delta^2))^2 / delta^2``. NaN when no delta <= p_d is detectable."""
-    if n <= 0 or discordance <= 0:
-        return float("nan")
-
-    def needed(delta: float) -> float:
-        return (z_alpha * math.sqrt(discordance) + z_beta * math.sqrt(max(discordance - delta ** 2, 0.0))) ** 2 / delta ** 2
-
-    if needed(discordance) > n:
-        return float("nan")
-    lo, hi = 1e-9, discordance  # needed() falls as delta grows
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if needed(mid) > n else (lo, mid)
-    return hi
-
-
-def mde_paired_mean(n: int, sd_difference: float, z_alpha: float = Z_95, z_beta: float = Z_80) -> float:
-    """Minimum detectable mean of paired differences (normal approximation): (z_a + z_b) sd / sqrt(n)."""
-    return (z_alpha + z_beta) * sd_difference / math.sqrt(n) if n > 0 else float("nan")

@@ -65,6 +65,12 @@ class MMLUTask(MultipleChoiceTask):
             self._dev.setdefault(subject, []).append(ex)
         return ex
 
+    def cluster(self, ex: Example) -> str:
+        return ex.group  # questions of one subject share its few-shot prompt and its difficulty
+
+    def confirm_unit(self, ex: Example) -> str:
+        return ex.id  # questions of a subject are not near-twins: both parts keep every subject
+
     def keep(self, ex: Example) -> bool:
         return ex.meta["upstream_split"] == "test"  # dev rows are the few-shot pool only
 

@@ -29,8 +29,11 @@ class XSTestTask(RefusalTask):
         rows = self.hub_dataset(str(self.cfg.hub.get("split", "test")))
         yield from with_contrast_pairs({"id": row.get("id", pos + 1), **row} for pos, row in enumerate(rows))
 
+    def cluster(self, ex: Example) -> str:
+        return ex.meta["pair"]
+
     def assign_split(self, ex: Example) -> str:
-        return splitting.assign(ex.meta["pair"], self.seed, dict(self.cfg.split_fractions))
+        return splitting.assign(self.cluster(ex), self.seed, dict(self.cfg.split_fractions))
 
     def to_example(self, upstream_split, row, index) -> Example:
         label = row["label"].strip()

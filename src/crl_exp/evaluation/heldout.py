@@ -1,0 +1,157 @@
+"""The held-out comparison of a trained policy with its baselines, all in the policy's own action space.
+
+Conditions (same held-out examples, same coefficient):
+
+* ``none``: no steering;
+* ``random``: a uniformly random feature per token from the policy's action space (does the *learned* choice
+  among these features matter?);
+* ``random_dictionary``: a uniformly random feature from the whole SAE dictionary (does steering with any
+  feature at all matter?);
+* ``static``: the best single feature, selected on train/validation (``crl.feature_selection``);
+* ``crl``: the trained policy, greedy, inside its action space; with the end-of-training Adaptive Feature Mask
+  on or off as ``masking.eval_with_mask`` says (the headline rule, see ``HEADLINE_MASK_RULE``).
+
+Also scored (``policy_variants``): the policy sampling its actions, and greedy with the mask the other way. An
+action outside the action space cannot happen (``CRLModule.controller``); the share the final mask would have
+blocked is reported apart from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from crl_exp.episodes import run_episodes
+from crl_exp.evaluation.comparison import condition_summary, paired_delta
+from crl_exp.steering.controllers import RandomController, StaticController
+
+CONDITIONS = ("none", "random", "random_dictionary", "static", "crl")
+BASELINES = ("none", "random", "random_dictionary", "static")
+HEADLINE_MASK_RULE = (
+    "The headline scores the policy greedy inside its action space with the Adaptive Feature Mask off "
+    "(masking.eval_with_mask=false): the mask is a training-time exploration device whose contents at the last "
+    "iteration depend on where training stopped within the masking period, not on what the policy learned; "
+    "greedy with the mask on is reported beside it.")
+
+
+def baseline_controllers(env, action_space: list[int], static_feature: int, seed: int) -> dict[str, Any]:
+    """The fixed conditions' controllers (``None``: unsteered)."""
+    return {"none": None,
+            "random": RandomController(env.sae.d_sae, env.coefficient, seed=seed, features=action_space),
+            "random_dictionary": RandomController(env.sae.d_sae, env.coefficient, seed=seed),
+            "static": StaticController(static_feature, env.coefficient)}
+
+
+def run_conditions(env, examples: list, controllers: dict[str, Any], batch_size: int,
+                   on_batch: dict[str, Callable] | None = None) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """Every condition's records and throughput on the same ``examples``."""
+    records, speeds = {}, {}
+    for name, controller in controllers.items():
+        steerer = env.steerer if controller is not None else None
+        records[name], speeds[name] = run_episodes(env.task, env.lm, examples, batch_size, steerer, controller,
+                                                   desc=f"held-out {name}",
+                                                   on_batch=(on_batch or {}).get(name))
+    return records, speeds
+
+
+def compare(task, records: dict[str, list[dict]], key: str, n_boot: int, seed: int,
+            assumed_discordance: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(per-condition summaries, CRL-minus-baseline paired deltas) with clustered intervals."""
+    results = {name: condition_summary(task, recs, key, n_boot, seed) for name, recs in records.items()}
+    deltas = {base: paired_delta(task, records["crl"], records[base], key, n_boot, seed, assumed_discordance)
+              for base in BASELINES if base in records}
+    return results, deltas
+
+
+def action_shares(features: list[int], action_space: torch.Tensor, final_mask: torch.Tensor) -> dict[str, float]:
+    """Of the greedy held-out actions: the share outside the action space (0 by construction) and the share the
+    end-of-training mask would have blocked."""
+    if not features:
+        return {"outside_action_space_share": float("nan"), "final_mask_blocked_share": float("nan")}
+    f = torch.tensor(features, dtype=torch.long)
+    return {"outside_action_space_share": float((~action_space[f]).float().mean()),
+            "final_mask_blocked_share": float((action_space[f] & ~final_mask[f]).float().mean())}
+
+
+def policy_variants(env, module, examples: list, key: str, batch_size: int, sampled_seeds: int,
+                    headline_with_mask: bool, headline_records: list[dict] | None = None,
+                    headline_blocked_share: float = float("nan")) -> dict[str, Any]:
+    """The trained policy scored other ways than the headline, always inside its action space: sampled
+    (``sampled_seeds`` samples per prompt, mask as in the headline) and greedy with the mask the other way.
+    ``headline_records`` are reused for greedy-with-mask-on when the headline ran with the mask off and none of
+    its actions was blocked (then it is the same episodes)."""
+    task, out = env.task, {}
+    if sampled_seeds:
+        # the samples of a prompt are rows of one batch sharing its prefill (one sampling stream; sample j of every
+        # prompt forms "seed" j)
+        repeated = [ex for ex in examples for _ in range(sampled_seeds)]
+        controller = module.controller(env.coefficient, greedy=False, with_mask=headline_with_mask, seed=1000,
+                                       sae=env.sae.sae)
+        recs, _ = run_episodes(task, env.lm, repeated, sampled_seeds * max(1, batch_size // sampled_seeds),
+                               env.steerer, controller, desc=f"held-out crl sampled x{sampled_seeds}",
+                               share_prefix=True)
+        per_seed = [task.metrics_from_records(recs[j::sampled_seeds]) for j in range(sampled_seeds)]
+        values = torch.tensor([m.get(key, float("nan")) for m in per_seed], dtype=torch.float64)
+        rewards = torch.tensor([m.get("reward", float("nan")) for m in per_seed], dtype=torch.float64)
+        out["crl_sampled"] = {"seeds": sampled_seeds, key: values.tolist(), "mean": values.mean().item(),
+                              "sd": values.std().item() if sampled_seeds > 1 else 0.0,
+                              "reward_mean": rewards.mean().item(), "with_mask": headline_with_mask}
+    name = "crl_mask_off" if headline_with_mask else "crl_mask_on"
+    reused = (not headline_with_mask and headline_records is not None and headline_blocked_share == 0
+              and module.top_k == 1)
+    if reused:
+        recs = headline_records
+    else:
+        controller = module.controller(env.coefficient, greedy=True, with_mask=not headline_with_mask,
+                                       sae=env.sae.sae)
+        recs = run_episodes(task, env.lm, examples, batch_size, env.steerer, controller, desc=f"held-out {name}")[0]
+    metrics = task.metrics_from_records(recs)
+    out[name] = {key: metrics.get(key, float("nan")), "reward": metrics.get("reward", float("nan")),
+                 "same_episodes_as_greedy": reused, "records": recs}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ tables
+def _ci(ci) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def comparison_table(task: str, key: str, results: dict, deltas: dict, n: int, part: str) -> str:
+    lines = [f"Held-out comparison on {task} (test split, {part} part, n={n}, "
+             f"{next(iter(results.values()))['clusters']} clusters); primary metric: {key}. Intervals are clustered "
+             f"(binary deltas: Newcombe on the cluster-adjusted counts). MDE: the smallest CRL - condition difference "
+             f"in per-example correctness this n detects with 80% power at the assumed discordance (observed in "
+             f"brackets), and in reward.", "",
+             f"| condition | {key} | 95% CI | reward | 95% CI | CRL - condition ({key}) | 95% CI | MDE correct | "
+             f"MDE reward |", "|---|---|---|---|---|---|---|---|---|"]
+    nan2 = [float("nan")] * 2
+    for name, res in results.items():
+        m, ci = res["metrics"], res["ci95"]
+        d = deltas.get(name, {}).get(key)
+        power = deltas.get(name, {}).get("power")
+        d_txt = f"{d['delta']:+.3f} | [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else "- | -"
+        d_txt += (f" | {power['mde_correct']:.3f} ({power['mde_correct_observed']:.3f}) | {power['mde_reward']:.3f}"
+                  if power else " | - | -")
+        lines.append(f"| {name} | {m.get(key, float('nan')):.3f} | {_ci(ci.get(key, nan2))} | "
+                     f"{m.get('reward', float('nan')):.3f} | {_ci(ci.get('reward', nan2))} | {d_txt} |")
+    return "\n".join(lines)
+
+
+def variants_table(key: str, variants: dict[str, Any], shares: dict[str, float]) -> str:
+    lines = [f"CRL evaluated other ways (same held-out examples, always inside its action space). Greedy held-out "
+             f"actions outside the action space: {shares['outside_action_space_share']:.3f}; blocked by the "
+             f"end-of-training mask: {shares['final_mask_blocked_share']:.3f}.", "",
+             f"| policy | {key} | spread over samples | reward |", "|---|---|---|---|"]
+    if "crl_sampled" in variants:
+        v = variants["crl_sampled"]
+        lines.append(f"| sampled (mean of {v['seeds']} samples per prompt) | {v['mean']:.3f} | sd {v['sd']:.3f} | "
+                     f"{v['reward_mean']:.3f} |")
+    for name in ("crl_mask_on", "crl_mask_off"):
+        if name in variants:
+            same = " (no greedy action was masked: the same episodes)" if variants[name].get(
+                "same_episodes_as_greedy") else ""
+            lines.append(f"| greedy, {name.removeprefix('crl_').replace('_', ' ')}{same} | {variants[name][key]:.3f} | "
+                         f"- | {variants[name]['reward']:.3f} |")
+    return "\n".join(lines)
