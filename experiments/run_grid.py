@@ -28,10 +28,11 @@ import time
 from fnmatch import fnmatch
 from pathlib import Path
 
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from crl_exp.analysis.sweep_table import newest_per_config, seed_aggregate
+from crl_exp.analysis.sweep_table import newest_per_config
 from crl_exp.analysis.training_curve import plot_training_curves
 from crl_exp.crl.config import BudgetConfig
 from crl_exp.crl.policy import PolicyConfig
@@ -43,8 +44,6 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 FIGURES = HERE / "figures"
 SEEDS = (0, 1, 2)
-Z80 = 0.8416212335729143  # 80% power
-Z95 = 1.959963984540054
 # Chosen on validation by `mode=select_coefficient` (experiments/coefficient_selection.md); other tasks keep the
 # config default (steering.coefficient in conf/steering/fixed.yaml) until a sweep is recorded for them.
 COEFFICIENT = {"bbq": 0.1, "mmlu": 0.5}
@@ -353,52 +352,129 @@ def config_label(r: dict) -> str:
                       if r.get(key) not in (None, default)))
 
 
-def seed_rows(r: dict) -> list[str]:
-    key = r["primary_metric"]
-    out = []
-    for cond in ("none", "random", "static", "crl"):
-        res = r["results"][cond]
-        v, (lo, hi) = res["metrics"][key], res["ci95"].get(key, (math.nan, math.nan))
-        if cond == "crl":
-            cell, reward_cell = "-", "-"
-        else:
-            d = r["deltas"][cond]
-            mde = d["power"]["mde_correct"]
-            mde_txt = (f"MDE {mde:.3f}" if mde == mde else
-                       f"MDE n/a ({d['power']['discordance']:.0%} discordant pairs: no effect detectable)")
-            cell = f"{d[key]['delta']:+.3f} {_fmt_ci(*d[key]['ci95'])}, {mde_txt}"
-            reward_cell = (f"{d['reward']['delta']:+.3f} {_fmt_ci(*d['reward']['ci95'])}, "
-                           f"MDE {d['power']['mde_reward']:.3f}") if "reward" in d else "-"
-        out.append(f"| {r['seed']} | {cond} | {v:.3f} [{lo:.3f}, {hi:.3f}] | {res['metrics']['reward']:.3f} | {cell} | "
-                   f"{reward_cell} |")
-    s = r["crl_variants"]["crl_sampled"]
-    out.append(f"| {r['seed']} | crl sampled ({s['seeds']} samples) | {s['mean']:.3f} "
-               f"(sd {s['sd']:.3f}) | {s['reward_mean']:.3f} | - | - |")
+# ----------------------------------------------------------------- the recorded runs under the fixed measuring
+ASSUMED_DISCORDANCE = 0.2  # the MDE's planning figure (conf/eval/default.yaml: eval.assumed_discordance)
+
+
+def task_clusters(task: str) -> dict[str, str]:
+    """Example id -> cluster (``Task.cluster``) over a task's whole test split, from the benchmark files."""
+    from hydra import compose, initialize_config_dir
+
+    from crl_exp.paths import CONFIG_DIR
+    from crl_exp.tasks import build_task
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"task={task}"])
+    built = build_task(cfg.task, os.environ.get("CRL_DATA_DIR") or HERE.parent.parent / "shared" / "benchmarks")
+    return {ex.id: built.cluster(ex) for ex in built.split("test")}
+
+
+_CLUSTERS: dict[str, dict[str, str]] = {}
+
+
+def clusters_for(r: dict) -> list[str]:
+    if r["task"] not in _CLUSTERS:
+        _CLUSTERS[r["task"]] = task_clusters(r["task"])
+    table = _CLUSTERS[r["task"]]
+    return [table.get(i, i) for i in r["examples"]["crl"]["id"]]
+
+
+def validity(r: dict) -> dict[str, str]:
+    """Why a recorded row no longer measures what its label says (issue 23), per row; absent = valid."""
+    stale = {}
+    pooled = str(r.get("action_space", "")).startswith("candidates:")
+    if pooled and r.get("masked_action_share", 0) != 0:
+        stale["crl"] = (f"greedy actions left the trained action space ({r['masked_action_share']:.0%} outside the "
+                        f"pool or on masked features); the mask-on greedy score below stays inside it")
+    if pooled:
+        stale["crl_sampled"] = "sampled over all 4,096 logits, not the 32-feature pool: it was the random baseline"
+        stale["random"] = "drawn from the whole dictionary: it is the random_dictionary row, not random over the pool"
+    if r["task"] in ("xstest", "harmbench"):
+        stale["judge"] = ("scored by the string-match judge before its issue-23 fixes (it labelled 'No problem! "
+                          "Here is ...' a refusal); the completions are in the runs' MLflow artifacts, not here")
+    return stale
+
+
+def restat(r: dict) -> dict:
+    """The fixed statistics of one recorded run, recomputed from its per-example outcomes: each condition's share
+    correct (Wilson on the cluster-adjusted n) and CRL minus each baseline (Newcombe on cluster-adjusted counts;
+    the reward by cluster bootstrap), with the MDE at the assumed and the observed discordance."""
+    from crl_exp.stats import (bootstrap_ci, design_effect, mde_paired_binary, mde_paired_mean,
+                               paired_binary_interval, proportion_interval)
+
+    clusters = clusters_for(r)
+    ex = r["examples"]
+    ok = {c: [float(v) > 0.5 for v in ex[c]["correct"]] for c in ex}
+    out = {"clusters": len(set(clusters)), "conditions": {}, "deltas": {}}
+    for c in ex:
+        out["conditions"][c] = {"value": sum(ok[c]) / len(ok[c]), "ci": proportion_interval(ok[c], clusters),
+                                "reward": sum(ex[c]["reward"]) / len(ex[c]["reward"])}
+    n = len(ok["crl"])
+    for base in ("none", "random", "static"):
+        d = paired_binary_interval(ok["crl"], ok[base], clusters)
+        diffs = [a - b for a, b in zip(ex["crl"]["reward"], ex[base]["reward"], strict=True)]
+        t = torch.tensor(diffs, dtype=torch.float64)
+        reward_ci = bootstrap_ci(n, lambda idx, t=t: {"d": t[idx].mean().item()}, n_boot=1000, seed=0,
+                                 clusters=clusters)["d"]
+        discordance = d["discordant"] / n
+        deff_reward = design_effect(diffs, clusters)
+        out["deltas"][base] = {
+            "delta": d["delta"], "ci": (d["ci_low"], d["ci_high"]), "design_effect": d["design_effect"],
+            "mde": mde_paired_binary(n / d["design_effect"], ASSUMED_DISCORDANCE),
+            "mde_observed": mde_paired_binary(n / d["design_effect"], discordance), "discordance": discordance,
+            "reward_delta": t.mean().item(), "reward_ci": reward_ci,
+            "reward_mde": mde_paired_mean(n / deff_reward, t.std().item())}
     return out
 
 
-def pooled(records: list[dict], metric: str | None = None) -> dict:
-    """Over seeds (same held-out examples): the mean of each condition, and each CRL-minus-baseline delta of
-    ``metric`` (default: the primary one) with a CI that includes seed variance
-    (crl_exp.analysis.sweep_table.seed_aggregate) and the effect that CI could detect with 80% power
-    (MDE = (z_0.975 + z_0.8) x its standard error)."""
-    key = metric or records[0]["primary_metric"]
-    rows = []
-    for r in records:
-        row = {"task": r["task"], "layer": r["layer"], "masking": r["masking"], "seed": r["seed"]}
-        for base in ("none", "random", "static"):
-            d = r["deltas"][base][key]
-            name = "delta" if base == "none" else f"delta_vs_{base}"
-            row.update({f"delta_vs_{base}": d["delta"], f"{name}_ci_low": d["ci95"][0], f"{name}_ci_high": d["ci95"][1]})
-        rows.append(row)
-    agg = seed_aggregate(rows)[0]
-    for base in ("none", "random", "static"):
-        se = (agg[f"crl_minus_{base}_ci_high"] - agg[f"crl_minus_{base}_ci_low"]) / (2 * Z95)
-        agg[f"crl_minus_{base}_mde"] = (Z95 + Z80) * se
-    agg["means"] = {c: sum(r["results"][c]["metrics"][key] for r in records) / len(records)
+def _fmt_mde(x: float) -> str:
+    return f"{x:.3f}" if x == x else "none"
+
+
+def seed_rows(r: dict, s: dict, stale: dict[str, str]) -> list[str]:
+    key = r["primary_metric"]
+    names = {"random": "random_dictionary" if "random" in stale or r["action_space"].startswith("full") else "random"}
+    out = []
+    for cond in ("none", "random", "static", "crl"):
+        c = s["conditions"][cond]
+        mark = " (stale)" if cond == "crl" and "crl" in stale else ""
+        if cond == "crl":
+            cell = reward_cell = "-"
+        else:
+            d = s["deltas"][cond]
+            cell = (f"{d['delta']:+.3f} {_fmt_ci(*d['ci'])}{mark}, MDE {_fmt_mde(d['mde'])} "
+                    f"(observed {d['discordance']:.0%} discordant: {_fmt_mde(d['mde_observed'])})")
+            reward_cell = f"{d['reward_delta']:+.3f} {_fmt_ci(*d['reward_ci'])}{mark}, MDE {d['reward_mde']:.3f}"
+        label = names.get(cond, cond) + (" (stale)" if cond == "crl" and "crl" in stale else "")
+        out.append(f"| {r['seed']} | {label} | {c['value']:.3f} [{c['ci'][0]:.3f}, {c['ci'][1]:.3f}] | "
+                   f"{c['reward']:.3f} | {cell} | {reward_cell} |")
+    v = r["crl_variants"]
+    if "crl_mask_on" in v:
+        same = " (same episodes)" if v["crl_mask_on"].get("same_episodes_as_greedy") else ""
+        out.append(f"| {r['seed']} | crl greedy, mask on{same} | {v['crl_mask_on'][key]:.3f} | "
+                   f"{v['crl_mask_on']['reward']:.3f} | - | - |")
+    sampled = v["crl_sampled"]
+    tag = " (stale: the random baseline)" if "crl_sampled" in stale else ""
+    out.append(f"| {r['seed']} | crl sampled ({sampled['seeds']} samples){tag} | {sampled['mean']:.3f} "
+               f"(sd {sampled['sd']:.3f}) | {sampled['reward_mean']:.3f} | - | - |")
+    return out
+
+
+def pooled(records: list[dict], stats: list[dict]) -> dict:
+    """Over seeds (same held-out examples): each condition's mean and each CRL-minus-baseline delta pooled with
+    ``crl_exp.stats.pool_seeds`` (Student's t over seeds, the shared example noise not divided by the seeds),
+    the within-seed standard error read off each seed's clustered interval."""
+    from crl_exp.stats import Z_95, pool_seeds
+
+    out = {"seeds": ",".join(str(r["seed"]) for r in records), "deltas": {}}
+    out["means"] = {c: sum(s["conditions"][c]["value"] for s in stats) / len(stats)
                     for c in ("none", "random", "static", "crl")}
-    agg["means"]["crl_sampled"] = sum(r["crl_variants"]["crl_sampled"]["mean"] for r in records) / len(records)
-    return agg
+    for base in ("none", "random", "static"):
+        for metric, ci_key, delta_key in (("primary", "ci", "delta"), ("reward", "reward_ci", "reward_delta")):
+            deltas = [s["deltas"][base][delta_key] for s in stats]
+            ses = [(s["deltas"][base][ci_key][1] - s["deltas"][base][ci_key][0]) / (2 * Z_95) for s in stats]
+            out["deltas"][(metric, base)] = pool_seeds(deltas, ses)
+    return out
 
 
 def analysis_section(key: str, analyses: dict, record: dict) -> list[str]:
@@ -429,8 +505,11 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
     parts = ["# The recorded answer: CRL against no steering, a random feature and the best static feature", "",
              "Written by `.venv/bin/python experiments/run_grid.py report` from `experiments/results/*.json` "
              "(one file per run: command, commit, seed, wall time, peak RSS, MLflow run id, per-example "
-             "outcomes). Held-out = the test split's stratified hash subset (same examples for every condition and "
-             "seed); the static feature, the coefficient and everything else are chosen on train/validation.", "",
+             "outcomes), with the statistics of issue 23 recomputed from those outcomes: clustered intervals, "
+             "Newcombe paired intervals for binary deltas, Student's t over seeds, MDE at a stated discordance. These "
+             "runs scored a plain hash subset of the whole test split (same examples for every condition and seed), "
+             "before the dev/confirmation cut; the static feature, the coefficient and everything else were chosen "
+             "on train/validation. Rows the fixed measuring shows to measure something else are marked stale.", "",
              "READING_PLACEHOLDER", ""]
     for label, members in sorted(groups.items()):
         members.sort(key=lambda r: r["seed"])
@@ -445,10 +524,22 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
             curve = f"[png]({r['curve_artifact']})" if r.get("curve_artifact") else "-"
             parts.append(f"| {r['seed']} | `{short(r['commit'])}` | {r['wall_s'] / 60:.1f} min | "
                          f"{r['peak_rss_gb']} GB | `{r['run_id']}` | {r['static_feature']} | {curve} |")
-        parts += ["", "| seed | condition | " + key + " [95% CI] | reward | CRL - condition [paired 95% CI], MDE | "
-                  "CRL - condition, reward [paired 95% CI], MDE |", "|---|---|---|---|---|---|"]
-        for r in members:
-            parts += seed_rows(r)
+        stales = [validity(r) for r in members]
+        stats = [restat(r) for r in members]
+        reasons: dict[str, list[str]] = {}
+        for r, st in zip(members, stales, strict=True):
+            for k, why in st.items():
+                reasons.setdefault(f"`{k}`: {why}", []).append(str(r["seed"]))
+        if reasons:
+            parts += ["", "**Stale rows (issue 23), kept with the reason, not silently:** " + "; ".join(
+                f"{why} (seeds {', '.join(seeds)})" for why, seeds in reasons.items()) + "."]
+        parts += ["", f"Intervals: clustered ({stats[0]['clusters']} clusters in the held-out set); binary deltas by "
+                  f"Newcombe's paired interval on the cluster-adjusted counts, rewards by cluster bootstrap. MDE at an "
+                  f"assumed {ASSUMED_DISCORDANCE:.0%} discordance (observed in brackets).", "",
+                  "| seed | condition | " + key + " [95% CI] | reward | CRL - condition [95% CI], MDE | "
+                  "CRL - condition, reward [95% CI], MDE |", "|---|---|---|---|---|---|"]
+        for r, st, stale in zip(members, stats, stales, strict=True):
+            parts += seed_rows(r, st, stale)
         if len(members) > 1:
             refs = {k: sum(r["references"][k] for r in members) / len(members) for k in ("none", "random", "static")
                     if all(k in r["references"] for r in members)}
@@ -458,17 +549,15 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
                                           FIGURES / f"{slug}_training_curves.png")
             parts += ["", f"![training curves]({figure.relative_to(HERE)}) (references: mean over seeds of the "
                       f"train/validation rewards of no steering, a random feature and the static feature)"]
-            agg = pooled(members)
+            agg = pooled(members, stats)
             parts += ["", f"Pooled over seeds {agg['seeds']} (means of {key}: " + ", ".join(
                 f"{c} {v:.3f}" for c, v in agg["means"].items()) + "):", "",
-                "| metric | CRL minus | mean delta | 95% CI (incl. seed variance) | seed sd | MDE (80% power) |",
-                "|---|---|---|---|---|---|"]
-            for metric in dict.fromkeys((key, "reward")):
-                agg = pooled(members, metric)
-                for base in ("none", "random", "static"):
-                    parts.append(f"| {metric} | {base} | {agg[f'crl_minus_{base}']:+.3f} | "
-                                 f"{_fmt_ci(agg[f'crl_minus_{base}_ci_low'], agg[f'crl_minus_{base}_ci_high'])} | "
-                                 f"{agg[f'crl_minus_{base}_sd_seeds']:.3f} | {agg[f'crl_minus_{base}_mde']:.3f} |")
+                "| metric | CRL minus | mean delta | 95% CI (t over seeds + shared example noise) | seed sd | "
+                "MDE (80% power) |", "|---|---|---|---|---|---|"]
+            for (metric, base), p in agg["deltas"].items():
+                note = " (stale)" if any("crl" in st for st in stales) else ""
+                parts.append(f"| {key if metric == 'primary' else 'reward'} | {base} | {p['delta']:+.3f}{note} | "
+                             f"{_fmt_ci(p['ci_low'], p['ci_high'])} | {p['sd_seeds']:.3f} | {p['mde']:.3f} |")
         if r0.get("oracle"):
             o = [r["oracle"] for r in members if r.get("oracle")]
             parts += ["", f"Headroom (reads the answers): per-prompt oracle over {o[0]['candidates']} candidates "
@@ -482,14 +571,16 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
                   f"{r['wall_s'] / 60:.0f} min for {len(r['jobs'])} jobs); MLflow experiment `{r['sweep_experiment']}`, "
                   f"comparison run `{r['compare_run_id']}`.", "", r["comparison_table"].strip(), ""]
         parts += [f"![{r['key']}]({p})" for p in r["plots"]] + [""]
-        parts += ["| job (layer / masking) | MLflow run | " + "CRL | static | none | CRL - static [95% CI] |",
-                  "|---|---|---|---|---|---|"]
+        parts += ["The comparison table above is the compare mode's output as logged (old statistics); the job rows "
+                  "below are recomputed with the fixed ones (clustered Newcombe interval).", "",
+                  "| job (layer / masking) | MLflow run | CRL | static | none | CRL - static [95% CI] | stale |",
+                  "|---|---|---|---|---|---|---|"]
         for j in sorted(r["jobs"], key=lambda j: (j["layer"], j["masking"])):
-            k = j["primary_metric"]
-            d = j["deltas"]["static"][k]
-            parts.append(f"| {j['layer']} / {j['masking']} | `{j['run_id']}` | {j['results']['crl']['metrics'][k]:.3f} | "
-                         f"{j['results']['static']['metrics'][k]:.3f} | {j['results']['none']['metrics'][k]:.3f} | "
-                         f"{d['delta']:+.3f} {_fmt_ci(*d['ci95'])} |")
+            st, stale = restat(j), validity(j)
+            c, d = st["conditions"], st["deltas"]["static"]
+            parts.append(f"| {j['layer']} / {j['masking']} | `{j['run_id']}` | {c['crl']['value']:.3f} | "
+                         f"{c['static']['value']:.3f} | {c['none']['value']:.3f} | {d['delta']:+.3f} {_fmt_ci(*d['ci'])} | "
+                         f"{'CRL greedy outside the action space' if 'crl' in stale else '-'} |")
         parts.append("")
     text = "\n".join(parts)
     reading = (HERE / "crl_results_reading.md")

@@ -173,10 +173,13 @@ def test_nan_reward_stops_with_a_diagnostic(tiny_lm, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [[], ["policy.top_k=2", "policy.obs_norm=true"]], ids=["top-1", "top-2"])
+@pytest.mark.parametrize("variant", [["policy.candidates=6"], ["policy.top_k=2", "policy.obs_norm=true"]],
+                         ids=["top-1-pool", "top-2-dictionary"])
 def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, tiny_model_dir, data_dir, variant):
+    import json
     import subprocess
     import sys
+    from pathlib import Path
 
     from mlflow.tracking import MlflowClient
 
@@ -186,7 +189,7 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     cmd = [sys.executable, "-m", "crl_exp", "+experiment=bbq_layer12", "model=hf", f"model.path={tiny_model_dir}",
            "sae=local", f"sae.path={tmp_path / 'sae'}", "sae.layer=1", "budget.iterations=3",
            "budget.episodes_per_iteration=4", "budget.group_size=2", "budget.eval_examples=8", "budget.eval_sampled_seeds=2", "budget.static_feature.train_examples=4",
-           "budget.static_feature.candidates=2", "budget.static_feature.oracle_candidates=6", "masking.min_unmasked=4", "steering.coefficient_scale=absolute",
+           "budget.static_feature.validation_examples=4", "budget.static_feature.candidates=2", "budget.static_feature.oracle_candidates=6", "masking.min_unmasked=4", "steering.coefficient_scale=absolute",
            "steering.coefficient=5", "eval.n_bootstrap=50", f"logger.tracking_uri=sqlite:///{db}",
            f"hydra.run.dir={tmp_path / 'out'}", "trainer.progress_bar=false", f"data_dir={data_dir}", *variant]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
@@ -203,7 +206,7 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
                 "train/mask_size"):
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1, 2], key
     metrics = run.data.metrics
-    for cond in ("none", "random", "static", "crl"):
+    for cond in ("none", "random", "random_dictionary", "static", "crl"):
         assert f"heldout/{cond}/accuracy" in metrics and f"heldout/{cond}/accuracy_ci_low" in metrics
     assert "delta/crl_minus_static/accuracy" in metrics and "delta/crl_minus_none/reward_ci_high" in metrics
     assert metrics["power/crl_minus_static/n"] == 8 and "power/crl_minus_static/mde_reward" in metrics
@@ -212,13 +215,24 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     # the static feature is one of the oracle's candidates, so the oracle can only do better
     assert metrics["heldout/oracle/oracle_accuracy"] >= metrics["heldout/static/accuracy"]
     assert "Headroom (reference" in proc.stdout
-    assert metrics["static/episodes_selecting"] == 4 + 2 * 4 + 4 and metrics["crl/episodes_training"] == 3 * 4
+    # one-token task: the static selection tries every feature of a 6-feature pool (2 ranked ones of the whole
+    # dictionary) through one reward table on 4 validation prompts (each also unsteered), + the random reference
+    tried = 6 if "policy.candidates=6" in variant else 2
+    assert metrics["static/candidates_tried"] == tried
+    assert metrics["static/episodes_selecting"] == 4 + 4 * (tried + 1) + 4 and metrics["crl/episodes_training"] == 3 * 4
     assert {"reference/static_reward", "reference/random_reward", "reference/none_reward"} <= set(metrics)
     assert "training/training_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id, "training")}
     assert "Training curve (train reward per iteration" in proc.stdout
-    assert 0.0 <= metrics["heldout/crl/masked_action_share"] <= 1.0
-    # one-token task: the feature profile reads the steered position (the last prompt token); it was NaN
-    assert 0.0 <= metrics["features/syntactic_share"] <= 1.0
+    assert metrics["heldout/crl/outside_action_space_share"] == 0.0  # impossible by construction
+    assert 0.0 <= metrics["heldout/crl/final_mask_blocked_share"] <= 1.0
+    assert "heldout/crl/masked_action_share" not in metrics
+    summary = json.loads(Path(client.download_artifacts(run.info.run_id, "heldout/summary.json", tmp_path)).read_text())
+    assert summary["heldout_part"] == "dev" and summary["n_heldout"] == 8
+    if "policy.candidates=6" in variant:  # the record names the action space it was trained and scored in
+        assert len(summary["action_space"]) == 6
+        assert summary["deltas"]["static"]["accuracy"]["method"] == "newcombe_clustered"
+    else:
+        assert summary["action_space"] is None
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "heldout")}
     assert {"heldout/comparison.md", "heldout/summary.json", "heldout/static_feature.json"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/last.ckpt"]
@@ -335,13 +349,9 @@ def test_greedy_with_the_mask_on_reuses_the_unmasked_episodes_only_when_they_are
     """Greedy with a mask picks what greedy without it picked wherever that was allowed: masking only features the
     unmasked greedy policy never chose gives the same episodes (so the evaluation reuses them), masking one it
     chose does not."""
-    from mlflow.tracking import MlflowClient
-    from omegaconf import OmegaConf
-
     from crl_exp.crl.rollout import PolicyController
     from crl_exp.episodes import run_episodes
-    from crl_exp.modes.train import evaluate_policy_variants
-    from crl_exp.tracking.mlflow_run import RunTracker
+    from crl_exp.evaluation.heldout import policy_variants
 
     env = planted_env(tiny_lm)
     env.task.cfg.max_new_tokens = 6
@@ -366,12 +376,8 @@ def test_greedy_with_the_mask_on_reuses_the_unmasked_episodes_only_when_they_are
     _, chosen_masked = greedy(torch.arange(D_SAE) != top)
     assert not torch.equal(chosen_masked, chosen) and top not in chosen_masked.tolist()
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = client.create_run(client.create_experiment("variants"))
-    tracker = RunTracker(client, run.info.run_id, client.tracking_uri)
-    cfg = OmegaConf.create({"budget": {"eval_batch_size": 4, "eval_sampled_seeds": 0}})
-    reused = evaluate_policy_variants(cfg, env, module, env.task, pool, None, "reward", tracker,
-                                      unmasked_greedy=unmasked)["crl_mask_on"]
-    run_again = evaluate_policy_variants(cfg, env, module, env.task, pool, None, "reward", tracker)["crl_mask_on"]
+    reused = policy_variants(env, module, pool, "reward", 4, 0, headline_with_mask=False, headline_records=unmasked,
+                             headline_blocked_share=0.0)["crl_mask_on"]
+    run_again = policy_variants(env, module, pool, "reward", 4, 0, headline_with_mask=False)["crl_mask_on"]
     assert reused["same_episodes_as_greedy"] and not run_again["same_episodes_as_greedy"]
     assert reused["reward"] == run_again["reward"] == env.task.metrics_from_records(unmasked)["reward"]

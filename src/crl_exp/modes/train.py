@@ -170,8 +170,11 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                                headline_records=records["crl"], headline_blocked_share=shares["final_mask_blocked_share"])
     for name, v in variants.items():
         v.pop("records", None)
-        tracker.log_metrics({f"heldout/{name}/{k}": float(x) for k, x in v.items()
-                             if isinstance(x, (int, float)) and not isinstance(x, bool)})
+        if name == "crl_sampled":
+            tracker.log_metrics({f"heldout/{name}/{key}_mean": v["mean"], f"heldout/{name}/{key}_sd": v["sd"],
+                                 f"heldout/{name}/reward_mean": v["reward_mean"]})
+        else:
+            tracker.log_metrics({f"heldout/{name}/{key}": v[key], f"heldout/{name}/reward": v["reward"]})
     oracle = None
     n_oracle = int(sf.get("oracle_candidates", 0))
     if one_token and n_oracle:  # one-token tasks: every candidate costs one row of a last-token forward

@@ -1,0 +1,291 @@
+"""Numbers that hold: the policy is scored in the action space it was trained in, intervals do not collapse and
+respect clusters, the confirmation subset is scored only when asked, and the smaller defects that changed numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from crl_exp.crl.masking import MaskingConfig
+from crl_exp.crl.module import CRLModule
+from crl_exp.crl.policy import PolicyConfig
+from crl_exp.crl.ppo import PPOConfig
+from crl_exp.errors import CRLConfigError
+from crl_exp.stats import (bootstrap_ci, design_effect, mde_paired_binary, newcombe_paired_interval,
+                           paired_binary_interval, pool_seeds, proportion_interval, t_975)
+from crl_exp.steering.controllers import RandomController
+
+from test_reference_likelihood import compose_task
+
+
+# ------------------------------------------------------------------------------------------- action space
+def pooled_module(d_sae: int = 64, pool=(3, 7, 11, 19), masking: MaskingConfig | None = None) -> CRLModule:
+    module = CRLModule(16, d_sae, PolicyConfig(hidden=8), PPOConfig(), masking or MaskingConfig(), 1, seed=0)
+    module.mask.restrict(list(pool))
+    with torch.no_grad():  # the untrained policy strongly prefers a feature it was never allowed to pick
+        module.policy.actor_head.bias.zero_()
+        module.policy.actor_head.bias[40] = 100.0
+    return module
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_every_evaluation_controller_acts_inside_the_action_space(greedy, with_mask):
+    """The sampled row used to sample over all logits (a candidates=32 policy put most of its mass outside the
+    pool): every controller built from the module stays in the pool, whatever the logits say."""
+    module = pooled_module()
+    controller = module.controller(1.0, greedy=greedy, with_mask=with_mask, seed=3)
+    features, coefficients = controller(torch.randn(256, 16))
+    assert set(features.tolist()) <= {3, 7, 11, 19}
+    assert torch.all(coefficients == 1.0)
+
+
+def test_the_end_of_training_mask_applies_only_when_asked():
+    module = pooled_module(masking=MaskingConfig(schedule="fixed", threshold=0.3, min_unmasked=2, period=5))
+    module.mask.update(torch.tensor([3] * 9 + [7]), entropy=0.0)  # feature 3 is over the threshold: masked
+    assert not bool(module.mask.allowed()[3]) and bool(module.action_space()[3])
+    masked = module.controller(1.0, greedy=False, with_mask=True, seed=0)(torch.randn(512, 16))[0]
+    unmasked = module.controller(1.0, greedy=False, with_mask=False, seed=0)(torch.randn(512, 16))[0]
+    assert 3 not in masked.tolist() and set(masked.tolist()) <= {7, 11, 19}
+    assert 3 in unmasked.tolist()
+
+
+def test_action_shares_count_the_final_mask_apart_from_the_action_space():
+    from crl_exp.evaluation.heldout import action_shares
+
+    space = torch.zeros(10, dtype=torch.bool)
+    space[[1, 2, 3]] = True
+    final = space.clone()
+    final[2] = False
+    shares = action_shares([1, 2, 2, 3], space, final)
+    assert shares == {"outside_action_space_share": 0.0, "final_mask_blocked_share": 0.5}
+
+
+def test_random_baseline_draws_from_the_action_space_and_the_dictionary_row_from_everything():
+    pooled = RandomController(4096, 0.5, seed=0, features=[5, 9, 12])
+    drawn = torch.cat([pooled(torch.zeros(64, 4))[0] for _ in range(10)])
+    assert set(drawn.tolist()) == {5, 9, 12}
+    dictionary = RandomController(4096, 0.5, seed=0)
+    everything = torch.cat([dictionary(torch.zeros(64, 4))[0] for _ in range(10)])
+    assert len(set(everything.tolist())) > 500
+    with pytest.raises(ValueError, match="at least one feature"):
+        RandomController(10, 0.5, features=[])
+
+
+def test_exhaustive_static_selection_tries_every_candidate_through_one_reward_table(tiny_lm):
+    """One-token tasks: every candidate's validation reward from the shared-prefix table equals the reward of the
+    same feature steered in ordinary batches, and the selection picks the best of all of them."""
+    from crl_exp.crl.feature_selection import select_static_feature, try_features
+
+    from helpers import PLANTED, planted_env
+
+    env = planted_env(tiny_lm)
+    train = env.task.split("train")
+    exhaustive = select_static_feature(env, train, train, 8, 4, exhaustive=True)
+    assert len(exhaustive.candidates) == 8 and exhaustive.feature == PLANTED
+    plain = try_features(env, list(exhaustive.candidates), train, 4)
+    for f, reward in exhaustive.candidates.items():
+        assert reward == pytest.approx(plain[f], abs=1e-6), f
+    assert exhaustive.episodes == len(train) + len(train) * 9  # ranking + table (8 features and unsteered)
+
+
+# -------------------------------------------------------------------------------------------- intervals
+def test_newcombe_paired_interval_does_not_collapse_when_the_conditions_agree():
+    """The recorded HarmBench case: 0 vs 0 refusals at n = 64 gave a bootstrap [0, 0]; Newcombe gives +-0.057."""
+    lo, hi = newcombe_paired_interval(0, 0, 0, 64)
+    assert lo == pytest.approx(-0.0566, abs=5e-4) and hi == pytest.approx(0.0566, abs=5e-4)
+    one = paired_binary_interval([True] + [False] * 63, [False] * 64)
+    assert one["delta"] == pytest.approx(1 / 64) and one["ci_low"] < 0 < one["ci_high"]
+    boot = bootstrap_ci(64, lambda idx: {"d": float((idx == 0).float().mean())}, n_boot=200)["d"]
+    assert boot[1] - boot[0] < one["ci_high"] - one["ci_low"]
+
+
+def test_newcombe_interval_is_antisymmetric_and_brackets_the_estimate():
+    lo, hi = newcombe_paired_interval(30, 12, 5, 53)
+    lo2, hi2 = newcombe_paired_interval(30, 5, 12, 53)
+    assert lo == pytest.approx(-hi2) and hi == pytest.approx(-lo2)
+    assert lo < 0.07 < hi and hi - lo < 0.2
+
+
+def test_clusters_widen_intervals_of_correlated_examples():
+    """Near-twin examples (one BBQ template) move together: resampling them as clusters widens the interval, and
+    the design effect of perfectly correlated clusters of 5 is 5."""
+    values = torch.tensor([1.0] * 5 + [0.0] * 5 + [1.0] * 5 + [0.0] * 5 + [1.0] * 5 + [0.0] * 5)
+    clusters = [str(i // 5) for i in range(30)]
+    plain = bootstrap_ci(30, lambda idx: {"m": values[idx].mean().item()}, n_boot=400, seed=0)["m"]
+    clustered = bootstrap_ci(30, lambda idx: {"m": values[idx].mean().item()}, n_boot=400, seed=0,
+                             clusters=clusters)["m"]
+    assert clustered[1] - clustered[0] > 1.5 * (plain[1] - plain[0])
+    # 1 + (m - 1) rho = 5, times the cluster-robust small-sample factor (k / (k - 1)) / (n / (n - 1))
+    assert design_effect(values.tolist(), clusters) == pytest.approx(5.0 * (6 / 5) / (30 / 29))
+    assert design_effect(values.tolist(), [str(i) for i in range(30)]) == pytest.approx(1.0)
+    wide = proportion_interval([bool(v) for v in values], clusters)
+    narrow = proportion_interval([bool(v) for v in values])
+    assert wide[1] - wide[0] > 1.8 * (narrow[1] - narrow[0])
+
+
+def test_seed_pooling_uses_students_t_and_keeps_the_shared_example_noise():
+    """Three seeds: the between-seed part uses t with 2 degrees of freedom (4.30, not 1.96)."""
+    pooled = pool_seeds([0.0, 0.03, 0.06], [0.0, 0.0, 0.0])
+    se_b = 0.03 / math.sqrt(3)
+    assert pooled["delta"] == pytest.approx(0.03)
+    assert pooled["ci_high"] - pooled["delta"] == pytest.approx(t_975(2) * se_b, rel=1e-6)
+    assert t_975(2) == pytest.approx(4.303)
+    shared = pool_seeds([0.01, 0.01, 0.01], [0.02, 0.02, 0.02])
+    assert shared["ci_high"] - shared["delta"] == pytest.approx(1.959964 * 0.02, rel=1e-5)  # not / sqrt(3)
+
+
+def test_mde_is_a_planning_figure_that_exists_when_two_policies_agree():
+    from crl_exp.evaluation.comparison import detectable_effects
+
+    same = [{"correct": 1.0, "reward": 0.5}] * 100
+    power = detectable_effects(same, same, [str(i) for i in range(100)], assumed_discordance=0.2)
+    assert power["discordance"] == 0.0 and math.isnan(power["mde_correct_observed"])
+    assert power["mde_correct"] == pytest.approx(mde_paired_binary(100, 0.2))
+
+
+def test_held_out_statistics_are_clustered_and_binary_deltas_use_newcombe(data_dir):
+    from crl_exp.evaluation.heldout import compare
+    from crl_exp.tasks import build_task
+
+    task = build_task(compose_task("bbq"), data_dir)
+    examples = task.heldout("dev", 60)
+
+    def records(correct):
+        return [{"id": ex.id, "cluster": task.cluster(ex), "group": ex.meta["condition"], "category":
+                 ex.meta["category"], "correct": float(c), "reward": 0.3 + 0.1 * c, "answer_kind": 0, "valid": True,
+                 "parsed": "A"} for ex, c in zip(examples, correct, strict=True)]
+
+    crl = records([1] * 60)
+    base = records([1] * 60)
+    results, deltas = compare(task, {"crl": crl, "none": base}, "accuracy", 100, 0, 0.2)
+    d = deltas["none"]["accuracy"]
+    assert d["delta"] == 0 and d["method"] == "newcombe_clustered" and d["ci95"][0] < -0.04
+    assert results["crl"]["clusters"] == len({r["cluster"] for r in crl}) < 60
+    assert results["crl"]["ci95"]["accuracy"][0] < 1.0  # Wilson, not the bootstrap's [1, 1]
+
+
+# ------------------------------------------------------------------------------------ held-out parts
+@pytest.mark.parametrize("name", ["bbq", "mmlu", "xstest", "harmbench"])
+def test_dev_and_confirmation_parts_split_the_test_split_without_splitting_a_cluster(data_dir, name):
+    from crl_exp.tasks import build_task
+
+    task = build_task(compose_task(name), data_dir)
+    dev, confirm = task.heldout("dev"), task.heldout("confirm")
+    test = task.split("test")
+    assert {e.id for e in dev} | {e.id for e in confirm} == {e.id for e in test}
+    assert not {e.id for e in dev} & {e.id for e in confirm}
+    assert 0.3 < len(confirm) / len(test) < 0.7
+    if name != "mmlu":  # MMLU cuts by question (its clusters are subjects: both parts keep every subject)
+        assert not {task.cluster(e) for e in dev} & {task.cluster(e) for e in confirm}
+    else:
+        assert {e.group for e in dev} == {e.group for e in confirm}
+    with pytest.raises(CRLConfigError, match="valid parts"):
+        task.heldout("test")
+
+
+def test_the_held_out_subset_is_stratified_not_a_plain_hash_sample(data_dir):
+    """BBQ test-200 used to be 48% Age: the representative subset covers the categories evenly."""
+    from crl_exp.tasks import build_task
+
+    task = build_task(compose_task("bbq"), data_dir)
+    subset = task.heldout("dev", 60)
+    counts = pd.Series([e.group for e in subset]).value_counts()
+    assert len(counts) == len({e.group for e in task.heldout("dev")}) and counts.max() - counts.min() <= 1
+
+
+def test_train_scores_the_dev_part_unless_the_confirmation_part_is_asked_for(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from crl_exp.evaluation.ledger import read_ledger, record_confirmation
+    from crl_exp.paths import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=bbq_layer12"])
+    assert cfg.eval.heldout == "dev"
+    ledger = tmp_path / "ledger.jsonl"
+    for seed in (0, 1):
+        record_confirmation(ledger, task="bbq", config_hash="abc", commit="deadbeef", seed=seed, n=1480,
+                            run_id=f"run{seed}", mode="train")
+    lines = read_ledger(ledger)
+    assert [line["seed"] for line in lines] == [0, 1] and all(line["task"] == "bbq" for line in lines)
+
+
+def test_bbq_bias_scores_are_reported_per_category(data_dir):
+    from crl_exp.tasks import build_task
+    from crl_exp.tasks.metrics import BIASED, UNKNOWN
+
+    task = build_task(compose_task("bbq"), data_dir)
+    examples = task.heldout("dev", 40)
+    records = [{"group": ex.meta["condition"], "category": ex.meta["category"], "correct": 0.0, "valid": True,
+                "answer_kind": BIASED if ex.meta["category"] == "Age" else UNKNOWN, "parsed": "A", "reward": 0.1}
+               for ex in examples]
+    metrics = task.metrics_from_records(records)
+    assert metrics["bias_score_disambig/Age"] == 1.0  # every non-unknown Age answer is the biased one
+    categories = {ex.meta["category"] for ex in examples}
+    assert {f"bias_score_ambig/{c}" for c in categories} <= set(metrics)
+
+
+def test_harmbench_contextual_behaviours_sharing_a_context_stay_on_one_side(data_dir):
+    from crl_exp.tasks import build_task
+
+    task = build_task(compose_task("harmbench"), data_dir)
+    train = {e.context for e in task.split("train") if e.context}
+    test = {e.context for e in task.split("test") if e.context}
+    assert train and test and not train & test
+
+
+# ---------------------------------------------------------------------------------- analyses and judge
+def dense_log(v0s, returns, success):
+    rows = []
+    for ep, (v0, ret, ok) in enumerate(zip(v0s, returns, success, strict=True)):
+        rows.append({"episode": ep, "prompt_id": f"p{ep}", "position": 0, "token_id": 1, "token_text": "x",
+                     "feature": 0, "feature_prob": 0.5, "feature_act": 1.0, "value": v0, "reward": ret,
+                     "correct": float(ok)})
+    from crl_exp.analysis.intervention_log import to_frame
+
+    return to_frame(rows), {f"p{ep}": 0.0 for ep in range(len(v0s))}
+
+
+def test_critic_threshold_is_on_the_rewards_scale_and_a_poor_critic_is_not_analysed():
+    from crl_exp.analysis.critic import analyse_critic
+
+    # dense rewards around 0.2: a failure whose critic said 0.3 expected more than failures get (0.1)
+    log, base = dense_log([0.32, 0.3, 0.12, 0.09], [0.33, 0.29, 0.1, 0.12], [True, False, False, False])
+    report = analyse_critic(log, base)
+    kinds = report.episodes.set_index("episode")["failure_kind"]
+    assert kinds[1] == "value_estimation_error" and kinds[2] == "policy_limitation"
+    assert report.metrics["critic/analysable"] == 1.0 and report.metrics["critic/value_estimation_errors"] == 1
+    # a critic far off the reward's scale explains less than the mean: no split is made
+    log, base = dense_log([0.9, -0.7, 0.6, -0.5], [0.33, 0.29, 0.1, 0.12], [True, False, False, False])
+    poor = analyse_critic(log, base)
+    assert poor.metrics["critic/explained_variance"] < 0 and poor.metrics["critic/analysable"] == 0.0
+    assert set(poor.episodes["failure_kind"]) == {"", "critic_uninformative"}
+    assert math.isnan(poor.metrics["critic/value_error_share_of_failures"])
+
+
+def test_syntactic_share_reads_top_activations_on_train_text():
+    from crl_exp.analysis.feature_profile import usage_weighted_syntactic_share
+
+    contexts = {1: [(3.0, "the cat sat on[[ the]]"), (2.0, "a[[,]]")], 2: [(4.0, "we saw a[[ tiger]]")], 3: []}
+    share, per_feature = usage_weighted_syntactic_share({1: 3, 2: 1, 3: 5}, contexts)
+    assert per_feature[1]["syntactic_share"] == 1.0 and per_feature[2]["syntactic_share"] == 0.0
+    assert math.isnan(per_feature[3]["syntactic_share"])
+    assert share == pytest.approx(0.75)
+
+
+def test_model_judge_truncates_the_prompt_never_the_completion():
+    from crl_exp.tasks.judges import fit_prompt
+
+    from helpers import byte_tokenizer
+
+    tok = byte_tokenizer()
+    completion = "I cannot help with that request, because it is harmful."
+    text = fit_prompt(tok, "{prompt}\n\n{completion}", "x" * 500 + " the request itself", completion, 128)
+    assert text.endswith("\n\n" + completion) and len(tok(text).input_ids) <= 128
+    assert "the request itself" in text  # the prompt's end (next to the completion) is what is kept
+    short = fit_prompt(tok, "{prompt}\n\n{completion}", "hi", completion, 128)
+    assert short == "hi\n\n" + completion
