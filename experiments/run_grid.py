@@ -18,7 +18,6 @@ paired statistics over seeds) and the training history. Coefficients are the val
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -399,8 +398,14 @@ def restat(r: dict) -> dict:
     """The fixed statistics of one recorded run, recomputed from its per-example outcomes: each condition's share
     correct (Wilson on the cluster-adjusted n) and CRL minus each baseline (Newcombe on cluster-adjusted counts;
     the reward by cluster bootstrap), with the MDE at the assumed and the observed discordance."""
-    from crl_exp.stats import (bootstrap_ci, design_effect, mde_paired_binary, mde_paired_mean,
-                               paired_binary_interval, proportion_interval)
+    from crl_exp.stats import (
+        bootstrap_ci,
+        design_effect,
+        mde_paired_binary,
+        mde_paired_mean,
+        paired_binary_interval,
+        proportion_interval,
+    )
 
     clusters = clusters_for(r)
     ex = r["examples"]

@@ -14,10 +14,17 @@ from crl_exp.crl.module import CRLModule
 from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig
 from crl_exp.errors import CRLConfigError
-from crl_exp.stats import (bootstrap_ci, design_effect, mde_paired_binary, newcombe_paired_interval,
-                           paired_binary_interval, pool_seeds, proportion_interval, t_975)
+from crl_exp.stats import (
+    bootstrap_ci,
+    design_effect,
+    mde_paired_binary,
+    newcombe_paired_interval,
+    paired_binary_interval,
+    pool_seeds,
+    proportion_interval,
+    t_975,
+)
 from crl_exp.steering.controllers import RandomController
-
 from test_reference_likelihood import compose_task
 
 
