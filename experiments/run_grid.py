@@ -35,7 +35,6 @@ from crl_exp.analysis.sweep_table import newest_per_config
 from crl_exp.analysis.training_curve import plot_training_curves
 from crl_exp.crl.config import BudgetConfig
 from crl_exp.crl.policy import PolicyConfig
-from crl_exp.crl.ppo import PPOConfig
 from crl_exp.modes.analyze import read_examples
 from crl_exp.tracking.mlflow_run import resolve_tracking_uri
 
@@ -340,7 +339,7 @@ VARIANT_LABELS = (
     ("group_size", BudgetConfig.group_size, " / G={}"),
     ("dtype", "float32", " / {}"),
     ("top_k", PolicyConfig.top_k, " / top-{}"),
-    ("advantage", PPOConfig.advantage, " / {} advantage"),
+    ("advantage", "gae", " / {} advantage"),  # the default when the recorded runs ran (now ``auto``)
 )
 
 
@@ -395,40 +394,31 @@ def validity(r: dict) -> dict[str, str]:
 
 
 def restat(r: dict) -> dict:
-    """The fixed statistics of one recorded run, recomputed from its per-example outcomes: each condition's share
-    correct (Wilson on the cluster-adjusted n) and CRL minus each baseline (Newcombe on cluster-adjusted counts;
-    the reward by cluster bootstrap), with the MDE at the assumed and the observed discordance."""
-    from crl_exp.stats import (
-        bootstrap_ci,
-        design_effect,
-        mde_paired_binary,
-        mde_paired_mean,
-        paired_binary_interval,
-        proportion_interval,
-    )
+    """The fixed statistics of one recorded run, recomputed from its per-example outcomes with the evaluation
+    library: each condition's share correct (Wilson on the cluster-adjusted n) and CRL minus each baseline (Newcombe
+    on cluster-adjusted counts; the reward by cluster bootstrap), with the MDE at the assumed and observed discordance."""
+    from crl_exp.evaluation.comparison import detectable_effects
+    from crl_exp.stats import bootstrap_ci, paired_binary_interval, proportion_interval
 
     clusters = clusters_for(r)
     ex = r["examples"]
-    ok = {c: [float(v) > 0.5 for v in ex[c]["correct"]] for c in ex}
+    recs = {c: [{"correct": float(k), "reward": float(v)} for k, v in zip(ex[c]["correct"], ex[c]["reward"], strict=True)]
+            for c in ex}
+    ok = {c: [x["correct"] > 0.5 for x in recs[c]] for c in recs}
     out = {"clusters": len(set(clusters)), "conditions": {}, "deltas": {}}
-    for c in ex:
+    for c in recs:
         out["conditions"][c] = {"value": sum(ok[c]) / len(ok[c]), "ci": proportion_interval(ok[c], clusters),
-                                "reward": sum(ex[c]["reward"]) / len(ex[c]["reward"])}
-    n = len(ok["crl"])
+                                "reward": sum(x["reward"] for x in recs[c]) / len(recs[c])}
     for base in ("none", "random", "static"):
         d = paired_binary_interval(ok["crl"], ok[base], clusters)
-        diffs = [a - b for a, b in zip(ex["crl"]["reward"], ex[base]["reward"], strict=True)]
-        t = torch.tensor(diffs, dtype=torch.float64)
-        reward_ci = bootstrap_ci(n, lambda idx, t=t: {"d": t[idx].mean().item()}, n_boot=1000, seed=0,
+        t = torch.tensor([a["reward"] - b["reward"] for a, b in zip(recs["crl"], recs[base], strict=True)],
+                         dtype=torch.float64)
+        reward_ci = bootstrap_ci(len(t), lambda idx, t=t: {"d": t[idx].mean().item()}, n_boot=1000, seed=0,
                                  clusters=clusters)["d"]
-        discordance = d["discordant"] / n
-        deff_reward = design_effect(diffs, clusters)
-        out["deltas"][base] = {
-            "delta": d["delta"], "ci": (d["ci_low"], d["ci_high"]), "design_effect": d["design_effect"],
-            "mde": mde_paired_binary(n / d["design_effect"], ASSUMED_DISCORDANCE),
-            "mde_observed": mde_paired_binary(n / d["design_effect"], discordance), "discordance": discordance,
-            "reward_delta": t.mean().item(), "reward_ci": reward_ci,
-            "reward_mde": mde_paired_mean(n / deff_reward, t.std().item())}
+        power = detectable_effects(recs["crl"], recs[base], clusters, ASSUMED_DISCORDANCE)
+        out["deltas"][base] = {"delta": d["delta"], "ci": (d["ci_low"], d["ci_high"]), "mde": power["mde_correct"],
+                               "mde_observed": power["mde_correct_observed"], "discordance": power["discordance"],
+                               "reward_delta": t.mean().item(), "reward_ci": reward_ci, "reward_mde": power["mde_reward"]}
     return out
 
 

@@ -133,7 +133,8 @@ def test_paper_configs_compose():
     (["+experiment=gsm8k_layer12", "+policy.coefficient=0.5"], r"Unknown PolicyConfig keys: \['coefficient'\]"),
     (["+experiment=mmlu_layer12", "budget.group_size=3"], r"group_size=3 must divide"),
     (["+experiment=mmlu_layer12", "ppo.advantage=group", "budget.group_size=1"], r"set budget.group_size >= 2"),
-    (["+experiment=mmlu_layer12", "ppo.advantage=reinforce"], r"ppo.advantage must be gae or group"),
+    (["+experiment=mmlu_layer12", "ppo.advantage=reinforce"], r"ppo.advantage must be one of auto, gae, group, all_actions"),
+    (["+experiment=gsm8k_layer12", "ppo.advantage=all_actions"], r"all_actions needs a one-token task"),
     (["+experiment=mmlu_layer12", "budget.episodes_per_iteration=8192", "budget.group_size=512"],
      r"a rollout of 8192 rows x \(3200 prompt \+ 1 new\) tokens of gemma3_270m needs an estimated \d+\.\d GiB "
      r"\(weights 1.00 GiB, kv_cache .*more than the .* GiB of available RAM"),

@@ -25,6 +25,11 @@ def grid(tmp_path, monkeypatch):
     return module
 
 
+def outcomes(accuracy: float, n: int = 200) -> dict:
+    k = round(accuracy * n)
+    return {"id": [f"ex{i}" for i in range(n)], "correct": [1.0] * k + [0.0] * (n - k), "reward": [accuracy / 2] * n}
+
+
 def record(seed: int, crl: float, static: float, ci_half: float) -> dict:
     metrics = {c: {"metrics": {"accuracy": v, "reward": v / 2}, "ci95": {"accuracy": [v - 0.05, v + 0.05]}}
                for c, v in {"none": 0.3, "random": 0.3, "static": static, "crl": crl}.items()}
@@ -38,14 +43,17 @@ def record(seed: int, crl: float, static: float, ci_half: float) -> dict:
             "action_space": "full:4096", "masking": "adaptive", "reward": "dense", "coefficient": 0.1, "primary_metric": "accuracy",
             "n_heldout": 200, "episodes": {"crl_training": 832, "static_selecting": 192}, "commit": "abc1234",
             "wall_s": 600.0, "peak_rss_gb": 2.5, "run_id": f"run{seed}", "static_feature": 7, "curve_artifact": None,
-            "results": metrics, "deltas": deltas, "oracle": None,
+            "results": metrics, "deltas": deltas, "oracle": None, "masked_action_share": 0.0,
+            "examples": {c: outcomes(v) for c, v in {"none": 0.3, "random": 0.3, "static": static, "crl": crl}.items()},
             "references": {"none": 0.2, "random": 0.18, "static": 0.21},
             "train_history": [{"iteration": i, "train/reward_mean": 0.2 + 0.01 * i, "train/accuracy": 0.3}
                               for i in range(3)],
             "crl_variants": {"crl_sampled": {"seeds": 5, "mean": crl, "sd": 0.01, "reward_mean": crl / 2}}}
 
 
-def test_report_pools_seeds_with_seed_variance(grid, tmp_path):
+def test_report_recomputes_clustered_newcombe_intervals_and_pools_seeds_with_t(grid, tmp_path):
+    from crl_exp.stats import mde_paired_binary, newcombe_paired_interval, pool_seeds, t_975
+
     for seed, crl in enumerate((0.40, 0.44)):
         (grid.RESULTS / f"bbq_s{seed}.json").write_text(json.dumps(record(seed, crl, 0.38, 0.04)))
     (grid.RESULTS / "analyses").mkdir()
@@ -54,20 +62,31 @@ def test_report_pools_seeds_with_seed_variance(grid, tmp_path):
     (grid.RESULTS / "analyses" / "bbq_s0.json").write_text(json.dumps(analyses))
     text = grid.write_report(tmp_path / "out.md")
     assert (tmp_path / "out.md").read_text().strip() == text.strip()
-    assert json.loads((grid.RESULTS / "analyses" / "bbq_s0.json").read_text()) == analyses  # was overwritten
+    assert json.loads((grid.RESULTS / "analyses" / "bbq_s0.json").read_text()) == analyses  # not overwritten
     assert "1 branch points in 4 episodes" in text
-    assert next(x for x in text.splitlines() if x.startswith("| reward | static |")).startswith("| reward | static | +0.020")
-    assert "| 0 | static | 0.380" in text and "| 1 | crl | 0.440" in text
-    assert "MDE n/a (2% discordant pairs" in text and "MDE 0.060" in text
-    assert "| 0 | static | 0.380 [0.330, 0.430] | 0.190 | +0.020 [-0.020, +0.060], MDE 0.060 | +0.010 [-0.010, +0.030], MDE 0.010 |" in text
+    assert "| 0 | static | 0.380 [" in text and "| 1 | crl | 0.440 [" in text
+    # seed 0: CRL right on 80 examples, static on 76 of them (nested): 4 discordant pairs, one cluster each
+    lo, hi = newcombe_paired_interval(76, 4, 0, 120)
+    row = next(x for x in text.splitlines() if x.startswith("| 0 | static |"))
+    assert f"+0.020 [{lo:+.3f}, {hi:+.3f}]" in row
+    assert f"MDE {mde_paired_binary(200, 0.2):.3f} " in row  # at the assumed 20% discordance
+    assert "(observed 2% discordant: none)" in row  # 4 pairs cannot power anything: said, not hidden
     assert len(list((tmp_path / "figures").glob("*_training_curves.png"))) == 1  # one figure per configuration
-    se_within = 0.04 / 1.959963984540054
-    between = (0.02 ** 2 + 0.02 ** 2) / 1  # deltas 0.02 and 0.06 around their mean 0.04
-    se = math.sqrt(se_within ** 2 + between / 2)
+    ses = [(h - low) / (2 * 1.959963984540054) for low, h in (newcombe_paired_interval(76, 4, 0, 120),
+                                                            newcombe_paired_interval(76, 12, 0, 112))]
+    expected = pool_seeds([0.02, 0.06], ses)
     line = next(x for x in text.splitlines() if x.startswith("| accuracy | static | +0.040"))
     low, high = (float(v) for v in line.split("[")[1].split("]")[0].split(","))
-    assert low == pytest.approx(0.04 - 1.959963984540054 * se, abs=1e-3)
-    assert high == pytest.approx(0.04 + 1.959963984540054 * se, abs=1e-3)
+    assert low == pytest.approx(expected["ci_low"], abs=1e-3) and high == pytest.approx(expected["ci_high"], abs=1e-3)
+    assert high - 0.04 > t_975(1) * 0.02 / math.sqrt(2)  # Student's t with 1 degree of freedom, not z
+
+
+def test_stale_rows_are_marked_with_their_reason(grid, tmp_path):
+    pooled = {**record(0, 0.40, 0.38, 0.04), "action_space": "candidates:32", "masked_action_share": 1.0}
+    (grid.RESULTS / "bbq_s0.json").write_text(json.dumps(pooled))
+    text = grid.write_report(tmp_path / "out.md")
+    assert "| 0 | crl (stale) |" in text and "greedy actions left the trained action space" in text
+    assert "it was the random baseline" in text and "| 0 | random_dictionary |" in text
 
 
 def test_obs_norm_group_size_dtype_top_k_and_advantage_runs_are_reported_apart_from_the_default_configuration(

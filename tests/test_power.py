@@ -32,19 +32,15 @@ def test_mde_of_a_paired_mean():
     assert mde_paired_mean(100, 1.0) == pytest.approx((1.959964 + 0.841621) / 10, abs=1e-5)
 
 
-def test_heldout_comparison_uses_wilson_at_the_edges_and_reports_the_mde():
-    from crl_exp.modes.train import detectable_effects, proportion_ci
+def test_heldout_power_reports_the_mde_at_the_assumed_and_the_observed_discordance():
+    from crl_exp.evaluation.comparison import detectable_effects
 
-    recs = [{"correct": 0.0, "reward": 0.1}] * 19 + [{"correct": 1.0, "reward": 0.9}]
-    assert proportion_ci(recs, 0.05, (0.0, 0.15)) == pytest.approx(list(wilson_interval(1, 20)))
-    assert proportion_ci(recs, 0.40, (0.2, 0.6)) == [0.2, 0.6]  # not the share of correct examples
-    many = [{"correct": float(i % 2), "reward": 0.0} for i in range(20)]
-    assert proportion_ci(many, 0.5, (0.3, 0.7)) == [0.3, 0.7]  # away from the edges: bootstrap kept
     base = [{"correct": float(i % 4 == 0), "reward": 0.0} for i in range(200)]
     crl = [{"correct": float(i % 4 in (0, 1)), "reward": 0.1 * (i % 3)} for i in range(200)]
-    power = detectable_effects(crl, base)
-    assert power["n"] == 200 and power["discordance"] == pytest.approx(0.25)
-    assert power["mde_correct"] == pytest.approx(mde_paired_binary(200, 0.25))
+    power = detectable_effects(crl, base, [str(i) for i in range(200)], assumed_discordance=0.2)
+    assert power["n"] == 200 and power["discordance"] == pytest.approx(0.25) and power["design_effect"] == 1.0
+    assert power["mde_correct"] == pytest.approx(mde_paired_binary(200, 0.2))
+    assert power["mde_correct_observed"] == pytest.approx(mde_paired_binary(200, 0.25))
     assert 0 < power["mde_reward"] < 0.1
 
 

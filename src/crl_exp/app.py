@@ -123,12 +123,17 @@ def check_budget(cfg: DictConfig) -> None:
 
     ppo = config_dataclass(PPOConfig, cfg.ppo)
     policy = config_dataclass(PolicyConfig, cfg.policy)
-    if ppo.advantage not in ("gae", "group"):
-        raise CRLConfigError(f"ppo.advantage must be gae or group, got {ppo.advantage!r}")
+    from crl_exp.crl.ppo import ADVANTAGES
+
+    if ppo.advantage not in ADVANTAGES:
+        raise CRLConfigError(f"ppo.advantage must be one of {', '.join(ADVANTAGES)}, got {ppo.advantage!r}")
     group = int(budget.group_size)
     if group < 1 or int(budget.episodes_per_iteration) % group:
         raise CRLConfigError(f"budget.group_size={group} must divide budget.episodes_per_iteration="
                              f"{budget.episodes_per_iteration}")
+    if ppo.advantage == "all_actions" and int(cfg.task.max_new_tokens) != 1:
+        raise CRLConfigError(f"ppo.advantage=all_actions needs a one-token task (every action's reward from one "
+                             f"forward); task={cfg.task.name} generates {cfg.task.max_new_tokens} tokens: use gae")
     if ppo.advantage == "group" and group < 2:
         raise CRLConfigError("ppo.advantage=group compares episodes of the same prompt: set budget.group_size >= 2")
     d_sae = int(cfg.sae.training.d_sae) if cfg.sae.source == "trained" else None

@@ -123,6 +123,29 @@ def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=Non
     return records, gen
 
 
+@torch.no_grad()
+def observed_states(env: SteeringEnv, examples: list[Example], batch_size: int) -> torch.Tensor:
+    """[N, d_model]: each prompt's residual state at the first steered position (the last prompt token), unsteered:
+    what a policy observes at step 0 (one forward per prompt, nothing decoded)."""
+    from crl_exp.steering.controllers import StaticController
+    from crl_exp.steering.hook import NO_FEATURE
+
+    chat = env.task.cfg.get("template", "base") == "chat"
+    out = []
+    env.steerer.record_states = True
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start:start + batch_size]
+            prompts = [render_prompt(env.task, env.lm, ex) for ex in batch]
+            prefixes = [prompt_prefix(env.task, ex, p) for ex, p in zip(batch, prompts, strict=True)]
+            generate(env.lm, prompts, 1, env.steerer, StaticController(NO_FEATURE, 0.0), add_special_tokens=not chat,
+                     prefixes=prefixes if any(prefixes) else None)
+            out.append(env.steerer.steps[0].state.float().cpu())
+    finally:
+        env.steerer.record_states = False
+    return torch.cat(out)
+
+
 def run_episodes(task: Task, lm: LoadedModel, examples: list[Example], batch_size: int, steerer=None,
                  controller=None, desc: str = "Evaluating", on_batch=None,
                  cache_prefixes: bool = True, share_prefix: bool = False) -> tuple[list[dict[str, Any]], dict[str, float]]:

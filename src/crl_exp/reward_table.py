@@ -20,7 +20,8 @@ from crl_exp.steering.hook import NO_FEATURE
 
 @dataclass
 class RewardTable:
-    """``reward``/``correct``: [prompts, features]; ``unsteered_*``: [prompts] (no feature)."""
+    """``reward``/``correct``: [prompts, features]; ``unsteered_*``: [prompts] (no feature); ``states``: [prompts,
+    d_model] the residual state at the steered position before any edit (what a policy observes)."""
 
     features: list[int]
     example_ids: list[str]
@@ -28,6 +29,7 @@ class RewardTable:
     correct: torch.Tensor
     unsteered_reward: torch.Tensor
     unsteered_correct: torch.Tensor
+    states: torch.Tensor
 
     @property
     def episodes(self) -> int:
@@ -50,16 +52,23 @@ def reward_table(env, examples: list, features: list[int], chunk: int = 256, des
     if not features:
         raise ValueError("reward_table needs at least one feature")
     columns = [NO_FEATURE, *features]
-    rewards, correct = [], []
-    for ex in tqdm(examples, desc=desc, unit="prompt"):
-        row_r, row_c = [], []
-        for start in range(0, len(columns), chunk):
-            part = columns[start:start + chunk]
-            records, _ = rollout_batch(env.task, env.lm, [ex] * len(part), env.steerer,
-                                       StaticController(torch.tensor(part), env.coefficient), share_prefix=True)
-            row_r += [float(r["reward"]) for r in records]
-            row_c += [float(r["correct"]) for r in records]
-        rewards.append(row_r)
-        correct.append(row_c)
+    rewards, correct, states = [], [], []
+    env.steerer.record_states = True
+    try:
+        for ex in tqdm(examples, desc=desc, unit="prompt", disable=len(examples) < 16):
+            row_r, row_c = [], []
+            for start in range(0, len(columns), chunk):
+                part = columns[start:start + chunk]
+                records, _ = rollout_batch(env.task, env.lm, [ex] * len(part), env.steerer,
+                                           StaticController(torch.tensor(part), env.coefficient), share_prefix=True)
+                row_r += [float(r["reward"]) for r in records]
+                row_c += [float(r["correct"]) for r in records]
+                if start == 0:
+                    states.append(env.steerer.steps[0].state[0].float().cpu())
+            rewards.append(row_r)
+            correct.append(row_c)
+    finally:
+        env.steerer.record_states = False
     r, c = torch.tensor(rewards), torch.tensor(correct)
-    return RewardTable(list(features), [ex.id for ex in examples], r[:, 1:], c[:, 1:], r[:, 0], c[:, 0])
+    return RewardTable(list(features), [ex.id for ex in examples], r[:, 1:], c[:, 1:], r[:, 0], c[:, 0],
+                       torch.stack(states))

@@ -18,11 +18,20 @@ import torch
 from torch.utils.data import DataLoader
 
 from crl_exp.crl.masking import AdaptiveFeatureMask, MaskingConfig
-from crl_exp.crl.policy import ActorCritic, PolicyConfig
-from crl_exp.crl.ppo import Batch, PPOConfig, annealed_lr, check_finite, ppo_update
+from crl_exp.crl.policy import ActorCritic, PolicyConfig, RunningObsNorm
+from crl_exp.crl.ppo import (
+    Batch,
+    PPOConfig,
+    all_actions_update,
+    annealed_lr,
+    check_finite,
+    ppo_update,
+    resolve_advantage,
+)
 from crl_exp.crl.rollout import PolicyController
 from crl_exp.episodes import SteeringEnv, rollout_batch
 from crl_exp.errors import CRLConfigError
+from crl_exp.reward_table import reward_table
 from crl_exp.tasks import Task
 
 
@@ -72,6 +81,8 @@ class CRLModule(L.LightningModule):
         if not 1 <= self.top_k <= d_sae or (masking_cfg.schedule != "none" and self.top_k > masking_cfg.min_unmasked):
             raise CRLConfigError(f"policy.top_k={self.top_k} must be in [1, d_sae] and <= masking.min_unmasked")
         self.mask = AdaptiveFeatureMask(d_sae, masking_cfg)
+        self.reward_stats = RunningObsNorm(1)  # running reward variance (ppo.norm_rewards); saved in checkpoints
+        self.episodes_seen = 0
         self.env: SteeringEnv | None = None
         self.history: list[dict[str, float]] = []
         self.run_id: str | None = None  # the MLflow run training logs to; a resume continues it
@@ -90,6 +101,12 @@ class CRLModule(L.LightningModule):
         return PolicyController(self.policy, coefficient, allowed=allowed, greedy=greedy, seed=seed, sae=sae,
                                 top_k=self.top_k)
 
+    @torch.no_grad()
+    def warm_up_obs_norm(self, states: torch.Tensor) -> None:
+        """Fold unsteered states in before the first rollout (``policy.obs_norm``): otherwise iteration 0 acts and
+        trains on raw inputs and the normaliser switches on at iteration 1, under the policy's feet."""
+        self.policy.update_obs_norm(states)
+
     def attach(self, env: SteeringEnv) -> CRLModule:
         self.__dict__["env"] = env  # plain attribute: the frozen LM/SAE never enter state_dict or checkpoints
         return self
@@ -102,10 +119,19 @@ class CRLModule(L.LightningModule):
         checkpoint["crl_iteration_done"] = self.current_epoch
         checkpoint["crl_history"] = self.history
         checkpoint["crl_mlflow_run_id"] = self.run_id
+        checkpoint["crl_episodes_seen"] = self.episodes_seen
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.mask.load_state_dict(checkpoint["afm"])
         self.history = list(checkpoint.get("crl_history", []))  # the training curve covers every iteration
+        self.episodes_seen = int(checkpoint.get("crl_episodes_seen", 0))
+
+    def scaled_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Episode rewards divided by their running std (``ppo.norm_rewards``), folding this batch in first."""
+        if not self.ppo_cfg.norm_rewards:
+            return rewards
+        self.reward_stats.update(rewards[:, None].double())
+        return rewards / float(torch.sqrt(self.reward_stats.var + 1e-8).item())
 
     def training_step(self, batch: list, batch_idx: int) -> None:
         iteration = self.current_epoch
@@ -113,6 +139,8 @@ class CRLModule(L.LightningModule):
         optimizer = self.optimizers()
         for group in optimizer.param_groups:
             group["lr"] = annealed_lr(cfg, iteration, self.total_iterations)
+        if cfg.advantage == "all_actions":
+            return self.all_actions_step(batch, iteration, optimizer)
         seed = iteration_seed(self.seed, iteration)
         controller = self.controller(env.coefficient, greedy=False, with_mask=True, seed=seed, sae=env.sae.sae)
         t0 = time.perf_counter()
@@ -125,8 +153,9 @@ class CRLModule(L.LightningModule):
         valid = gen.valid
         episode_rewards = torch.tensor([r["reward"] for r in records], dtype=torch.float)
         check_finite(iteration, rewards=episode_rewards)
-        batch_steps = Batch.from_rollout(traj, valid, episode_rewards, cfg.gamma, cfg.gae_lambda,
-                                         advantage=cfg.advantage, groups=groups)
+        advantage = resolve_advantage(cfg.advantage, env.task.max_new_tokens == 1, len(batch) // len(first))
+        batch_steps = Batch.from_rollout(traj, valid, self.scaled_rewards(episode_rewards), cfg.gamma, cfg.gae_lambda,
+                                         advantage=advantage, groups=groups)
         t1 = time.perf_counter()
         stats = ppo_update(self.policy, optimizer, cfg, iteration, batch_steps, self.mask.allowed(),
                            torch.Generator().manual_seed(seed), backward=self.manual_backward)
@@ -149,9 +178,61 @@ class CRLModule(L.LightningModule):
             "train/update_to_rollout": update_seconds / rollout_seconds,
             "train/lr": optimizer.param_groups[0]["lr"],
         }
-        self.history.append({"iteration": iteration, **metrics})
-        if self.logger is not None:
-            self.logger.log_metrics(metrics, step=iteration)
+        self.record(iteration, metrics, len(records))
         self.log_dict({"reward": metrics["train/reward_mean"], "acc": metrics["train/accuracy"],
                        "kl": stats.get("approx_kl", 0.0)}, prog_bar=True, logger=False, on_step=True,
                       batch_size=len(batch))
+
+    def record(self, iteration: int, metrics: dict[str, float], episodes: int) -> None:
+        """One iteration's metrics into the history (with the episodes spent so far) and the logger."""
+        self.episodes_seen += episodes
+        metrics["train/episodes"] = float(self.episodes_seen)
+        self.history.append({"iteration": iteration, **metrics})
+        if self.logger is not None:
+            self.logger.log_metrics(metrics, step=iteration)
+
+    def all_actions_step(self, batch: list, iteration: int, optimizer) -> None:
+        """One-token tasks, ``ppo.advantage=all_actions``: the iteration's distinct prompts under every allowed
+        action (one exact reward table), then the exact expected-reward update (``ppo.all_actions_update``)."""
+        env, cfg = self.env, self.ppo_cfg
+        prompts = list({ex.id: ex for ex in batch}.values())
+        allowed = self.mask.allowed()
+        features = allowed.nonzero().flatten()
+        if len(features) > MAX_ALL_ACTIONS:
+            raise CRLConfigError(f"ppo.advantage=all_actions scores every allowed action of every prompt; "
+                                 f"{len(features)} actions is more than {MAX_ALL_ACTIONS}: set policy.candidates")
+        t0 = time.perf_counter()
+        table = reward_table(env, prompts, features.tolist(), desc=f"all actions, iteration {iteration}")
+        rollout_seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        stats = all_actions_update(self.policy, optimizer, cfg, iteration, table.states, table.reward, features,
+                                   allowed, backward=self.manual_backward)
+        update_seconds = time.perf_counter() - t1
+        with torch.no_grad():  # what the policy chose this iteration, for AFM and the diagnostics: one sample each
+            probs = self.policy(table.states.to(self.device), allowed.to(self.device))[0].softmax(-1).cpu()
+            g = torch.Generator().manual_seed(iteration_seed(self.seed, iteration))
+            sampled = torch.multinomial(probs, 1, generator=g).flatten()
+            greedy = probs.argmax(-1)
+        self.mask.update(sampled, entropy=stats["entropy"])
+        self.policy.update_obs_norm(table.states)
+        column = {int(f): j for j, f in enumerate(features.tolist())}
+        chosen_correct = table.correct[torch.arange(len(prompts)), torch.tensor([column[int(f)] for f in greedy])]
+        metrics = {
+            "train/reward_mean": stats["expected_reward_before"],
+            "train/accuracy": float(chosen_correct.mean()),
+            **{f"train/{k}": v for k, v in stats.items()},
+            "train/distinct_features": float(greedy.unique().numel()),
+            "train/mask_size": float(self.mask.mask_size),
+            "train/mask_threshold": float(self.mask.threshold),
+            "train/rollout_seconds": rollout_seconds,
+            "train/update_seconds": update_seconds,
+            "train/update_to_rollout": update_seconds / rollout_seconds,
+            "train/lr": optimizer.param_groups[0]["lr"],
+        }
+        self.last_rollout = None
+        self.record(iteration, metrics, table.episodes)
+        self.log_dict({"reward": metrics["train/reward_mean"], "acc": metrics["train/accuracy"]}, prog_bar=True,
+                      logger=False, on_step=True, batch_size=len(prompts))
+
+
+MAX_ALL_ACTIONS = 512  # one reward table row per action and prompt: beyond this, restrict the action space

@@ -2,7 +2,9 @@
 
 Actor: one ``Linear`` head over the SAE's features (a masked categorical; logits of masked features are
 -inf). Critic: a value head on its own trunk (default) or on the actor's trunk (``shared_trunk``). Init follows
-CleanRL: orthogonal weights, actor head gain 0.01 (near-uniform initial policy), value head gain 1.
+CleanRL (orthogonal weights, actor head gain 0.01: a near-uniform initial policy) except the value head, also at
+gain 0.01: with gain 1 the untrained critic output about +-0.6 per prompt against reward spreads of ~0.05, so
+nearly all of the first advantages' variance was critic error pushed into the actor as random preferences.
 
 The state is the detached residual vector x_t at the steered layer; ``LayerNorm`` without affine parameters
 removes its scale (Gemma residual norms are in the thousands) before the trunk. ``obs_norm`` adds CleanRL's
@@ -34,6 +36,9 @@ class PolicyConfig:
     # per-dimension running mean/variance standardisation of the LayerNorm'd state (CleanRL's NormalizeObservation),
     # updated from each iteration's rollout states after its PPO update, frozen in evaluation, kept in checkpoints
     obs_norm: bool = False
+
+
+VALUE_HEAD_GAIN = 0.01  # the untrained critic predicts ~0, not +-0.6 (see the module doc)
 
 
 def _layer(linear: nn.Linear, gain: float) -> nn.Linear:
@@ -89,7 +94,7 @@ class ActorCritic(nn.Module):
         self.actor_trunk = _trunk(d_model, hidden)
         self.critic_trunk = None if shared_trunk else _trunk(d_model, hidden)
         self.actor_head = _layer(nn.Linear(hidden, d_sae), 0.01)
-        self.value_head = _layer(nn.Linear(hidden, 1), 1.0)
+        self.value_head = _layer(nn.Linear(hidden, 1), VALUE_HEAD_GAIN)
 
     def forward(self, state: torch.Tensor, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked logits [B, d_sae], values [B]) for states [B, d_model]; ``allowed`` is a bool [d_sae] mask."""
@@ -100,6 +105,15 @@ class ActorCritic(nn.Module):
             logits = logits.masked_fill(~allowed, float("-inf"))
         hv = h if self.critic_trunk is None else self.critic_trunk(x)
         return logits, self.value_head(hv).squeeze(-1)
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """The value head and its own trunk: clipped apart from the actor's, so the critic cannot throttle it."""
+        own = [] if self.critic_trunk is None else list(self.critic_trunk.parameters())
+        return own + list(self.value_head.parameters())
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        critic = {id(p) for p in self.critic_parameters()}
+        return [p for p in self.parameters() if id(p) not in critic]
 
     def observe(self, state: torch.Tensor) -> torch.Tensor:
         """The trunks' input: LayerNorm'd state, then the running standardisation if ``obs_norm``."""

@@ -4,7 +4,8 @@ GAE(γ, λ) over each episode's valid steps with the terminal reward on the last
 once over the whole iteration's valid steps (CleanRL normalises per minibatch because its minibatches hold
 hundreds of steps; on one-step tasks a minibatch of 2 would turn every advantage into ±0.707); several epochs
 of shuffled minibatches; clipped surrogate; optional value clipping;
-entropy bonus; global gradient clipping; target-KL early stop; diagnostics approx_kl, clipfrac,
+entropy bonus; gradient clipping of actor and critic *separately* (one global norm let the critic's 2-10x
+larger gradient scale every actor step down by 5-20x); target-KL early stop; diagnostics approx_kl, clipfrac,
 explained_variance and entropy. Only the policy/critic learn: states are detached residual vectors, so an
 update costs nothing next to a rollout.
 """
@@ -46,9 +47,29 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     target_kl: float | None = 0.05
     adam_eps: float = 1e-5
-    # gae: GAE with the critic (default; the critic analyses need it) | group: each episode's reward minus the
-    # mean reward of the episodes of the same prompt (budget.group_size > 1), on every step of the episode
-    advantage: str = "gae"
+    # auto: group on one-token tasks with groups of episodes per prompt, else gae | gae: GAE with the critic (the
+    # paper's per-token PPO; what generating tasks use) | group: each episode's reward minus the mean reward of the
+    # episodes of the same prompt (budget.group_size > 1), on every step of the episode | all_actions: one-token
+    # tasks with a finite action space: every action's exact reward per prompt (one shared-prefix forward) and the
+    # exact expected-reward gradient (``all_actions_update``)
+    advantage: str = "auto"
+    # divide episode rewards by their running std before GAE, so the critic's targets are on a unit scale
+    norm_rewards: bool = True
+
+
+ADVANTAGES = ("auto", "gae", "group", "all_actions")
+
+
+def resolve_advantage(advantage: str, one_token: bool, group_size: int) -> str:
+    """The estimator ``ppo.advantage`` means for this task (``auto``: the exact per-prompt baseline where it
+    exists, i.e. one-token tasks with several episodes per prompt; GAE otherwise)."""
+    if advantage not in ADVANTAGES:
+        raise ValueError(f"ppo.advantage must be one of {', '.join(ADVANTAGES)}, got {advantage!r}")
+    if advantage == "all_actions" and not one_token:
+        raise ValueError("ppo.advantage=all_actions needs a one-token task (every action's reward from one forward)")
+    if advantage == "auto":
+        return "group" if one_token and group_size > 1 else "gae"
+    return advantage
 
 
 def compute_gae(rewards: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, gamma: float,
@@ -97,7 +118,7 @@ class Batch:
         if advantage == "group":
             advantages = group_advantages(episode_rewards, groups)[:, None].expand(valid.shape) * valid.float()
         elif advantage != "gae":
-            raise ValueError(f"ppo.advantage must be gae or group, got {advantage!r}")
+            raise ValueError(f"Batch.from_rollout needs advantage gae or group, got {advantage!r}")
         flat = valid.flatten()
         return cls(trajectory["state"].flatten(0, 1)[flat], trajectory["feature"].flatten(0, 1)[flat],
                    trajectory["logprob"].flatten()[flat], trajectory["value"].flatten()[flat],
@@ -190,7 +211,8 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PPOCo
             check_finite(iteration, loss=loss)
             optimizer.zero_grad()
             (backward or torch.Tensor.backward)(loss)
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(policy.actor_parameters(), cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(policy.critic_parameters(), cfg.max_grad_norm)
             optimizer.step()
             for k, v in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy.mean()),
                          ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
@@ -201,4 +223,48 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PPOCo
     out = {k: sum(v) / len(v) for k, v in stats.items() if v}
     out["explained_variance"] = explained_variance(old_values, returns)
     out["kl_early_stop"] = float(stopped_early)
+    return out
+
+
+def all_actions_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PPOConfig, iteration: int,
+                       states: torch.Tensor, rewards: torch.Tensor, features: torch.Tensor,
+                       allowed: torch.Tensor, backward=None) -> dict[str, float]:
+    """The all-action policy gradient on one-token tasks: with the exact reward ``rewards[p, a]`` of every allowed
+    action ``features[a]`` for each prompt state ``states[p]``, ascend the exact expected reward
+    ``sum_a pi(a|s) (r(s,a) - sum_b pi(b|s) r(s,b))`` plus the entropy bonus, for ``update_epochs`` full-batch
+    steps. No sampling noise, no ratio clipping (the objective is exact, not a surrogate); rewards are divided by
+    their within-prompt spread so the learning rate means the same on every task. The critic learns the policy's
+    expected reward (what the critic analyses read)."""
+    check_finite(iteration, rewards=rewards)
+    device = next(policy.parameters()).device
+    states, rewards, features, allowed = (t.to(device) for t in (states, rewards, features, allowed))
+    centred = rewards - rewards.mean(1, keepdim=True)
+    scale = centred.std() if centred.numel() > 1 else torch.tensor(1.0, device=device)
+    scaled = centred / (scale + 1e-8)
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "expected_reward",
+                                                        "approx_kl")}
+    with torch.no_grad():
+        old_logp = policy(states, allowed)[0].log_softmax(-1)[:, features]
+    for _epoch in range(cfg.update_epochs):
+        logits, values = policy(states, allowed)
+        logp = logits.log_softmax(-1)
+        probs = logp[:, features].exp()  # [P, A]: the allowed actions hold all the mass
+        objective = (probs * scaled).sum(-1).mean()
+        entropy = -(probs * logp[:, features]).sum(-1).mean()
+        expected = (probs * rewards).sum(-1)
+        v_loss = 0.5 * ((values - expected.detach()) ** 2).mean()
+        loss = -objective - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
+        check_finite(iteration, loss=loss)
+        optimizer.zero_grad()
+        (backward or torch.Tensor.backward)(loss)
+        torch.nn.utils.clip_grad_norm_(policy.actor_parameters(), cfg.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(policy.critic_parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        with torch.no_grad():
+            kl = (old_logp.exp() * (old_logp - logp[:, features])).sum(-1).mean()
+        for k, v in (("policy_loss", -objective), ("value_loss", v_loss), ("entropy", entropy),
+                     ("expected_reward", expected.mean()), ("approx_kl", kl)):
+            stats[k].append(v.item())
+    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    out["expected_reward_before"] = stats["expected_reward"][0]
     return out

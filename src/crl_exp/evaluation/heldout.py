@@ -8,6 +8,8 @@ Conditions (same held-out examples, same coefficient):
 * ``random_dictionary``: a uniformly random feature from the whole SAE dictionary (does steering with any
   feature at all matter?);
 * ``static``: the best single feature, selected on train/validation (``crl.feature_selection``);
+* ``untrained``: the policy's initial weights (same seed, same action space, greedy; with the trained run's
+  observation statistics), the control for "the policy learned to condition on the prompt";
 * ``crl``: the trained policy, greedy, inside its action space; with the end-of-training Adaptive Feature Mask
   on or off as ``masking.eval_with_mask`` says (the headline rule, see ``HEADLINE_MASK_RULE``).
 
@@ -23,12 +25,13 @@ from typing import Any
 
 import torch
 
+from crl_exp.crl.rollout import PolicyController
 from crl_exp.episodes import run_episodes
 from crl_exp.evaluation.comparison import condition_summary, paired_delta
 from crl_exp.steering.controllers import RandomController, StaticController
 
-CONDITIONS = ("none", "random", "random_dictionary", "static", "crl")
-BASELINES = ("none", "random", "random_dictionary", "static")
+CONDITIONS = ("none", "random", "random_dictionary", "static", "untrained", "crl")
+BASELINES = ("none", "random", "random_dictionary", "static", "untrained")
 HEADLINE_MASK_RULE = (
     "The headline scores the policy greedy inside its action space with the Adaptive Feature Mask off "
     "(masking.eval_with_mask=false): the mask is a training-time exploration device whose contents at the last "
@@ -42,6 +45,15 @@ def baseline_controllers(env, action_space: list[int], static_feature: int, seed
             "random": RandomController(env.sae.d_sae, env.coefficient, seed=seed, features=action_space),
             "random_dictionary": RandomController(env.sae.d_sae, env.coefficient, seed=seed),
             "static": StaticController(static_feature, env.coefficient)}
+
+
+def untrained_controller(initial_policy, module, coefficient: float, sae=None) -> PolicyController:
+    """Greedy over the trained policy's action space with its initial weights; the observation normaliser's
+    statistics are the trained run's, so the control differs from CRL only by what training changed."""
+    if module.policy.obs_norm is not None and initial_policy.obs_norm is not None:
+        initial_policy.obs_norm.load_state_dict(module.policy.obs_norm.state_dict())
+    return PolicyController(initial_policy, coefficient, allowed=module.action_space(), greedy=True, sae=sae,
+                            top_k=module.top_k)
 
 
 def run_conditions(env, examples: list, controllers: dict[str, Any], batch_size: int,

@@ -8,12 +8,14 @@ training (``crl``), the held-out comparison and its statistics (``evaluation``),
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,9 +31,9 @@ from crl_exp.crl.config import apply_budget, config_dataclass, heldout_size, mas
 from crl_exp.crl.feature_selection import mean_reward, select_static_feature
 from crl_exp.crl.module import CRLModule, PromptDataModule
 from crl_exp.crl.policy import PolicyConfig
-from crl_exp.crl.ppo import PPOConfig
+from crl_exp.crl.ppo import PPOConfig, resolve_advantage
 from crl_exp.crl.trainer import RunOwnedMLFlowLogger, accelerator_for, build_trainer, fit_policy
-from crl_exp.episodes import build_env
+from crl_exp.episodes import build_env, observed_states
 from crl_exp.evaluation.headroom import per_prompt_oracle
 from crl_exp.evaluation.heldout import (
     HEADLINE_MASK_RULE,
@@ -41,6 +43,7 @@ from crl_exp.evaluation.heldout import (
     comparison_table,
     policy_variants,
     run_conditions,
+    untrained_controller,
     variants_table,
 )
 from crl_exp.evaluation.ledger import record_confirmation
@@ -86,6 +89,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     iterations = int(budget.iterations)
     ppo_cfg = config_dataclass(PPOConfig, cfg.ppo)
     policy_cfg = config_dataclass(PolicyConfig, cfg.policy)
+    ppo_cfg.advantage = resolve_advantage(ppo_cfg.advantage, task.max_new_tokens == 1, int(budget.group_size))
+    tracker.set_tags({"advantage": ppo_cfg.advantage})
     # The static baseline is selected first (train ranking, validation trials): its ranked pool is also CRL's
     # action space under policy.candidates=N, and the headroom oracle's candidates. On one-token tasks it tries
     # every feature of that action space (one exact reward table), on more validation prompts.
@@ -121,6 +126,10 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     module.run_id = tracker.run_id
     if pool is not None:
         module.mask.restrict(pool)
+    initial_policy = copy.deepcopy(module.policy)  # the untrained control
+    if policy_cfg.obs_norm:
+        module.warm_up_obs_norm(observed_states(env, task.representative("train", int(sf.train_examples) * 2),
+                                                int(budget.eval_batch_size)))
     tracker.set_tags({"action_space": f"candidates:{n_pool}" if n_pool else f"full:{sae.d_sae}"})
     data = PromptDataModule(task, int(budget.episodes_per_iteration), seed=seed, group_size=int(budget.group_size))
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path("outputs") / tracker.run_id
@@ -141,7 +150,9 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     n_boot, bs = int(cfg.eval.n_bootstrap), int(budget.eval_batch_size)
     with_mask = bool(cfg.masking.get("eval_with_mask"))
     crl_controller = module.controller(env.coefficient, greedy=True, with_mask=with_mask, sae=sae.sae)
-    controllers = {**baseline_controllers(env, action_features, selection.feature, seed), "crl": crl_controller}
+    control = untrained_controller(initial_policy, module, env.coefficient, sae=sae.sae)
+    controllers = {**baseline_controllers(env, action_features, selection.feature, seed), "untrained": control,
+                   "crl": crl_controller}
     key = primary_key(task, cfg)
     log_rows: list[dict] = []
     episodes_logged = [0]
@@ -153,7 +164,17 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                                           episode_offset=episodes_logged[0]))
         episodes_logged[0] += len(batch_records)
 
-    records, speeds = run_conditions(env, test_pool, controllers, bs, on_batch={"crl": collect_interventions})
+    control_features: list[torch.Tensor] = []
+
+    def collect_control(batch_records, gen):
+        control_features.append(control.stacked()["feature"][gen.valid])
+        control.steps = []
+
+    records, speeds = run_conditions(env, test_pool, controllers, bs,
+                                     on_batch={"crl": collect_interventions, "untrained": collect_control})
+    distinct = {"crl": len({r["feature"] for r in log_rows}),
+                "untrained": int(torch.cat(control_features).unique().numel()) if control_features else 0}
+    tracker.log_metrics({f"heldout/{k}/distinct_greedy_features": float(v) for k, v in distinct.items()})
     results, deltas = compare(task, records, key, n_boot, seed, float(cfg.eval.assumed_discordance))
     for name, res in results.items():
         log_evaluation(tracker, f"heldout/{name}", res["metrics"], res["ci95"], records[name], speeds[name])
@@ -192,6 +213,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     table = comparison_table(task.name, key, results, deltas, len(test_pool), part)
     table += (f"\n\nTraining curve (train reward per iteration; static/random/none references on train and "
               f"validation episodes): {curve}")
+    table += (f"\n\nDistinct greedy features on the held-out prompts: CRL {distinct['crl']}, untrained control "
+              f"{distinct['untrained']} (estimator: {ppo_cfg.advantage}).")
     table += f"\n\n{HEADLINE_MASK_RULE}\n\n" + variants_table(key, variants, shares)
     if oracle is not None:
         static_acc = results["static"]["metrics"].get("accuracy", float("nan"))
@@ -204,7 +227,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     print(table)
     tracker.log_text(table, "heldout/comparison.md")
     summary = {"task": task.name, "primary_metric": key, "n_heldout": len(test_pool), "heldout_part": part,
-               "action_space": pool, "results": results, "crl_variants": variants, **shares,
+               "action_space": pool, "advantage": ppo_cfg.advantage, "distinct_greedy_features": distinct,
+               "results": results, "crl_variants": variants, **shares,
                "headline_with_mask": with_mask, "oracle": oracle, "deltas": deltas,
                "static_feature": selection.feature, "static_candidates_tried": len(selection.candidates),
                "episodes": {"crl_training": episodes_training, "static_selecting": episodes_baselines},
