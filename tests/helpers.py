@@ -195,11 +195,10 @@ PLANTED_PROMPTS = ["The cat sat", "Hello wor", "abc de", "One two thr", "Blue sk
            "We go to", "My friend", "Numbers like", "Quiet room", "Tea or"]
 
 
-def planted_env(tiny_lm) -> SteeringEnv:
-    """An SAE whose feature PLANTED points along the direction that most raises the target's logit."""
-    target_id = tiny_lm.tokenizer(TARGET, add_special_tokens=False).input_ids[0]
-    enc = tiny_lm.tokenizer(PLANTED_PROMPTS, return_tensors="pt", padding=True)
-    grads = []
+def target_direction(tiny_lm, target: str, prompts: list[str]) -> torch.Tensor:
+    """The unit direction at resid_post of LAYER (last position) that most raises ``target``'s logit."""
+    target_id = tiny_lm.tokenizer(target, add_special_tokens=False).input_ids[0]
+    enc = tiny_lm.tokenizer(prompts, return_tensors="pt", padding=True)
     block = decoder_layers(tiny_lm.model)[LAYER]
     captured = {}
 
@@ -215,15 +214,56 @@ def planted_env(tiny_lm) -> SteeringEnv:
     finally:
         handle.remove()
     grads = captured["h"].grad[:, -1]
-    direction = grads.mean(0) / grads.mean(0).norm()
+    return grads.mean(0) / grads.mean(0).norm()
+
+
+def planted_sae(tiny_lm, planted: dict[int, torch.Tensor]) -> LoadedSAE:
     cfg = StandardSAEConfig(d_in=tiny_lm.d_model, d_sae=D_SAE)
     cfg.metadata.hook_name = resid_post_hook_name(LAYER)
     sae = StandardSAE(cfg)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         sae.W_dec.copy_(torch.randn(D_SAE, tiny_lm.d_model, generator=g))
-        sae.W_dec[PLANTED] = direction
+        for feature, direction in planted.items():
+            sae.W_dec[feature] = direction
         sae.W_enc.copy_(sae.W_dec.T)
-    loaded = LoadedSAE(sae, LAYER, cfg.metadata.hook_name, "planted")
-    steerer = ResidualSteerer(tiny_lm.model, LAYER, SteeringDirections.from_decoder(sae.W_dec))
+    return LoadedSAE(sae, LAYER, cfg.metadata.hook_name, "planted")
+
+
+def planted_env(tiny_lm) -> SteeringEnv:
+    """An SAE whose feature PLANTED points along the direction that most raises the target's logit."""
+    loaded = planted_sae(tiny_lm, {PLANTED: target_direction(tiny_lm, TARGET, PLANTED_PROMPTS)})
+    steerer = ResidualSteerer(tiny_lm.model, LAYER, SteeringDirections.from_decoder(loaded.sae.W_dec))
     return SteeringEnv(tiny_lm, loaded, PlantedTask(PLANTED_PROMPTS), steerer, COEF)
+
+
+# ---------------------------------------------------------------- class-dependent planted environment
+CLASS_TARGETS = {"question": ("Z", 5), "exclaim": ("Q", 2)}  # class -> (rewarded first character, its feature)
+
+
+class ClassPlantedTask(PlantedTask):
+    """Two classes of prompts, visible in the prompt (ending in '?' or '!'); each is paid only for its own target
+    character, so the best feature depends on the prompt."""
+
+    name = "class_planted"
+
+    def __init__(self, prompts):
+        super().__init__(prompts)
+        self._by_split["train"] = [Example(f"p{i}", self.name, p, "", "question" if p.endswith("?") else "exclaim")
+                                   for i, p in enumerate(prompts)]
+
+    def score_batch(self, examples, prompts, completions, option_probs=None):
+        out = []
+        for ex, c in zip(examples, completions, strict=True):
+            hit = float(c.startswith(CLASS_TARGETS[ex.group][0]))
+            out.append({"parsed": c[:1], "valid": True, "correct": hit, "reward": hit})
+        return out
+
+
+CLASS_PROMPTS = [p + end for p in PLANTED_PROMPTS for end in ("?", "!")]
+
+
+def class_planted_env(tiny_lm) -> SteeringEnv:
+    loaded = planted_sae(tiny_lm, {f: target_direction(tiny_lm, t, CLASS_PROMPTS) for t, f in CLASS_TARGETS.values()})
+    steerer = ResidualSteerer(tiny_lm.model, LAYER, SteeringDirections.from_decoder(loaded.sae.W_dec))
+    return SteeringEnv(tiny_lm, loaded, ClassPlantedTask(CLASS_PROMPTS), steerer, COEF)

@@ -189,7 +189,8 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     cmd = [sys.executable, "-m", "crl_exp", "+experiment=bbq_layer12", "model=hf", f"model.path={tiny_model_dir}",
            "sae=local", f"sae.path={tmp_path / 'sae'}", "sae.layer=1", "budget.iterations=3",
            "budget.episodes_per_iteration=4", "budget.group_size=2", "budget.eval_examples=8", "budget.eval_sampled_seeds=2", "budget.static_feature.train_examples=4",
-           "budget.static_feature.validation_examples=4", "budget.static_feature.candidates=2", "budget.static_feature.oracle_candidates=6", "masking.min_unmasked=4", "steering.coefficient_scale=absolute",
+           "budget.static_feature.validation_examples=4", "budget.static_feature.candidates=2",
+           "budget.reference_train_examples=6", "budget.static_feature.oracle_candidates=6", "masking.min_unmasked=4", "steering.coefficient_scale=absolute",
            "steering.coefficient=5", "eval.n_bootstrap=50", f"logger.tracking_uri=sqlite:///{db}",
            f"hydra.run.dir={tmp_path / 'out'}", "trainer.progress_bar=false", f"data_dir={data_dir}", *variant]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
@@ -214,7 +215,9 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     assert metrics["heldout/oracle/n"] == 8 and metrics["heldout/oracle/candidates"] == 6  # pool of a 32-wide SAE
     # the static feature is one of the oracle's candidates, so the oracle can only do better
     assert metrics["heldout/oracle/oracle_accuracy"] >= metrics["heldout/static/accuracy"]
-    assert "Headroom (reference" in proc.stdout
+    assert "Reference rows on the same held-out prompts" in proc.stdout and "| ceiling (" in proc.stdout
+    assert {"heldout/group_oracle/reward", "heldout/ceiling/reward", "learner/gap_recovered",
+            "heldout/untrained/accuracy", "heldout/untrained/distinct_greedy_features"} <= set(metrics)
     # one-token task: the static selection tries every feature of a 6-feature pool (2 ranked ones of the whole
     # dictionary) through one reward table on 4 validation prompts (each also unsteered), + the random reference
     tried = 6 if "policy.candidates=6" in variant else 2
@@ -381,3 +384,33 @@ def test_greedy_with_the_mask_on_reuses_the_unmasked_episodes_only_when_they_are
     run_again = policy_variants(env, module, pool, "reward", 4, 0, headline_with_mask=False)["crl_mask_on"]
     assert reused["same_episodes_as_greedy"] and not run_again["same_episodes_as_greedy"]
     assert reused["reward"] == run_again["reward"] == env.task.metrics_from_records(unmasked)["reward"]
+
+
+@pytest.mark.parametrize("advantage", ["all_actions", "group"])
+def test_the_learner_learns_a_prompt_dependent_choice(tiny_lm, tmp_path, advantage):
+    """The tiny known-answer task: prompts ending in '?' are paid for 'Z' (feature 5), prompts ending in '!' for
+    'Q' (feature 2). One global feature earns at most half; the learner must read the class off the state, so this
+    fails if it stops conditioning on it."""
+    from helpers import CLASS_TARGETS, class_planted_env
+
+    from crl_exp.crl.rollout import PolicyController
+    from crl_exp.episodes import rollout_batch
+
+    env = class_planted_env(tiny_lm)
+    rewards = {}
+    for group, (_, feature) in CLASS_TARGETS.items():
+        exs = [e for e in env.task.split("train") if e.group == group]
+        recs, _ = rollout_batch(env.task, env.lm, exs, env.steerer, StaticController(feature, COEF))
+        rewards[group] = sum(r["reward"] for r in recs) / len(recs)
+    assert min(rewards.values()) >= 0.9  # each class's feature earns its class's reward ...
+    module = make_module(env, 30, policy=PolicyConfig(hidden=32, obs_norm=True), advantage=advantage, lr=1e-2,
+                         ent_coef=0.0)
+    module.warm_up_obs_norm(torch.randn(4, env.lm.d_model))  # a first fold-in, as mode=train does
+    fit_policy(module, PromptDataModule(env.task, 24, seed=0, group_size=12 if advantage == "group" else 1),
+               build_trainer(30, tmp_path / "ckpt", progress_bar=False))
+    controller = PolicyController(module.policy, COEF, greedy=True)
+    exs = env.task.split("train")
+    rollout_batch(env.task, env.lm, exs, env.steerer, controller)
+    chosen = controller.steps[0].feature.tolist()
+    right = [c == CLASS_TARGETS[e.group][1] for c, e in zip(chosen, exs, strict=True)]
+    assert sum(right) / len(right) >= 0.9, (chosen, [e.group for e in exs])

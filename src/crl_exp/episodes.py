@@ -8,6 +8,7 @@ next-token distribution, records scored by the task.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,10 @@ def build_env(cfg: DictConfig, task: Task, tracker=None) -> SteeringEnv:
         tracker.log_metrics({"steer/coefficient": env.coefficient,
                              "steer/distance": float(directions.distance(env.coefficient)),
                              "steer/decoder_norm_mean": directions.decoder_norms.mean().item()})
+    designer = task.cfg.get("designer")  # tasks made from the loaded model and SAE (task=known_answer)
+    if designer:
+        module, _, name = str(designer).partition(":")
+        getattr(importlib.import_module(module), name)(env, cfg, tracker)
     return env
 
 
@@ -102,9 +107,14 @@ def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=Non
     ``cache_prefixes``: start prompts from their task's cached few-shot prefix (exact; off only to measure)."""
     chat = task.cfg.get("template", "base") == "chat"
     letter_ids = owner = None
-    letters = task.scored_letters(batch)
-    if letters:
+    n_groups = 0
+    groups = task.scored_token_groups(lm.tokenizer, batch)
+    if groups is not None:
+        letter_ids, owner = groups
+        n_groups = int(owner.max()) + 1
+    elif letters := task.scored_letters(batch):
         letter_ids, owner = letter_token_ids(lm.tokenizer, letters)
+        n_groups = len(letters)
     prompts = [render_prompt(task, lm, ex) for ex in batch]
     prefixes = [prompt_prefix(task, ex, p) for ex, p in zip(batch, prompts, strict=True)] if cache_prefixes else []
     gen = generate(lm, prompts, task.max_new_tokens, steerer, controller, add_special_tokens=not chat,
@@ -113,7 +123,7 @@ def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=Non
                    reference_marker=task.reference_marker)
     option_probs = None
     if gen.first_step_logits is not None:
-        option_probs = option_probabilities(gen.first_step_logits, gen.first_step_logsumexp, owner, len(letters))
+        option_probs = option_probabilities(gen.first_step_logits, gen.first_step_logsumexp, owner, n_groups)
     scored = task.score_batch(batch, prompts, gen.completions, option_probs)
     if gen.reference_likelihood is not None:
         task.add_reference_likelihood(scored, gen.reference_likelihood.tolist())

@@ -38,6 +38,8 @@ class BudgetConfig:
     eval_examples_generating: int | None = 64
     eval_batch_size: int = 16
     eval_sampled_seeds: int = 5  # CRL also evaluated sampling its actions: this many samples per held-out prompt
+    # one-token tasks: train prompts of the exact reward table behind the group oracle and the ceiling rows
+    reference_train_examples: int = 240
     max_memory_gb: float | None = None  # rollout memory allowed; null = the GPU's memory or the available RAM
     static_feature: StaticFeatureBudget = field(default_factory=StaticFeatureBudget)
 

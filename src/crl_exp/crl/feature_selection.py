@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from crl_exp.episodes import rollout_batch
-from crl_exp.reward_table import reward_table
+from crl_exp.reward_table import RewardTable, reward_table
 from crl_exp.steering.controllers import StaticController
 from crl_exp.steering.hook import NO_FEATURE
 
@@ -34,8 +34,9 @@ class StaticSelection:
     candidates: dict[int, float]  # feature -> validation reward when steered
     correlations: dict[int, float]
     unsteered_train_reward: float
-    pool: list[int]  # features ranked by correlation with reward (best first)
+    pool: list[int]  # features ranked by correlation with reward (best first), or the task's own pool
     episodes: int  # episodes spent selecting (train ranking + validation trials)
+    table: RewardTable | None = None  # the validation reward table of an exhaustive selection
 
 
 def pearson_per_feature(acts: torch.Tensor, reward: torch.Tensor) -> torch.Tensor:
@@ -97,23 +98,34 @@ def try_features(env, features: list[int], examples, batch_size: int) -> dict[in
 
 @torch.no_grad()
 def select_static_feature(env, train_examples, validation_examples, candidates: int, batch_size: int,
-                          pool_size: int = 0, ranking=None, exhaustive: bool = False) -> StaticSelection:
+                          pool_size: int = 0, ranking=None, exhaustive: bool = False,
+                          fixed_pool: list[int] | None = None) -> StaticSelection:
     """``ranking``: a ``rank_features`` result to reuse (it does not depend on the coefficient).
-    ``exhaustive``: one-token tasks, the top ``candidates`` tried through one reward table."""
-    score, mean_act, unsteered = ranking or rank_features(env, train_examples, batch_size)
-    pool = candidate_pool(score, mean_act, max(candidates, pool_size))
-    tried = pool[:candidates]
+    ``exhaustive``: one-token tasks, the top ``candidates`` tried through one reward table. ``fixed_pool``: a
+    task-defined action pool (no ranking; every feature of it is tried, exhaustively)."""
+    table = None
+    if fixed_pool is not None:
+        if not exhaustive:
+            raise ValueError("a task-defined action pool is tried exhaustively, on a one-token task")
+        score = torch.zeros(max(fixed_pool) + 1)
+        pool, ranked_cost = list(fixed_pool), 0
+        tried = pool
+    else:
+        score, mean_act, unsteered = ranking or rank_features(env, train_examples, batch_size)
+        pool = candidate_pool(score, mean_act, max(candidates, pool_size))
+        tried = pool[:candidates]
+        ranked_cost = 0 if ranking is not None else len(train_examples)  # a reused ranking cost nothing here
     if exhaustive:
         table = reward_table(env, validation_examples, tried, desc=f"static feature: {len(tried)} candidates")
         results = {f: float(table.reward[:, j].mean()) for j, f in enumerate(tried)}
         trials = table.episodes
+        if fixed_pool is not None:
+            unsteered = float(table.unsteered_reward.mean())
     else:
         results = try_features(env, tried, validation_examples, batch_size)
         trials = len(results) * len(validation_examples)
     best = max(results, key=lambda f: (results[f], float(score[f])))
     log.info("Best static feature %d (validation reward %.3f over %d candidates on %d prompts)", best, results[best],
              len(results), len(validation_examples))
-    ranked = 0 if ranking is not None else len(train_examples)  # a reused ranking cost nothing here
-    episodes = ranked + trials
     return StaticSelection(best, results[best], results, {f: float(score[f]) for f in tried},
-                           unsteered, pool, episodes)
+                           unsteered, pool, ranked_cost + trials, table)

@@ -21,14 +21,17 @@ blocked is reported apart from it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from crl_exp.crl.rollout import PolicyController
-from crl_exp.episodes import run_episodes
+from crl_exp.episodes import rollout_batch, run_episodes
 from crl_exp.evaluation.comparison import condition_summary, paired_delta
-from crl_exp.steering.controllers import RandomController, StaticController
+from crl_exp.steering.controllers import RandomController, RowDispatch, StaticController
+from crl_exp.steering.hook import NO_FEATURE
 
 CONDITIONS = ("none", "random", "random_dictionary", "static", "untrained", "crl")
 BASELINES = ("none", "random", "random_dictionary", "static", "untrained")
@@ -57,8 +60,14 @@ def untrained_controller(initial_policy, module, coefficient: float, sae=None) -
 
 
 def run_conditions(env, examples: list, controllers: dict[str, Any], batch_size: int,
-                   on_batch: dict[str, Callable] | None = None) -> tuple[dict[str, list[dict]], dict[str, dict]]:
-    """Every condition's records and throughput on the same ``examples``."""
+                   on_batch: dict[str, Callable] | None = None,
+                   share_prefill: bool = True) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """Every condition's records and throughput on the same ``examples``. One-token tasks (with one feature per
+    step, ``share_prefill``) run all conditions of a prompt as rows of one batch sharing its prefill
+    (``RowDispatch``): the steered state is the same for every row of a prompt, so each row is exactly that
+    condition's episode, at 1/C of the prefill cost."""
+    if env.task.max_new_tokens == 1 and share_prefill:
+        return run_conditions_shared(env, examples, controllers, batch_size, on_batch or {})
     records, speeds = {}, {}
     for name, controller in controllers.items():
         steerer = env.steerer if controller is not None else None
@@ -66,6 +75,31 @@ def run_conditions(env, examples: list, controllers: dict[str, Any], batch_size:
                                                    desc=f"held-out {name}",
                                                    on_batch=(on_batch or {}).get(name))
     return records, speeds
+
+
+def run_conditions_shared(env, examples: list, controllers: dict[str, Any], batch_size: int,
+                          on_batch: dict[str, Callable]) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    names = list(controllers)
+    subs = [c if c is not None else StaticController(NO_FEATURE, 0.0) for c in controllers.values()]
+    prompts_per_batch = max(1, batch_size // len(names))
+    records: dict[str, list[dict]] = {n: [] for n in names}
+    seconds = 0.0
+    for start in tqdm(range(0, len(examples), prompts_per_batch), desc=f"held-out, {len(names)} conditions",
+                      unit="batch"):
+        batch = examples[start:start + prompts_per_batch]
+        rows = [ex for ex in batch for _ in names]
+        assignment = [c for _ in batch for c in range(len(names))]
+        recs, gen = rollout_batch(env.task, env.lm, rows, env.steerer, RowDispatch(subs, assignment), share_prefix=True)
+        seconds += gen.seconds
+        for c, name in enumerate(names):
+            idx = torch.tensor([i for i, a in enumerate(assignment) if a == c])
+            mine = [recs[i] for i in idx.tolist()]
+            records[name] += mine
+            if name in on_batch:
+                on_batch[name](mine, SimpleNamespace(new_tokens=gen.new_tokens[idx], valid=gen.valid[idx]))
+    speed = {"generate_seconds": seconds, "generated_tokens": len(examples) * len(names),
+             "tokens_per_second": len(examples) * len(names) / seconds if seconds else float("nan")}
+    return records, {n: speed for n in names}
 
 
 def compare(task, records: dict[str, list[dict]], key: str, n_boot: int, seed: int,

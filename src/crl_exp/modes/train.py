@@ -34,6 +34,8 @@ from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig, resolve_advantage
 from crl_exp.crl.trainer import RunOwnedMLFlowLogger, accelerator_for, build_trainer, fit_policy
 from crl_exp.episodes import build_env, observed_states
+from crl_exp.errors import CRLConfigError
+from crl_exp.evaluation.ceiling import ceiling, group_oracle
 from crl_exp.evaluation.headroom import per_prompt_oracle
 from crl_exp.evaluation.heldout import (
     HEADLINE_MASK_RULE,
@@ -48,6 +50,7 @@ from crl_exp.evaluation.heldout import (
 )
 from crl_exp.evaluation.ledger import record_confirmation
 from crl_exp.modes.evaluation_log import log_evaluation
+from crl_exp.reward_table import reward_table
 from crl_exp.steering.controllers import RandomController
 from crl_exp.tasks import build_task
 from crl_exp.tracking import RunTracker
@@ -96,12 +99,16 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     # every feature of that action space (one exact reward table), on more validation prompts.
     sf = budget.static_feature
     one_token = task.max_new_tokens == 1
-    n_pool = policy_cfg.candidates
+    fixed_pool = task.action_pool()  # a task designed for its own action space (known_answer)
+    if fixed_pool is not None and policy_cfg.candidates not in (None, len(fixed_pool)):
+        raise CRLConfigError(f"task={task.name} defines its action pool ({len(fixed_pool)} features): leave "
+                             f"policy.candidates unset")
+    n_pool = len(fixed_pool) if fixed_pool is not None else policy_cfg.candidates
     n_tried = n_pool if one_token and n_pool else int(sf.candidates)
     validation = task.representative("validation", int(sf.validation_examples if one_token else sf.train_examples))
     selection = select_static_feature(
         env, task.representative("train", int(sf.train_examples)), validation, n_tried, int(budget.eval_batch_size),
-        pool_size=max(n_pool or 0, int(sf.get("oracle_candidates", 0))), exhaustive=one_token)
+        pool_size=max(n_pool or 0, int(sf.get("oracle_candidates", 0))), exhaustive=one_token, fixed_pool=fixed_pool)
     pool = selection.pool[:n_pool] if n_pool else None
     action_features = pool if pool is not None else list(range(sae.d_sae))
     episodes_training = iterations * int(budget.episodes_per_iteration)
@@ -115,9 +122,12 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     tracker.log_metrics({"static/feature": selection.feature, "static/validation_reward": selection.validation_reward,
                          "static/candidates_tried": float(len(selection.candidates)),
                          "static/episodes_selecting": episodes_baselines, "crl/episodes_training": episodes_training})
-    random_reward = mean_reward(env, validation, RandomController(sae.d_sae, env.coefficient, seed=seed,
-                                                                  features=action_features),
-                                int(budget.eval_batch_size))
+    if selection.table is not None and selection.table.features == list(action_features):
+        random_reward = float(selection.table.reward.mean())  # uniform over the pool, exactly, from the table
+    else:
+        random_reward = mean_reward(env, validation, RandomController(sae.d_sae, env.coefficient, seed=seed,
+                                                                      features=action_features),
+                                    int(budget.eval_batch_size))
     references = {"static": selection.validation_reward, "none": selection.unsteered_train_reward,
                   "random": random_reward}
     tracker.log_metrics({f"reference/{k}_reward": v for k, v in references.items()})
@@ -139,6 +149,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                             checkpoint_every=int(cfg.trainer.checkpoint_every), progress_bar=bool(cfg.trainer.progress_bar),
                             accelerator=accelerator_for(lm.device))
     fit_policy(module, data, trainer, ckpt_path=cfg.trainer.get("ckpt_path"))
+    episodes_training = module.episodes_seen  # the estimator decides what an iteration costs (all_actions: P x A)
+    tracker.log_metrics({"crl/episodes_training": episodes_training})
     curve = plot_training_curve(module.history, references, f"CRL on {task.name}, layer {sae.layer} ({lm.name})",
                                 out_dir / "training_curve.png")
     tracker.log_artifact(curve, "training")
@@ -171,7 +183,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         control.steps = []
 
     records, speeds = run_conditions(env, test_pool, controllers, bs,
-                                     on_batch={"crl": collect_interventions, "untrained": collect_control})
+                                     on_batch={"crl": collect_interventions, "untrained": collect_control},
+                                     share_prefill=module.top_k == 1)
     distinct = {"crl": len({r["feature"] for r in log_rows}),
                 "untrained": int(torch.cat(control_features).unique().numel()) if control_features else 0}
     tracker.log_metrics({f"heldout/{k}/distinct_greedy_features": float(v) for k, v in distinct.items()})
@@ -196,11 +209,16 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                                  f"heldout/{name}/reward_mean": v["reward_mean"]})
         else:
             tracker.log_metrics({f"heldout/{name}/{key}": v[key], f"heldout/{name}/reward": v["reward"]})
-    oracle = None
+    oracle = refs = None
     n_oracle = int(sf.get("oracle_candidates", 0))
     if one_token and n_oracle:  # one-token tasks: every candidate costs one row of a last-token forward
-        oracle = per_prompt_oracle(env, test_pool, (pool or selection.pool)[:n_oracle])
+        refs = one_token_references(env, task, cfg, selection, pool or selection.pool[:n_oracle], validation,
+                                    test_pool, results, log_rows, seed)
+        oracle = refs["oracle"]
         tracker.log_metrics({f"heldout/oracle/{k}": float(v) for k, v in oracle.items()})
+        tracker.log_metrics({f"heldout/{name}/{k}": float(v) for name in ("group_oracle", "ceiling")
+                             for k, v in refs[name].items() if isinstance(v, (int, float))})
+        tracker.log_metrics({f"learner/{k}": float(v) for k, v in refs["learner"].items()})
     write_interpretability_outputs(tracker, task.name, log_rows, records, out_dir)
     usage = dict(Counter(r["feature"] for r in log_rows).most_common(50))
     contexts = corpus_top_contexts(lm, sae.sae, sae.layer, [task.user_text(ex) for ex in task.split("train")],
@@ -216,11 +234,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     table += (f"\n\nDistinct greedy features on the held-out prompts: CRL {distinct['crl']}, untrained control "
               f"{distinct['untrained']} (estimator: {ppo_cfg.advantage}).")
     table += f"\n\n{HEADLINE_MASK_RULE}\n\n" + variants_table(key, variants, shares)
-    if oracle is not None:
-        static_acc = results["static"]["metrics"].get("accuracy", float("nan"))
-        table += (f"\n\nHeadroom (reference, reads the answers): per-prompt oracle over the {oracle['candidates']} "
-                  f"candidates: correct {oracle['oracle_accuracy']:.3f}, reward {oracle['oracle_reward']:.3f}; best "
-                  f"static feature: correct {static_acc:.3f}; no steering: correct {oracle['unsteered_accuracy']:.3f}.")
+    if refs is not None:
+        table += "\n\n" + references_table(refs, results, key)
     table += (f"\n\nEpisodes spent: CRL training {episodes_training}; static selection {episodes_baselines} "
               f"({len(selection.candidates)} candidates on {len(validation)} validation prompts"
               f"{', exhaustive over the action space' if one_token and n_pool else ''}).")
@@ -230,6 +245,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                "action_space": pool, "advantage": ppo_cfg.advantage, "distinct_greedy_features": distinct,
                "results": results, "crl_variants": variants, **shares,
                "headline_with_mask": with_mask, "oracle": oracle, "deltas": deltas,
+               "references": {k: v for k, v in (refs or {}).items() if k != "oracle"},
                "static_feature": selection.feature, "static_candidates_tried": len(selection.candidates),
                "episodes": {"crl_training": episodes_training, "static_selecting": episodes_baselines},
                "train_history": module.history, "config": OmegaConf.to_container(cfg, resolve=True)}
@@ -256,3 +272,45 @@ def write_interpretability_outputs(tracker: RunTracker, task_name: str, log_rows
         critic.episodes.to_csv(analysis_dir / "critic_episodes.csv", index=False)
         plot_value_trajectories(log_df, critic, analysis_dir / "critic_trajectories.png")
     tracker.log_artifact(analysis_dir, "interventions")
+
+
+def one_token_references(env, task, cfg: DictConfig, selection, ref_pool: list[int], validation: list, test_pool: list,
+                         results: dict, log_rows: list[dict], seed: int) -> dict[str, Any]:
+    """Reference rows from exact reward tables over ``ref_pool`` (train, validation, held-out): the per-prompt
+    oracle (reads the answers), the group oracle and the learnability ceiling (read train answers only), and how
+    much of the static-to-group-oracle gap CRL recovered, with how often it picked its group's best feature."""
+    heldout_table = reward_table(env, test_pool, ref_pool, desc="held-out reward table")
+    val_table = (selection.table if selection.table is not None and selection.table.features == list(ref_pool)
+                 else reward_table(env, validation, ref_pool, desc="validation reward table"))
+    train_examples = task.representative("train", int(cfg.budget.reference_train_examples))
+    train_table = reward_table(env, train_examples, ref_pool, desc="train reward table")
+    groups = group_oracle(train_table, [e.group for e in train_examples], heldout_table, [e.group for e in test_pool])
+    ceiling_row = ceiling(train_table, val_table, heldout_table, seed=seed)
+    first = {r["episode"]: int(r["feature"]) for r in log_rows if r["position"] == 0}
+    picks = [first.get(i) == groups["best_feature"].get(ex.group) for i, ex in enumerate(test_pool)]
+    static, crl = results["static"]["metrics"]["reward"], results["crl"]["metrics"]["reward"]
+    gap = groups["reward"] - static
+    learner = {"gap_recovered": (crl - static) / gap if gap > 0 else float("nan"),
+               "group_best_pick_rate": sum(picks) / len(picks) if picks else float("nan"),
+               "ceiling_gap_recovered": (crl - static) / (ceiling_row["reward"] - static)
+               if ceiling_row["reward"] > static else float("nan")}
+    return {"oracle": per_prompt_oracle(heldout_table), "group_oracle": groups, "ceiling": ceiling_row,
+            "learner": learner, "episodes": heldout_table.episodes + train_table.episodes}
+
+
+def references_table(refs: dict[str, Any], results: dict, key: str) -> str:
+    g, c, o, learner = refs["group_oracle"], refs["ceiling"], refs["oracle"], refs["learner"]
+    rows = [("static (selected on validation)", results["static"]["metrics"].get(key), results["static"]["metrics"]["reward"], "-"),
+            ("untrained control", results["untrained"]["metrics"].get(key), results["untrained"]["metrics"]["reward"], "-"),
+            ("CRL", results["crl"]["metrics"].get(key), results["crl"]["metrics"]["reward"], "-"),
+            ("group oracle (each group's best train feature)", g["accuracy"], g["reward"], "-"),
+            (f"ceiling ({c['kind']}, weight decay {c['weight_decay']:g}; fitted on {c['train_prompts']} train prompts)",
+             c["accuracy"], c["reward"], str(c["distinct_actions"])),
+            ("per-prompt oracle (reads the answers)", o["oracle_accuracy"], o["oracle_reward"], "-")]
+    lines = [f"Reference rows on the same held-out prompts, from exact reward tables over the {o['candidates']}-feature "
+             f"pool:", "", f"| row | {key} | reward | distinct actions |", "|---|---|---|---|"]
+    lines += [f"| {name} | {a:.3f} | {r:.3f} | {d} |" for name, a, r, d in rows]
+    lines += ["", f"CRL recovered {learner['gap_recovered']:.0%} of the static-to-group-oracle reward gap and "
+                  f"{learner['ceiling_gap_recovered']:.0%} of the static-to-ceiling gap; its greedy action was its "
+                  f"group's best train feature on {learner['group_best_pick_rate']:.0%} of held-out prompts."]
+    return "\n".join(lines)

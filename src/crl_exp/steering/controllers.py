@@ -42,3 +42,29 @@ class RandomController:
         b = state.shape[0]
         feats = self.features[torch.randint(0, len(self.features), (b,), generator=self.generator)]
         return feats.to(state.device), torch.full((b,), self.coefficient, device=state.device)
+
+
+class RowDispatch:
+    """Several controllers in one batch: row ``i`` is driven by ``controllers[assignment[i]]`` (each sub-controller
+    sees only its own rows, in order). Lets conditions that differ only in the steering share one prefill."""
+
+    def __init__(self, controllers: list, assignment: list[int]):
+        self.controllers = controllers
+        self.rows = [torch.tensor([i for i, a in enumerate(assignment) if a == c], dtype=torch.long)
+                     for c in range(len(controllers))]
+        self.size = len(assignment)
+
+    def __call__(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if state.shape[0] != self.size:
+            raise ValueError(f"RowDispatch was built for {self.size} rows, got {state.shape[0]}")
+        features = coefficients = None
+        for controller, rows in zip(self.controllers, self.rows, strict=True):
+            if not len(rows):
+                continue
+            f, c = controller(state[rows.to(state.device)])
+            if features is None:
+                features = torch.full((self.size, *f.shape[1:]), -1, dtype=torch.long, device=state.device)
+                coefficients = torch.zeros(self.size, device=state.device, dtype=c.dtype)
+            features[rows.to(state.device)] = f
+            coefficients[rows.to(state.device)] = c
+        return features, coefficients

@@ -194,6 +194,16 @@ class Task(ABC):
     def option_letters(self, ex: Example) -> str:
         return LETTERS[: len(ex.choices)]
 
+    def scored_token_groups(self, tokenizer, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(token ids, group index of each id) whose first-step probabilities the rollout sums per group and
+        returns to ``score_batch``, for tasks scored on token sets other than option letters; ``None``: the
+        option letters of ``scored_letters``."""
+        return None
+
+    def action_pool(self) -> list[int] | None:
+        """A task-defined action space (features), when the task was designed for one (``known_answer``)."""
+        return None
+
     def scored_letters(self, batch: list[Example]) -> str:
         """Option letters whose first-step probabilities the rollout must return ("" = none needed)."""
         return ""
