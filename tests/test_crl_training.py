@@ -173,7 +173,8 @@ def test_nan_reward_stops_with_a_diagnostic(tiny_lm, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [["policy.candidates=6"], ["policy.top_k=2", "policy.obs_norm=true"]],
+@pytest.mark.parametrize("variant", [["policy.candidates=6", "policy.noop_action=true"],
+                                     ["policy.top_k=2", "policy.obs_norm=true"]],
                          ids=["top-1-pool", "top-2-dictionary"])
 def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, tiny_model_dir, data_dir, variant):
     import json
@@ -226,8 +227,12 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     assert {"reference/static_reward", "reference/random_reward", "reference/none_reward"} <= set(metrics)
     assert "training/training_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id, "training")}
     assert "Training curve (train reward per iteration" in proc.stdout
-    assert metrics["heldout/crl/outside_action_space_share"] == 0.0  # impossible by construction
-    assert 0.0 <= metrics["heldout/crl/final_mask_blocked_share"] <= 1.0
+    # impossible by construction (NaN when every greedy action was the no-op: no feature was chosen at all)
+    assert not metrics["heldout/crl/outside_action_space_share"] > 0.0
+    assert 0.0 <= metrics["heldout/crl/steered_share"] <= 1.0
+    if "policy.noop_action=true" not in variant:
+        assert metrics["heldout/crl/steered_share"] == 1.0
+    assert not metrics["heldout/crl/final_mask_blocked_share"] > 1.0
     assert "heldout/crl/masked_action_share" not in metrics
     summary = json.loads(Path(client.download_artifacts(run.info.run_id, "heldout/summary.json", tmp_path)).read_text())
     assert summary["heldout_part"] == "dev" and summary["n_heldout"] == 8
@@ -406,7 +411,8 @@ def test_the_learner_learns_a_prompt_dependent_choice(tiny_lm, tmp_path, advanta
     module = make_module(env, 30, policy=PolicyConfig(hidden=32, obs_norm=True), advantage=advantage, lr=1e-2,
                          ent_coef=0.0)
     module.warm_up_obs_norm(torch.randn(4, env.lm.d_model))  # a first fold-in, as mode=train does
-    fit_policy(module, PromptDataModule(env.task, 24, seed=0, group_size=12 if advantage == "group" else 1),
+    fit_policy(module, PromptDataModule(env.task, 48 if advantage == "group" else 24, seed=0,
+                                        group_size=4 if advantage == "group" else 1),
                build_trainer(30, tmp_path / "ckpt", progress_bar=False))
     controller = PolicyController(module.policy, COEF, greedy=True)
     exs = env.task.split("train")

@@ -296,3 +296,22 @@ def test_model_judge_truncates_the_prompt_never_the_completion():
     assert "the request itself" in text  # the prompt's end (next to the completion) is what is kept
     short = fit_prompt(tok, "{prompt}\n\n{completion}", "hi", completion, 128)
     assert short == "hi\n\n" + completion
+
+
+def test_the_no_op_action_leaves_the_token_alone_and_is_never_masked():
+    """policy.noop_action=true: one more action (index d_sae) that steers nothing; AFM counts only features."""
+    module = CRLModule(16, 64, PolicyConfig(hidden=8, noop_action=True), PPOConfig(),
+                       MaskingConfig(schedule="fixed", threshold=0.3, min_unmasked=2, period=5), 1, seed=0)
+    module.mask.restrict([3, 7, 11, 19])
+    with torch.no_grad():
+        module.policy.actor_head.bias.zero_()
+        module.policy.actor_head.bias[64] = 100.0  # the no-op
+    space = module.action_space()
+    assert space.shape == (65,) and bool(space[64]) and int(space.sum()) == 5
+    controller = module.controller(1.0, greedy=True, with_mask=True)
+    features, _ = controller(torch.randn(8, 16))
+    assert torch.all(features == -1)  # the hook gets NO_FEATURE
+    assert torch.all(controller.stacked()["feature"] == 64)  # PPO trains on the action index
+    assert torch.all(controller.trajectory_for_logs()["feature"] == -1)
+    module.mask.update(module.features_only(torch.tensor([64] * 20 + [3] * 9 + [7])), entropy=0.0)
+    assert bool(module.allowed_actions()[64]) and not bool(module.allowed_actions()[3])

@@ -75,7 +75,8 @@ class CRLModule(L.LightningModule):
         self.automatic_optimization = False
         with torch.random.fork_rng():  # seeded init without touching the global RNG
             torch.manual_seed(seed)
-            self.policy = ActorCritic(d_model, d_sae, policy_cfg.hidden, policy_cfg.shared_trunk, policy_cfg.obs_norm)
+            self.policy = ActorCritic(d_model, d_sae, policy_cfg.hidden, policy_cfg.shared_trunk, policy_cfg.obs_norm,
+                                      policy_cfg.noop_action)
         self.ppo_cfg, self.total_iterations, self.seed = ppo_cfg, total_iterations, seed
         self.top_k = policy_cfg.top_k
         if not 1 <= self.top_k <= d_sae or (masking_cfg.schedule != "none" and self.top_k > masking_cfg.min_unmasked):
@@ -89,15 +90,28 @@ class CRLModule(L.LightningModule):
         self.last_rollout: dict[str, Any] | None = None
 
     def action_space(self) -> torch.Tensor:
-        """Bool [d_sae]: the features this policy was trained to choose among (the candidate pool of
-        ``policy.candidates``, or the whole dictionary); no evaluation may act outside it."""
-        return self.mask.candidates.clone()
+        """Bool [actions]: the features this policy was trained to choose among (the candidate pool of
+        ``policy.candidates``, or the whole dictionary), and the no-op when it has one; no evaluation may act
+        outside it."""
+        return self.with_noop(self.mask.candidates.clone())
+
+    def allowed_actions(self) -> torch.Tensor:
+        """Bool [actions]: the action space minus what Adaptive Feature Masking masks now (never the no-op)."""
+        return self.with_noop(self.mask.allowed())
+
+    def with_noop(self, features: torch.Tensor) -> torch.Tensor:
+        return features if self.policy.noop_index is None else torch.cat([features, torch.ones(1, dtype=torch.bool)])
+
+    def features_only(self, actions: torch.Tensor) -> torch.Tensor:
+        """The chosen actions that are features (the no-op dropped), for AFM's selection shares."""
+        noop = self.policy.noop_index
+        return actions if noop is None else actions[actions != noop]
 
     def controller(self, coefficient: float, *, greedy: bool, with_mask: bool, seed: int = 0,
                    sae=None) -> PolicyController:
         """The one way to act with this policy: inside its action space always, and inside the current Adaptive
         Feature Mask too when ``with_mask`` (training, and the mask-on evaluation)."""
-        allowed = self.mask.allowed() if with_mask else self.action_space()
+        allowed = self.allowed_actions() if with_mask else self.action_space()
         return PolicyController(self.policy, coefficient, allowed=allowed, greedy=greedy, seed=seed, sae=sae,
                                 top_k=self.top_k)
 
@@ -157,19 +171,21 @@ class CRLModule(L.LightningModule):
         batch_steps = Batch.from_rollout(traj, valid, self.scaled_rewards(episode_rewards), cfg.gamma, cfg.gae_lambda,
                                          advantage=advantage, groups=groups)
         t1 = time.perf_counter()
-        stats = ppo_update(self.policy, optimizer, cfg, iteration, batch_steps, self.mask.allowed(),
+        stats = ppo_update(self.policy, optimizer, cfg, iteration, batch_steps, self.allowed_actions(),
                            torch.Generator().manual_seed(seed), backward=self.manual_backward)
         update_seconds = time.perf_counter() - t1
         chosen = traj["feature"][valid]
         self.last_rollout = {"records": records, "trajectory": traj, "valid": valid}
-        self.mask.update(chosen, entropy=stats["entropy"])
+        self.mask.update(self.features_only(chosen), entropy=stats["entropy"])
         # after the update, so this iteration's stored log-probs and its PPO ratios used one normaliser
         self.policy.update_obs_norm(traj["state"][valid])
         metrics = {
             "train/reward_mean": episode_rewards.mean().item(),
             "train/accuracy": sum(r["correct"] for r in records) / len(records),
             **{f"train/{k}": v for k, v in stats.items()},
-            "train/distinct_features": float(chosen.unique().numel()),
+            "train/distinct_features": float(self.features_only(chosen).unique().numel()),
+            "train/steered_share": float((chosen != self.policy.noop_index).float().mean())
+            if self.policy.noop_index is not None else 1.0,
             "train/mask_size": float(self.mask.mask_size),
             "train/mask_threshold": float(self.mask.threshold),
             "train/steps_per_episode": valid.sum(1).float().mean().item(),
@@ -196,8 +212,8 @@ class CRLModule(L.LightningModule):
         action (one exact reward table), then the exact expected-reward update (``ppo.all_actions_update``)."""
         env, cfg = self.env, self.ppo_cfg
         prompts = list({ex.id: ex for ex in batch}.values())
-        allowed = self.mask.allowed()
-        features = allowed.nonzero().flatten()
+        allowed = self.allowed_actions()
+        features = self.mask.allowed().nonzero().flatten()
         if len(features) > MAX_ALL_ACTIONS:
             raise CRLConfigError(f"ppo.advantage=all_actions scores every allowed action of every prompt; "
                                  f"{len(features)} actions is more than {MAX_ALL_ACTIONS}: set policy.candidates")
@@ -205,7 +221,12 @@ class CRLModule(L.LightningModule):
         table = reward_table(env, prompts, features.tolist(), desc=f"all actions, iteration {iteration}")
         rollout_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        stats = all_actions_update(self.policy, optimizer, cfg, iteration, table.states, table.reward, features,
+        actions, rewards, correct = features, table.reward, table.correct
+        if self.policy.noop_index is not None:  # the no-op's reward is the table's unsteered column
+            actions = torch.cat([features, torch.tensor([self.policy.noop_index])])
+            rewards = torch.cat([table.reward, table.unsteered_reward[:, None]], 1)
+            correct = torch.cat([table.correct, table.unsteered_correct[:, None]], 1)
+        stats = all_actions_update(self.policy, optimizer, cfg, iteration, table.states, rewards, actions,
                                    allowed, backward=self.manual_backward)
         update_seconds = time.perf_counter() - t1
         with torch.no_grad():  # what the policy chose this iteration, for AFM and the diagnostics: one sample each
@@ -213,15 +234,17 @@ class CRLModule(L.LightningModule):
             g = torch.Generator().manual_seed(iteration_seed(self.seed, iteration))
             sampled = torch.multinomial(probs, 1, generator=g).flatten()
             greedy = probs.argmax(-1)
-        self.mask.update(sampled, entropy=stats["entropy"])
+        self.mask.update(self.features_only(sampled), entropy=stats["entropy"])
         self.policy.update_obs_norm(table.states)
-        column = {int(f): j for j, f in enumerate(features.tolist())}
-        chosen_correct = table.correct[torch.arange(len(prompts)), torch.tensor([column[int(f)] for f in greedy])]
+        column = {int(f): j for j, f in enumerate(actions.tolist())}
+        chosen_correct = correct[torch.arange(len(prompts)), torch.tensor([column[int(f)] for f in greedy])]
         metrics = {
             "train/reward_mean": stats["expected_reward_before"],
             "train/accuracy": float(chosen_correct.mean()),
             **{f"train/{k}": v for k, v in stats.items()},
-            "train/distinct_features": float(greedy.unique().numel()),
+            "train/distinct_features": float(self.features_only(greedy).unique().numel()),
+            "train/steered_share": float((greedy != self.policy.noop_index).float().mean())
+            if self.policy.noop_index is not None else 1.0,
             "train/mask_size": float(self.mask.mask_size),
             "train/mask_threshold": float(self.mask.threshold),
             "train/rollout_seconds": rollout_seconds,

@@ -36,6 +36,9 @@ class PolicyConfig:
     # per-dimension running mean/variance standardisation of the LayerNorm'd state (CleanRL's NormalizeObservation),
     # updated from each iteration's rollout states after its PPO update, frozen in evaluation, kept in checkpoints
     obs_norm: bool = False
+    # an explicit "leave this token alone" action (index d_sae): AFM never masks it, and the share of steered
+    # tokens is logged; a policy forced to steer every token cannot say "not here"
+    noop_action: bool = False
 
 
 VALUE_HEAD_GAIN = 0.01  # the untrained critic predicts ~0, not +-0.6 (see the module doc)
@@ -86,14 +89,16 @@ class RunningObsNorm(nn.Module):
 
 
 class ActorCritic(nn.Module):
-    def __init__(self, d_model: int, d_sae: int, hidden: int = 256, shared_trunk: bool = False, obs_norm: bool = False):
+    def __init__(self, d_model: int, d_sae: int, hidden: int = 256, shared_trunk: bool = False, obs_norm: bool = False,
+                 noop_action: bool = False):
         super().__init__()
         self.d_model, self.d_sae = d_model, d_sae
+        self.noop_index = d_sae if noop_action else None  # the last logit: no steering
         self.norm = nn.LayerNorm(d_model, elementwise_affine=False)
         self.obs_norm = RunningObsNorm(d_model) if obs_norm else None
         self.actor_trunk = _trunk(d_model, hidden)
         self.critic_trunk = None if shared_trunk else _trunk(d_model, hidden)
-        self.actor_head = _layer(nn.Linear(hidden, d_sae), 0.01)
+        self.actor_head = _layer(nn.Linear(hidden, d_sae + int(noop_action)), 0.01)
         self.value_head = _layer(nn.Linear(hidden, 1), VALUE_HEAD_GAIN)
 
     def forward(self, state: torch.Tensor, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from crl_exp.crl.policy import ActorCritic
+from crl_exp.steering.hook import NO_FEATURE
 
 
 @dataclass
@@ -51,7 +52,10 @@ class PolicyController:
         act = torch.zeros(chosen.shape)
         if self.sae is not None:
             acts = self.sae.encode(state.to(self.sae.W_dec.device, self.sae.W_dec.dtype))
-            act = acts.gather(1, chosen.to(acts.device)).float().cpu()
+            index = chosen.clamp_max(acts.shape[1] - 1).to(acts.device)  # the no-op has no activation: 0 below
+            act = acts.gather(1, index).float().cpu()
+            if self.policy.noop_index is not None:
+                act = torch.where(chosen.cpu() == self.policy.noop_index, torch.zeros_like(act), act)
         chosen_probs = probs.gather(1, chosen)
         logprob = chosen_probs.clamp_min(1e-30).log().sum(-1)
         squeeze = (lambda t: t.squeeze(1)) if k == 1 else (lambda t: t)
@@ -59,7 +63,17 @@ class PolicyController:
         self.steps.append(StepRecord(state.detach().float().cpu(), feature.cpu(), logprob.cpu(),
                                      chosen_probs.sum(-1).cpu(), value.cpu(), dist.entropy().cpu(),
                                      act.sum(-1) if k > 1 else squeeze(act)))
-        return feature.to(state.device), torch.full((len(feature),), self.coefficient, device=state.device)
+        noop = self.policy.noop_index
+        steered = feature if noop is None else torch.where(feature == noop, NO_FEATURE, feature)
+        return steered.to(state.device), torch.full((len(feature),), self.coefficient, device=state.device)
+
+    def trajectory_for_logs(self) -> dict[str, torch.Tensor]:
+        """``stacked()`` with the no-op action written as ``NO_FEATURE`` (what the hook did), for logs and analyses."""
+        traj = self.stacked()
+        noop = self.policy.noop_index
+        if noop is not None:
+            traj["feature"] = torch.where(traj["feature"] == noop, NO_FEATURE, traj["feature"])
+        return traj
 
     def stacked(self) -> dict[str, torch.Tensor]:
         """Each field stacked to ``[B, T, ...]`` (T = number of forward steps)."""

@@ -52,6 +52,7 @@ from crl_exp.evaluation.ledger import record_confirmation
 from crl_exp.modes.evaluation_log import log_evaluation
 from crl_exp.reward_table import reward_table
 from crl_exp.steering.controllers import RandomController
+from crl_exp.steering.hook import NO_FEATURE
 from crl_exp.tasks import build_task
 from crl_exp.tracking import RunTracker
 from crl_exp.tracking.provenance import git_commit
@@ -170,7 +171,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     episodes_logged = [0]
 
     def collect_interventions(batch_records, gen):
-        traj = crl_controller.stacked()
+        traj = crl_controller.trajectory_for_logs()
         crl_controller.steps = []
         log_rows.extend(intervention_rows(batch_records, gen.new_tokens, traj, gen.valid, lm.tokenizer,
                                           episode_offset=episodes_logged[0]))
@@ -179,14 +180,17 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     control_features: list[torch.Tensor] = []
 
     def collect_control(batch_records, gen):
-        control_features.append(control.stacked()["feature"][gen.valid])
+        control_features.append(control.trajectory_for_logs()["feature"][gen.valid])
         control.steps = []
 
     records, speeds = run_conditions(env, test_pool, controllers, bs,
                                      on_batch={"crl": collect_interventions, "untrained": collect_control},
                                      share_prefill=module.top_k == 1)
-    distinct = {"crl": len({r["feature"] for r in log_rows}),
-                "untrained": int(torch.cat(control_features).unique().numel()) if control_features else 0}
+    control_chosen = torch.cat(control_features) if control_features else torch.zeros(0, dtype=torch.long)
+    distinct = {"crl": len({r["feature"] for r in log_rows} - {NO_FEATURE}),
+                "untrained": int(control_chosen[control_chosen != NO_FEATURE].unique().numel())}
+    steered_share = (sum(r["feature"] != NO_FEATURE for r in log_rows) / len(log_rows)) if log_rows else float("nan")
+    tracker.log_metrics({"heldout/crl/steered_share": steered_share})
     tracker.log_metrics({f"heldout/{k}/distinct_greedy_features": float(v) for k, v in distinct.items()})
     results, deltas = compare(task, records, key, n_boot, seed, float(cfg.eval.assumed_discordance))
     for name, res in results.items():
@@ -198,7 +202,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                 tracker.log_metrics({f"delta/crl_minus_{base}/{metric}": v["delta"],
                                      f"delta/crl_minus_{base}/{metric}_ci_low": v["ci95"][0],
                                      f"delta/crl_minus_{base}/{metric}_ci_high": v["ci95"][1]})
-    shares = action_shares([int(r["feature"]) for r in log_rows], module.action_space(), module.mask.allowed())
+    shares = action_shares([int(r["feature"]) for r in log_rows if r["feature"] != NO_FEATURE],
+                           module.mask.candidates, module.mask.allowed())
     tracker.log_metrics({f"heldout/crl/{k}": v for k, v in shares.items()})
     variants = policy_variants(env, module, test_pool, key, bs, int(budget.get("eval_sampled_seeds", 0)), with_mask,
                                headline_records=records["crl"], headline_blocked_share=shares["final_mask_blocked_share"])
@@ -220,7 +225,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                              for k, v in refs[name].items() if isinstance(v, (int, float))})
         tracker.log_metrics({f"learner/{k}": float(v) for k, v in refs["learner"].items()})
     write_interpretability_outputs(tracker, task.name, log_rows, records, out_dir)
-    usage = dict(Counter(r["feature"] for r in log_rows).most_common(50))
+    usage = dict(Counter(r["feature"] for r in log_rows if r["feature"] != NO_FEATURE).most_common(50))
     contexts = corpus_top_contexts(lm, sae.sae, sae.layer, [task.user_text(ex) for ex in task.split("train")],
                                    list(usage), n_tokens=PROFILE_TOKENS) if usage else {}
     syntactic, per_feature = usage_weighted_syntactic_share(usage, contexts)
@@ -232,7 +237,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     table += (f"\n\nTraining curve (train reward per iteration; static/random/none references on train and "
               f"validation episodes): {curve}")
     table += (f"\n\nDistinct greedy features on the held-out prompts: CRL {distinct['crl']}, untrained control "
-              f"{distinct['untrained']} (estimator: {ppo_cfg.advantage}).")
+              f"{distinct['untrained']} (estimator: {ppo_cfg.advantage}); share of steered tokens {steered_share:.3f}"
+              f"{' (the policy may choose no steering)' if policy_cfg.noop_action else ''}.")
     table += f"\n\n{HEADLINE_MASK_RULE}\n\n" + variants_table(key, variants, shares)
     if refs is not None:
         table += "\n\n" + references_table(refs, results, key)
@@ -243,6 +249,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     tracker.log_text(table, "heldout/comparison.md")
     summary = {"task": task.name, "primary_metric": key, "n_heldout": len(test_pool), "heldout_part": part,
                "action_space": pool, "advantage": ppo_cfg.advantage, "distinct_greedy_features": distinct,
+               "steered_share": steered_share,
                "results": results, "crl_variants": variants, **shares,
                "headline_with_mask": with_mask, "oracle": oracle, "deltas": deltas,
                "references": {k: v for k, v in (refs or {}).items() if k != "oracle"},
