@@ -64,6 +64,8 @@ def sweep(overrides: list[str], compare_mode: str) -> list[str]:
 def grid() -> dict[str, dict[str, list[str]]]:
     """group -> key -> Hydra overrides. Keys name what differs: task, model, layer, variant, seed."""
     groups: dict[str, dict[str, list[str]]] = {
+        # issue 24: the learner's proof (a known-answer task, all_actions, the sweep's settings), first row
+        "known_answer": {f"known_answer_gemma3_l12_s{s}": _run("known_answer", s) for s in SEEDS},
         "cpu": {f"{t}_gemma3_l12_s{s}": _run(t, s) for t in ("bbq", "mmlu", "gsm8k", "xstest", "harmbench")
                 for s in SEEDS},
         # GSM8K as first run, with the model in fp32 (its experiment now loads bf16: 1.78x faster decoding)
@@ -153,7 +155,7 @@ def collect(client: MlflowClient, run, curve_key: str | None = None) -> dict:
     rid = run.info.run_id
     summary = _artifact_json(client, rid, "heldout/summary.json")
     examples = {}
-    for cond in ("none", "random", "static", "crl"):
+    for cond in summary["results"]:
         with tempfile.TemporaryDirectory() as tmp:
             rows = read_examples(client.download_artifacts(rid, f"heldout/{cond}/examples.json", tmp))
         examples[cond] = {c: [row[c] for row in rows] for c in ("id", "correct", "reward")}
@@ -167,7 +169,7 @@ def collect(client: MlflowClient, run, curve_key: str | None = None) -> dict:
         "coefficient_scale": cfg["steering"]["coefficient_scale"], "reward": cfg["task"].get("reward"),
         "action_space": run.data.tags.get("action_space"), "obs_norm": bool(cfg["policy"].get("obs_norm", False)),
         "group_size": cfg["budget"].get("group_size"), "dtype": cfg["model"].get("dtype"),
-        "top_k": cfg["policy"].get("top_k"), "advantage": cfg["ppo"].get("advantage"),
+        "top_k": cfg["policy"].get("top_k"), "advantage": run.data.tags.get("advantage") or cfg["ppo"].get("advantage"),
         "primary_metric": summary["primary_metric"], "n_heldout": summary["n_heldout"], "results": summary["results"], "deltas": summary["deltas"],
         "crl_variants": summary["crl_variants"], "oracle": summary["oracle"],
         "masked_action_share": summary["masked_action_share"], "static_feature": summary["static_feature"],
@@ -177,6 +179,10 @@ def collect(client: MlflowClient, run, curve_key: str | None = None) -> dict:
         "episodes": {"crl_training": m.get("crl/episodes_training"),
                      "static_selecting": m.get("static/episodes_selecting")},
         "train_history": summary["train_history"], "examples": examples,
+        "reference_rows": summary.get("references"), "heldout_part": summary.get("heldout_part"),
+        "distinct_greedy_features": summary.get("distinct_greedy_features"),
+        "steered_share": summary.get("steered_share"), "pool": summary.get("action_space"),
+        "learner": {k.removeprefix("learner/"): v for k, v in m.items() if k.startswith("learner/")},
         "curve_artifact": _copy_curve(client, rid, curve_key or run.info.run_name),
     }
 

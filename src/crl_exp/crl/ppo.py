@@ -33,7 +33,9 @@ def check_finite(iteration: int, **tensors: torch.Tensor) -> None:
 
 @dataclass
 class PPOConfig:
-    lr: float = 3e-4
+    # chosen on the known-answer task's validation split (experiments/learner_sweep.md): the best setting for group
+    # and gae and within 0.003 reward of all_actions' best; CleanRL's 3e-4 recovered <= 40% of the gap there
+    lr: float = 3e-3
     anneal_lr: bool = True
     gamma: float = 1.0
     gae_lambda: float = 0.95
