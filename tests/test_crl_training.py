@@ -396,10 +396,10 @@ def test_the_learner_learns_a_prompt_dependent_choice(tiny_lm, tmp_path, advanta
     """The tiny known-answer task: prompts ending in '?' are paid for 'Z' (feature 5), prompts ending in '!' for
     'Q' (feature 2). One global feature earns at most half; the learner must read the class off the state, so this
     fails if it stops conditioning on it."""
-    from helpers import CLASS_TARGETS, class_planted_env
-
     from crl_exp.crl.rollout import PolicyController
     from crl_exp.episodes import rollout_batch
+
+    from helpers import CLASS_TARGETS, class_planted_env
 
     env = class_planted_env(tiny_lm)
     rewards = {}
