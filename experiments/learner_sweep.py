@@ -35,35 +35,52 @@ GRID = {
 ITERATIONS, PROMPTS, GROUP = 13, 8, 8
 
 
-def known_answer_tables(train_n: int = 240, validation_n: int = 128, overrides: tuple[str, ...] = ()):
-    """(env, train table, validation table) of the known-answer task, the tables cached beside the design."""
+# the task the learner is tuned on, and the one it is confirmed on (make train's setting: 32 ranked candidates)
+TASKS = {"known_answer": ["+experiment=known_answer_layer12"],
+         "bbq": ["+experiment=bbq_layer12", "policy.candidates=32", "steering.coefficient=0.1"]}
+
+
+def task_tables(name: str = "known_answer", train_n: int = 240, validation_n: int = 128):
+    """(env, train table, validation table) over the task's action pool (known_answer: its designed pool; bbq:
+    the 32 features ranked as ``mode=train`` ranks them), cached."""
     from hydra import compose, initialize_config_dir
 
+    from crl_exp.crl.feature_selection import candidate_pool, rank_features
     from crl_exp.episodes import build_env
     from crl_exp.paths import CONFIG_DIR, default_cache_dir
     from crl_exp.reward_table import RewardTable, reward_table
     from crl_exp.tasks import build_task
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=known_answer_layer12", *overrides])
+        cfg = compose("config", overrides=TASKS[name])
     task = build_task(cfg.task, os.environ.get("CRL_DATA_DIR") or HERE.parent.parent / "shared" / "benchmarks")
     env = build_env(cfg, task)
-    key = f"{env.sae.source}|{env.coefficient}|{task.pool}|{train_n}|{validation_n}"
+    pool = task.action_pool()
+    if pool is None:
+        score, mean_act, _ = rank_features(env, task.representative("train", int(cfg.budget.static_feature.train_examples)),
+                                           int(cfg.budget.eval_batch_size))
+        pool = candidate_pool(score, mean_act, int(cfg.policy.candidates))
+    key = f"{name}|{env.sae.source}|{env.coefficient}|{pool}|{train_n}|{validation_n}"
     path = default_cache_dir() / "known_answer" / f"tables_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
     if path.is_file():
         saved = torch.load(path)
         return env, RewardTable(**saved["train"]), RewardTable(**saved["validation"])
-    train = reward_table(env, task.representative("train", train_n), task.pool, desc="train table")
-    validation = reward_table(env, task.representative("validation", validation_n), task.pool, desc="validation table")
+    train = reward_table(env, task.representative("train", train_n), pool, desc="train table")
+    validation = reward_table(env, task.representative("validation", validation_n), pool, desc="validation table")
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"train": vars(train), "validation": vars(validation)}, path)
     return env, train, validation
+
+
+def known_answer_tables():
+    return task_tables("known_answer")
 
 
 def references(env, train, validation) -> dict[str, float]:
     """Validation rewards of the best single train feature and of each class's best train feature."""
     from crl_exp.evaluation.ceiling import group_oracle
 
-    classes_train = [ex_id.split("/")[0] for ex_id in train.example_ids]
+    classes_train = [ex_id.split("/")[0] for ex_id in train.example_ids]  # MMLU subject / BBQ category
     classes_val = [ex_id.split("/")[0] for ex_id in validation.example_ids]
     static = float(validation.reward[:, train.best_column()].mean())
     oracle = group_oracle(train, classes_train, validation, classes_val)
@@ -76,15 +93,21 @@ def main(argv: list[str]) -> None:
     from crl_exp.crl.table_training import train_on_table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default=str(HERE / "learner_sweep"))
+    parser.add_argument("--task", choices=sorted(TASKS), default="known_answer")
+    parser.add_argument("--confirm", action="store_true",
+                        help="only CleanRL's lr and the chosen one, at the chosen epochs/entropy (the BBQ check)")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    env, train, validation = known_answer_tables()
+    args.out = args.out or str(HERE / ("learner_sweep" if args.task == "known_answer" else f"learner_sweep_{args.task}"))
+    grid_of = ({a: {"lr": (3e-4, PPOConfig.lr), "update_epochs": (PPOConfig.update_epochs,),
+                    "ent_coef": (PPOConfig.ent_coef,)} for a in GRID} if args.confirm else GRID)
+    env, train, validation = task_tables(args.task)
     refs = references(env, train, validation)
     gap = refs["group_oracle"] - refs["static"]
     policy_cfg = PolicyConfig(obs_norm=True)
     trials = []
     t0 = time.perf_counter()
-    for advantage, grid in GRID.items():
+    for advantage, grid in grid_of.items():
         for lr, epochs, ent in itertools.product(grid["lr"], grid["update_epochs"], grid["ent_coef"]):
             cfg = replace(PPOConfig(), advantage=advantage, lr=lr, update_epochs=epochs, ent_coef=ent)
             finals, curves = [], []
@@ -100,21 +123,21 @@ def main(argv: list[str]) -> None:
             print(f"{advantage:12s} lr={lr:g} epochs={epochs} ent={ent:g}: {mean:.3f} "
                   f"({(mean - refs['static']) / gap:.0%} of the gap)", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    winners = {a: max((t for t in trials if t["advantage"] == a), key=lambda t: t["mean"]) for a in GRID}
+    winners = {a: max((t for t in trials if t["advantage"] == a), key=lambda t: t["mean"]) for a in grid_of}
     record = {"command": " ".join([".venv/bin/python", "experiments/learner_sweep.py", *argv]), "commit": commit,
               "seeds": list(SEEDS), "split": "validation", "train_prompts": len(train.example_ids),
               "validation_prompts": len(validation.example_ids), "pool": train.features, "references": refs,
               "budget": {"iterations": ITERATIONS, "prompts_per_iteration": PROMPTS, "group_size": GROUP},
               "seconds": round(time.perf_counter() - t0, 1), "trials": trials}
     Path(args.out + ".json").write_text(json.dumps(record, indent=1))
-    lines = ["# Learner sweep on the known-answer task (validation split)", "",
+    lines = [f"# Learner sweep on {args.task} (validation split){' (confirmation of the chosen settings)' if args.confirm else ''}", "",
              f"Command: `{record['command']}` (commit `{commit}`); seeds {list(SEEDS)}; train table "
              f"{len(train.example_ids)} prompts, validation table {len(validation.example_ids)} prompts, the designed "
              f"{len(train.features)}-feature pool; {ITERATIONS} iterations x {PROMPTS} prompts (G = {GROUP} sampled "
              f"episodes per prompt for group/gae; all_actions scores every action). Learner trained on the train "
              f"table (`crl/table_training.py`), greedy reward on the validation table. References (validation): "
              f"unsteered {refs['unsteered']:.3f}, best static feature {refs['static']:.3f}, class oracle "
-             f"{refs['group_oracle']:.3f}. Sweep time {record['seconds']:.0f} s.", "",
+             f"{refs['group_oracle']:.3f} (each class's best train feature). Sweep time {record['seconds']:.0f} s.", "",
              "| estimator | lr | update epochs | ent coef | validation reward (mean of 3 seeds) | per seed | "
              "gap recovered | training episodes |", "|---|---|---|---|---|---|---|---|"]
     for t in sorted(trials, key=lambda t: (t["advantage"], -t["mean"])):

@@ -315,3 +315,37 @@ def test_the_no_op_action_leaves_the_token_alone_and_is_never_masked():
     assert torch.all(controller.trajectory_for_logs()["feature"] == -1)
     module.mask.update(module.features_only(torch.tensor([64] * 20 + [3] * 9 + [7])), entropy=0.0)
     assert bool(module.allowed_actions()[64]) and not bool(module.allowed_actions()[3])
+
+
+def synthetic_table(n: int, signal: bool, seed: int) -> tuple:
+    """Two classes; class c's prompts are paid 1 by feature c and 0.2 by the others; states carry the class along
+    one direction when ``signal``."""
+    from crl_exp.reward_table import RewardTable
+
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.arange(n) % 2
+    states = torch.randn(n, 16, generator=g)
+    if signal:
+        states[:, 0] += 4.0 * (2 * classes - 1)
+    reward = torch.full((n, 4), 0.2)
+    reward[torch.arange(n), classes] = 1.0
+    table = RewardTable([10, 11, 12, 13], [f"c{int(c)}/{i}" for i, c in enumerate(classes)], reward, (reward > 0.5).float(),
+                        torch.zeros(n), torch.zeros(n), states)
+    return table, [f"c{int(c)}" for c in classes]
+
+
+@pytest.mark.parametrize("signal", [True, False])
+def test_the_ceiling_learns_what_the_state_makes_learnable_and_no_more(signal):
+    from crl_exp.evaluation.ceiling import ceiling, group_oracle
+
+    train, train_groups = synthetic_table(120, signal, 0)
+    validation, _ = synthetic_table(60, signal, 1)
+    heldout, held_groups = synthetic_table(80, signal, 2)
+    oracle = group_oracle(train, train_groups, heldout, held_groups)
+    assert oracle["reward"] == pytest.approx(1.0) and oracle["best_feature"] == {"c0": 10, "c1": 11}
+    static = float(heldout.reward[:, train.best_column()].mean())
+    row = ceiling(train, validation, heldout)
+    if signal:  # the class is in the state: the ceiling reaches the group oracle
+        assert row["reward"] >= 0.95 and row["distinct_actions"] == 2
+    else:  # nothing to condition on: no better than one feature for everyone
+        assert row["reward"] <= static + 0.1

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-STYLES = {"static": "tab:orange", "random": "tab:purple", "none": "tab:green"}  # the baselines' references
+STYLES = {"static": "tab:orange", "random": "tab:purple", "none": "tab:green", "untrained": "tab:gray",
+          "class oracle": "black"}  # the baselines' and references' lines
 RUN_COLOURS = ("tab:blue", "tab:red", "tab:brown", "tab:cyan", "tab:olive", "tab:pink")  # none of the above
 
 
@@ -24,16 +25,18 @@ def plot_training_curves(histories: dict[str, list[dict[str, float]]], reference
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
+    by_episodes = all(h.get("train/episodes") for history in histories.values() for h in history)
     for i, (label, history) in enumerate(histories.items()):
-        iterations = [h["iteration"] for h in history]
+        iterations = [h["train/episodes" if by_episodes else "iteration"] for h in history]
         ax.plot(iterations, [h["train/reward_mean"] for h in history], marker="o", markersize=3,
                 color=RUN_COLOURS[i % len(RUN_COLOURS)], label=f"{label} train reward")
         if accuracy:
             ax.plot(iterations, [h["train/accuracy"] for h in history], marker=".", linestyle=":",
                     color="tab:gray", label=f"{label} train accuracy")
     for name, value in references.items():
-        ax.axhline(value, linestyle="--", color=STYLES.get(name, "black"), label=f"{name} ({value:.3f})")
-    ax.set_xlabel("PPO iteration")
+        ax.axhline(value, linestyle="--", color=STYLES.get(name.split(" (")[0].removeprefix("held-out "), "black"),
+                   label=f"{name} ({value:.3f})")
+    ax.set_xlabel("training episodes" if by_episodes else "PPO iteration")
     ax.set_ylabel("reward")
     ax.set_title(title)
     ax.legend(fontsize=8)
