@@ -172,7 +172,9 @@ def collect(client: MlflowClient, run, curve_key: str | None = None) -> dict:
         "top_k": cfg["policy"].get("top_k"), "advantage": run.data.tags.get("advantage") or cfg["ppo"].get("advantage"),
         "primary_metric": summary["primary_metric"], "n_heldout": summary["n_heldout"], "results": summary["results"], "deltas": summary["deltas"],
         "crl_variants": summary["crl_variants"], "oracle": summary["oracle"],
-        "masked_action_share": summary["masked_action_share"], "static_feature": summary["static_feature"],
+        "masked_action_share": summary.get("masked_action_share"), "static_feature": summary["static_feature"],
+        "final_mask_blocked_share": summary.get("final_mask_blocked_share"),
+        "outside_action_space_share": summary.get("outside_action_space_share"),
         "references": {k.split("/")[1].removesuffix("_reward"): v for k, v in m.items()
                        if k.startswith("reference/")},
         "critic": {k.removeprefix("critic/"): v for k, v in m.items() if k.startswith("critic/")},
@@ -397,7 +399,7 @@ def validity(r: dict) -> dict[str, str]:
     if r.get("heldout_part"):
         return stale
     pooled = str(r.get("action_space", "")).startswith("candidates:")
-    if pooled and r.get("masked_action_share", 0) != 0:
+    if pooled and (r.get("masked_action_share") or 0) != 0:
         stale["crl"] = (f"greedy actions left the trained action space ({r['masked_action_share']:.0%} outside the "
                         f"pool or on masked features); the mask-on greedy score below stays inside it")
     if pooled:
