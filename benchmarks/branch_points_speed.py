@@ -17,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from crl_exp.models.hardware import machine_capability
 from crl_exp.analysis.branch_points import Episode, track_branches
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.crl.rollout import PolicyController
@@ -64,6 +65,7 @@ def main() -> None:
           f"continuations={n}")
     print(f"cached-prefix: {timings[False]:.1f}s  naive: {timings[True]:.1f}s  "
           f"speed-up naive/cached = {timings[True] / timings[False]:.2f}x  token mismatches: {mismatches}/{n}")
+    print(f"machine: {machine_capability()}")
 
 
 if __name__ == "__main__":

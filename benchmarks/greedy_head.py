@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from crl_exp.episodes import prompt_prefix, render_prompt
 from crl_exp.generation import generate
 from crl_exp.models.greedy_head import _HEADS, ScreenedGreedyHead, screened_greedy_head
+from crl_exp.models.hardware import with_machine
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.runtime import load_model_and_sae
 from crl_exp.steering.controllers import StaticController
@@ -120,9 +121,9 @@ def main() -> None:
         rows0, cand0 = counts[arm]
         row.update({f"{arm}_token_agreement": agree, f"{arm}_identical_rows": identical,
                     f"{arm}_settled_tokens_per_row": (arms[arm].candidates - cand0) / max(1, arms[arm].rows - rows0)})
-    print(json.dumps(row), flush=True)
+    print(json.dumps(with_machine(row)), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(row, indent=1))
+        Path(args.out).write_text(json.dumps(with_machine(row), indent=1))
 
 
 if __name__ == "__main__":

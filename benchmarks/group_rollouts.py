@@ -31,6 +31,7 @@ from crl_exp.crl.policy import ActorCritic
 from crl_exp.crl.rollout import PolicyController
 from crl_exp.episodes import render_prompt, rollout_batch, run_episodes
 from crl_exp.generation import prefix_store
+from crl_exp.models.hardware import with_machine
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.runtime import load_model_and_sae
 from crl_exp.steering.controllers import StaticController
@@ -101,7 +102,7 @@ def main() -> None:
                "prompt_tokens_mean": statistics.mean(len(lm.tokenizer(render_prompt(task, lm, ex)).input_ids)
                                                      for ex in prompts)}
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(with_machine(row)), flush=True)
     eval_row = None
     if args.eval_examples:
         task = load_task("mmlu", None, cfg.get("data_dir"))
@@ -122,7 +123,7 @@ def main() -> None:
         eval_row = {"eval": "mmlu", "examples": len(examples), "subjects": subjects, "conditions": len(conditions),
                     "no_cache_examples_per_s": n / off, "prefix_cache_examples_per_s": n / on, "ratio": off / on,
                     "store_mb": prefix_store(lm).bytes / 2**20}
-        print(json.dumps(eval_row), flush=True)
+        print(json.dumps(with_machine(eval_row)), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("| task | G x prompts | new tokens | prompt tokens | today eps/s (8 rows, full prompts) | "
           "full prompts, same rows | shared prefix | vs today | same rows |")

@@ -18,6 +18,7 @@ from pathlib import Path
 from greedy_head import agreement, steered_setup
 
 import crl_exp.generation as generation
+from crl_exp.models.hardware import with_machine
 
 
 def main() -> None:
@@ -53,9 +54,9 @@ def main() -> None:
            "stock_seconds": seconds["stock"], "inplace_seconds": seconds["inplace"],
            "speedup": seconds["stock"] / seconds["inplace"], "greedy_token_agreement": token_agreement,
            "identical_rows": identical}
-    print(json.dumps(row), flush=True)
+    print(json.dumps(with_machine(row)), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(row, indent=1))
+        Path(args.out).write_text(json.dumps(with_machine(row), indent=1))
 
 
 if __name__ == "__main__":

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -37,6 +34,7 @@ def main(argv: list[str]) -> None:
     from crl_exp.crl.ppo import PPOConfig
     from crl_exp.crl.table_training import train_on_table
     from crl_exp.evaluation.ceiling import group_oracle
+    from crl_exp.models.hardware import machine_capability
     from crl_exp.reward_table import reward_table
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -66,7 +64,7 @@ def main(argv: list[str]) -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     out = ROOT / "benchmarks" / "results" / f"learning_efficiency_{commit}"
     record = {"command": " ".join([".venv/bin/python", "benchmarks/learning_efficiency.py", *argv]), "commit": commit,
-              "machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "platform": platform.platform()},
+              "machine": machine_capability(),
               "seeds": list(SEEDS), "heldout": {"part": "dev", "n": len(examples)}, "train_prompts": len(train.example_ids),
               "prompts_per_iteration": args.prompts, "static": static, "class_oracle": oracle["reward"],
               "target_80pct": target, "unsteered": float(heldout.unsteered_reward.mean()), "estimators": results}

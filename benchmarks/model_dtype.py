@@ -20,6 +20,7 @@ from pathlib import Path
 from greedy_head import agreement, steered_setup
 
 from crl_exp.generation import generate
+from crl_exp.models.hardware import with_machine
 
 
 def decode_in(dtype: str, args) -> tuple[float, list[list[int]], list[str], list]:
@@ -51,9 +52,9 @@ def main() -> None:
            "speedup": fp32_s / bf16_s, "greedy_token_agreement": token_agreement, "identical_rows": identical,
            "exact_match_rows": {"float32": sum(r["correct"] for r in fp32_scores),
                                 "bfloat16": sum(r["correct"] for r in bf16_scores)}}
-    print(json.dumps(row), flush=True)
+    print(json.dumps(with_machine(row)), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(row, indent=1))
+        Path(args.out).write_text(json.dumps(with_machine(row), indent=1))
 
 
 if __name__ == "__main__":

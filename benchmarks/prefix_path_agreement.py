@@ -21,6 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from crl_exp.episodes import prompt_prefix, render_prompt
 from crl_exp.generation import generate, prompt_prefix_cache
+from crl_exp.models.hardware import with_machine
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.runtime import load_model_and_sae
 from crl_exp.steering.controllers import StaticController
@@ -73,7 +74,7 @@ def main() -> None:
                "mean_max_abs_logit_diff": sum(diffs) / len(diffs),
                "greedy_token_agreement": token_agreement, "identical_rows": identical}
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps(with_machine(row)), flush=True)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(rows, fh, indent=1)

@@ -22,6 +22,7 @@ from crl_exp.crl.policy import ActorCritic
 from crl_exp.crl.ppo import Batch, PPOConfig, ppo_update
 from crl_exp.crl.rollout import PolicyController
 from crl_exp.generation import generate
+from crl_exp.models.hardware import with_machine
 from crl_exp.paths import CONFIG_DIR, default_data_dir
 from crl_exp.runtime import load_model_and_sae
 from crl_exp.steering.factory import steering_directions
@@ -67,7 +68,7 @@ def main() -> None:
                "steered_over_plain": statistics.median(s / p for s, p in zip(steered_tps, plain_tps, strict=True)),
                "ppo_update_over_rollout": statistics.median(update_ratio)}
         results.append(row)
-        print(json.dumps(row))
+        print(json.dumps(with_machine(row)))
     print("\n| batch | new tokens | plain tok/s | steered tok/s (policy+critic+SAE) | steered/plain | PPO update/rollout |")
     print("|---|---|---|---|---|---|")
     for r in results:

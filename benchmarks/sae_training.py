@@ -19,6 +19,7 @@ import torch
 from sae_lens.saes.sae import TrainStepInput
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
+from crl_exp.models.hardware import with_machine
 from crl_exp.saes.training import SAETrainingSettings, SparseTopKTrainingSAE
 
 
@@ -60,9 +61,9 @@ def main() -> None:
         rows[label]["speedup"] = seconds["dense"] / seconds["sparse"]
     result = {"d_in": args.d_in, "d_sae": s.d_sae, "k": s.k, "batch": s.batch_size, "steps": args.steps,
               "threads": torch.get_num_threads(), **rows}
-    print(json.dumps(result), flush=True)
+    print(json.dumps(with_machine(result)), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        Path(args.out).write_text(json.dumps(with_machine(result), indent=1))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ class BudgetConfig:
     every ``+experiment=<task>_layer12`` finishes in <= 15 minutes; measured times in conf/budget/cpu.yaml)."""
 
     name: str = "cpu"
-    models: list[str] = field(default_factory=lambda: ["gemma3_270m", "smollm2_135m_instruct", "hf"])  # models this budget is sized for
+    models: list[str] = field(default_factory=lambda: ["gemma3_270m", "gemma3_270m_hub", "gemma3_270m_it",
+                                                      "smollm2_135m_instruct", "hf"])  # models this budget is sized for
     device: str = "cpu"
     iterations: int = 13  # PPO iterations
     episodes_per_iteration: int = 64  # rows of one batched, steered generate

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from crl_exp.cache_integrity import commit, staging_dir, verify_manifest
 from crl_exp.errors import CRLConfigError, MissingDependencyError
 from crl_exp.models.architecture import model_dims
+from crl_exp.models.hardware import auto_dtype, machine_capability, native_bf16, screened_head_default
 from crl_exp.paths import default_cache_dir, ensure_writable_dir
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,8 @@ class LoadedModel:
     source: str
     load_seconds: float
     info: dict[str, Any] = field(default_factory=dict)
-    # greedy decoding through ``models/greedy_head.py`` (bf16 screen, fp32 settle; same argmax); ``false`` keeps
-    # the plain fp32 head, e.g. to measure it (``model.screened_greedy_head``)
+    # greedy decoding through ``models/greedy_head.py`` (bf16 screen, fp32 settle; same argmax); by default only on
+    # a CPU with native bf16 (``models/hardware.py``); ``model.screened_greedy_head`` true/false forces it
     screened_greedy_head: bool = True
 
     @property
@@ -77,8 +78,11 @@ def load_language_model(cfg: Any, cache_dir: str | Path | None = None) -> Loaded
     ``cache_dir`` holds converted checkpoints (default: ``$CRL_CACHE_DIR`` or ``~/.cache/crl_exp``).
     """
     source = cfg.get("source", "hf")
-    dtype = resolve_dtype(cfg.get("dtype", "float32"))
     device = resolve_device(cfg.get("device", "cpu"))
+    requested = str(cfg.get("dtype", "float32"))
+    dtype = auto_dtype(device) if requested == "auto" else resolve_dtype(requested)
+    if requested == "auto":
+        log.info("model.dtype=auto: %s on %s (native bf16: %s)", dtype, device, native_bf16(device))
     t0 = time.perf_counter()
     if source == "gguf_package":
         cache_root = Path(cache_dir or default_cache_dir())
@@ -93,8 +97,13 @@ def load_language_model(cfg: Any, cache_dir: str | Path | None = None) -> Loaded
     n_layers, d_model = model_dims(model)
     seconds = time.perf_counter() - t0
     log.info("Loaded %s from %s in %.1fs (%d layers, d_model %d)", cfg.name, path, seconds, n_layers, d_model)
-    options = {} if cfg.get("screened_greedy_head") is None else {"screened_greedy_head": bool(cfg.screened_greedy_head)}
-    return LoadedModel(model, tokenizer, str(cfg.name), n_layers, d_model, str(path), seconds, info, **options)
+    screened = cfg.get("screened_greedy_head")
+    screened = screened_head_default(device) if screened is None else bool(screened)
+    info = {**info, "dtype": str(dtype).removeprefix("torch."), "screened_greedy_head": screened,
+            "machine": machine_capability()}
+    log.info("Greedy decoding head: %s", "screened (bf16 screen, fp32 settle)" if screened else "plain fp32")
+    return LoadedModel(model, tokenizer, str(cfg.name), n_layers, d_model, str(path), seconds, info,
+                       screened_greedy_head=screened)
 
 
 def load_hf_checkpoint(

@@ -26,6 +26,7 @@ from sae_lens import SAE
 from crl_exp.cache_integrity import commit, read_manifest, staging_dir, verify_manifest
 from crl_exp.errors import CRLConfigError
 from crl_exp.paths import default_cache_dir, default_data_dir, ensure_writable_dir
+from crl_exp.saes import gemma_scope_2
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,20 @@ def preflight_sae(cfg: Any, d_model: int | None) -> None:
     source = cfg.get("source")
     if source not in ("pretrained", "local", "trained"):
         raise CRLConfigError(f"Unknown sae.source {source!r}; valid: pretrained, local, trained")
-    if source == "local":
+    if source == "pretrained" and cfg.get("family") == gemma_scope_2.FAMILY:
+        release, sid = gemma_scope_2.resolve(cfg)  # refused here, with the valid choices, if not catalogued
+        validate_sae(gemma_scope_2.GEMMA3_D_MODEL.get(str(cfg.size), d_model or 0), gemma_scope_2.hook_of(release, sid),
+                     d_model, int(cfg.layer), bool(cfg.get("allow_hook_mismatch", False)))
+    if source == "local" and cfg.get("format") == "gemma_scope_2":
+        from safetensors import safe_open
+
+        params = Path(cfg.path).expanduser() / "params.safetensors"
+        if not params.is_file():
+            raise CRLConfigError(f"No Gemma Scope 2 SAE at {str(cfg.path)!r} (expected params.safetensors)")
+        with safe_open(str(params), "pt") as fh:
+            d_in = int(fh.get_slice("w_enc").get_shape()[0])
+        validate_sae(d_in, resid_post_hook_name(int(cfg.layer)), d_model, int(cfg.layer))
+    elif source == "local":
         raw = peek_local_sae(cfg.path)
         validate_sae(int(raw["d_in"]), (raw.get("metadata") or {}).get("hook_name", raw.get("hook_name")),
                      d_model, int(cfg.layer), bool(cfg.get("allow_hook_mismatch", False)))
@@ -108,9 +122,14 @@ def load_sae(cfg: Any, lm=None, data_dir: str | Path | None = None, cache_dir: s
     allow = bool(cfg.get("allow_hook_mismatch", False))
     device = str(device)
     if source == "pretrained":
-        sae_id = str(cfg.sae_id)
-        sae = SAE.from_pretrained(str(cfg.release), sae_id, device=device)
-        loaded = LoadedSAE(sae, layer, sae.cfg.metadata.hook_name, f"pretrained:{cfg.release}/{sae_id}")
+        release, sae_id = (gemma_scope_2.resolve(cfg) if cfg.get("family") == gemma_scope_2.FAMILY
+                           else (str(cfg.release), str(cfg.sae_id)))
+        sae = SAE.from_pretrained(release, sae_id, device=device)
+        loaded = LoadedSAE(sae, layer, sae.cfg.metadata.hook_name, f"pretrained:{release}/{sae_id}")
+    elif source == "local" and cfg.get("format") == "gemma_scope_2":
+        preflight_sae(cfg, lm.d_model if lm is not None else None)
+        sae = gemma_scope_2.load_folder(cfg.path, layer, device=device)
+        loaded = LoadedSAE(sae, layer, sae.cfg.metadata.hook_name, f"local:{cfg.path}")
     elif source == "local":
         preflight_sae(cfg, lm.d_model if lm is not None else None)
         sae = SAE.load_from_disk(str(Path(cfg.path).expanduser()), device=device)
