@@ -133,3 +133,21 @@ def test_precision_and_the_screened_head_follow_the_hardware(tiny_model_dir):
     assert lm.screened_greedy_head == hardware.cpu_native_bf16() and "cpu_capability" in lm.info["machine"]
     forced = load_language_model(OmegaConf.merge(cfg, {"dtype": "float32", "screened_greedy_head": False}))
     assert next(forced.model.parameters()).dtype == torch.float32 and forced.screened_greedy_head is False
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_check_runs_end_to_end_at_tiny_shapes(tmp_path):
+    """benchmarks/gpu_throughput.py --smoke: the script a GPU session runs, checked here on the CPU at tiny shapes
+    (its figures mean nothing here; on a GPU they are the README's)."""
+    import importlib.util
+    import json
+
+    from crl_exp.paths import PROJECT_ROOT
+
+    spec = importlib.util.spec_from_file_location("gpu_throughput", PROJECT_ROOT / "benchmarks" / "gpu_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--smoke", "--out", str(tmp_path / "gpu.json"), "--ppo-iterations", "1"])
+    summary = json.loads((tmp_path / "gpu.json").read_text())
+    assert set(summary["models"]) == set(module.MODELS) and "cpu_capability" in summary["machine"]
+    assert all(m["steered_tokens_per_s"] > 0 and m["ppo_update_over_rollout"] > 0 for m in summary["models"].values())
