@@ -135,6 +135,11 @@ def test_paper_configs_compose():
     (["+experiment=mmlu_layer12", "ppo.advantage=group", "budget.group_size=1"], r"set budget.group_size >= 2"),
     (["+experiment=mmlu_layer12", "ppo.advantage=reinforce"], r"ppo.advantage must be one of auto, gae, group, all_actions"),
     (["+experiment=gsm8k_layer12", "ppo.advantage=all_actions"], r"all_actions needs a one-token task"),
+    (["+experiment=bbq_layer12", "ppo.lr=-1"], r"ppo.lr=-1.0 is invalid: it must be > 0"),
+    (["+experiment=bbq_layer12", "ppo.gamma=1.5"], r"ppo.gamma=1.5 is invalid: it must be in \(0, 1\]"),
+    (["+experiment=bbq_layer12", "budget.iterations=0"], r"budget.iterations=0 is invalid: it must be an integer >= 1"),
+    (["+experiment=bbq_layer12", "budget.static_feature.candidates=0"], r"budget.static_feature.candidates=0"),
+    (["+experiment=bbq_layer12", "steering.coefficient=nan"], r"steering.coefficient=nan is invalid"),
     (["+experiment=mmlu_layer12", "budget.episodes_per_iteration=8192", "budget.group_size=512"],
      r"a rollout of 8192 rows x \(3200 prompt \+ 1 new\) tokens of gemma3_270m needs an estimated \d+\.\d GiB "
      r"\(weights 1.00 GiB, kv_cache .*more than the .* GiB of available RAM"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,9 @@ def preflight(cfg: DictConfig) -> str | None:
     if cfg.mode in ("analyze", "compare_layers", "compare_sweep"):
         return resume_run_id  # these read the model/SAE settings of the runs they analyse
     check_budget(cfg)
+    coefficient = cfg.get("steering", {}).get("coefficient")
+    if coefficient is not None and not math.isfinite(float(coefficient)):
+        raise CRLConfigError(f"steering.coefficient={coefficient} is invalid: it must be a finite number")
     n_layers = peek_n_layers(cfg.model)
     for layer in [cfg.sae.layer, *(cfg.sae.get("layers") or [])]:
         validate_layer(layer, n_layers)
@@ -117,16 +121,14 @@ def check_budget(cfg: DictConfig) -> None:
                              f"budget=cpu with the embedded model)")
     if budget.device != str(cfg.model.device).split(":")[0]:
         raise CRLConfigError(f"budget={budget.name} expects model.device={budget.device}, got {cfg.model.device}")
-    from crl_exp.crl.config import config_dataclass, masking_config
+    from crl_exp.crl.config import config_dataclass, masking_config, validate_budget
     from crl_exp.crl.policy import PolicyConfig
-    from crl_exp.crl.ppo import PPOConfig
+    from crl_exp.crl.ppo import PPOConfig, validate_ppo
 
     ppo = config_dataclass(PPOConfig, cfg.ppo)
     policy = config_dataclass(PolicyConfig, cfg.policy)
-    from crl_exp.crl.ppo import ADVANTAGES
-
-    if ppo.advantage not in ADVANTAGES:
-        raise CRLConfigError(f"ppo.advantage must be one of {', '.join(ADVANTAGES)}, got {ppo.advantage!r}")
+    validate_ppo(ppo)
+    validate_budget(budget)
     group = int(budget.group_size)
     if group < 1 or int(budget.episodes_per_iteration) % group:
         raise CRLConfigError(f"budget.group_size={group} must divide budget.episodes_per_iteration="

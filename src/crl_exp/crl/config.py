@@ -45,6 +45,25 @@ class BudgetConfig:
     static_feature: StaticFeatureBudget = field(default_factory=StaticFeatureBudget)
 
 
+def validate_budget(budget: Any) -> None:
+    """One line per bad value of ``budget.*``, naming the key and its valid range."""
+    positive = ("iterations", "episodes_per_iteration", "group_size", "eval_batch_size", "reference_train_examples")
+    for key in positive:
+        value = budget.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise CRLConfigError(f"budget.{key}={value} is invalid: it must be an integer >= 1")
+    for key in ("eval_examples", "eval_examples_generating", "max_new_tokens_cap"):
+        value = budget.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise CRLConfigError(f"budget.{key}={value} is invalid: it must be an integer >= 1 or null (all)")
+    if budget.get("eval_sampled_seeds") is not None and int(budget.eval_sampled_seeds) < 0:
+        raise CRLConfigError(f"budget.eval_sampled_seeds={budget.eval_sampled_seeds} is invalid: it must be >= 0")
+    for key in ("train_examples", "candidates", "validation_examples"):
+        value = budget.static_feature.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise CRLConfigError(f"budget.static_feature.{key}={value} is invalid: it must be an integer >= 1")
+
+
 def config_dataclass(cls, node) -> Any:
     """A dataclass from a config node (or a plain dict), refusing unknown keys."""
     if isinstance(node, DictConfig):

@@ -12,11 +12,13 @@ update costs nothing next to a rollout.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from crl_exp.crl.policy import ActorCritic
+from crl_exp.errors import CRLConfigError
 
 
 class NonFiniteError(FloatingPointError):
@@ -60,6 +62,22 @@ class PPOConfig:
 
 
 ADVANTAGES = ("auto", "gae", "group", "all_actions")
+
+
+def validate_ppo(cfg: PPOConfig) -> None:
+    """One line per bad value, naming the key and its valid range, before anything loads."""
+    checks = [("lr", cfg.lr > 0, "> 0"), ("gamma", 0 < cfg.gamma <= 1, "in (0, 1]"),
+              ("gae_lambda", 0 <= cfg.gae_lambda <= 1, "in [0, 1]"), ("update_epochs", cfg.update_epochs >= 1, ">= 1"),
+              ("num_minibatches", cfg.num_minibatches >= 1, ">= 1"), ("clip_coef", cfg.clip_coef > 0, "> 0"),
+              ("ent_coef", cfg.ent_coef >= 0, ">= 0"), ("vf_coef", cfg.vf_coef >= 0, ">= 0"),
+              ("max_grad_norm", cfg.max_grad_norm > 0, "> 0"), ("adam_eps", cfg.adam_eps > 0, "> 0"),
+              ("target_kl", cfg.target_kl is None or cfg.target_kl > 0, "> 0 or null")]
+    for key, ok, valid in checks:
+        value = getattr(cfg, key)
+        if not ok or (isinstance(value, float) and not math.isfinite(value)):
+            raise CRLConfigError(f"ppo.{key}={value} is invalid: it must be {valid} (and finite)")
+    if cfg.advantage not in ADVANTAGES:
+        raise CRLConfigError(f"ppo.advantage must be one of {', '.join(ADVANTAGES)}, got {cfg.advantage!r}")
 
 
 def resolve_advantage(advantage: str, one_token: bool, group_size: int) -> str:
