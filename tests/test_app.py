@@ -126,7 +126,7 @@ def test_paper_configs_compose():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["+experiment=gsm8k_layer12", "budget=paper"], r"budget=paper is for model\(s\) \['gemma2_2b'\]"),
+    (["+experiment=gsm8k_layer12", "budget=paper"], r"budget=paper is for model\(s\) \['gemma2_2b', 'gemma3_1b_it'\]"),
     (["+experiment=gsm8k_layer12", "model=gemma2_2b", "sae=gemmascope_2b_res_16k"], r"budget=cpu expects model.device=cpu, got cuda"),
     (["+experiment=gsm8k_layer12", "masking=fixed", "masking.threshold=0.0001"], r"could mask all"),
     (["+experiment=gsm8k_layer12", "+ppo.clip=0.1"], r"Unknown PPOConfig keys: \['clip'\]"),
