@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from crl_exp.episodes import rollout_batch
 from crl_exp.reward_table import RewardTable, reward_table
@@ -55,7 +56,7 @@ def rank_features(env, examples, batch_size: int) -> tuple[torch.Tensor, torch.T
     mean_acts, rewards = [], []
     steerer.record_states = True
     try:
-        for start in range(0, len(examples), batch_size):
+        for start in tqdm(range(0, len(examples), batch_size), desc="static feature: ranking features", unit="batch"):
             batch = examples[start:start + batch_size]
             records, gen = rollout_batch(task, lm, batch, steerer, StaticController(NO_FEATURE, 0.0))
             states = torch.stack([s.state for s in steerer.steps], dim=1).float()  # [B, T, d]
@@ -93,7 +94,9 @@ def mean_reward(env, examples, controller, batch_size: int) -> float:
 
 def try_features(env, features: list[int], examples, batch_size: int) -> dict[int, float]:
     """Mean reward of ``examples`` steered by each feature in turn (``env.coefficient``)."""
-    return {f: mean_reward(env, examples, StaticController(f, env.coefficient), batch_size) for f in features}
+    return {f: mean_reward(env, examples, StaticController(f, env.coefficient), batch_size)
+            for f in tqdm(features, desc=f"static feature: {len(features)} candidates x {len(examples)} episodes",
+                          unit="feature")}
 
 
 @torch.no_grad()

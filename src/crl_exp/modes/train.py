@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     # every feature of that action space (one exact reward table), on more validation prompts.
     sf = budget.static_feature
     one_token = task.max_new_tokens == 1
+    phase = time.perf_counter()
     fixed_pool = task.action_pool()  # a task designed for its own action space (known_answer)
     if fixed_pool is not None and policy_cfg.candidates not in (None, len(fixed_pool)):
         raise CRLConfigError(f"task={task.name} defines its action pool ({len(fixed_pool)} features): leave "
@@ -132,6 +134,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     references = {"static": selection.validation_reward, "none": selection.unsteered_train_reward,
                   "random": random_reward}
     tracker.log_metrics({f"reference/{k}_reward": v for k, v in references.items()})
+    tracker.log_metrics({"time/static_selection_seconds": time.perf_counter() - phase})
+    log.info("Static feature selected in %.0f s", time.perf_counter() - phase)
     module = CRLModule(lm.d_model, sae.d_sae, policy_cfg, ppo_cfg, masking_config(cfg.masking), iterations,
                        seed=seed).attach(env)
     module.run_id = tracker.run_id
@@ -149,7 +153,10 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     trainer = build_trainer(iterations, out_dir / "checkpoints", logger=logger,
                             checkpoint_every=int(cfg.trainer.checkpoint_every), progress_bar=bool(cfg.trainer.progress_bar),
                             accelerator=accelerator_for(lm.device))
+    phase = time.perf_counter()
     fit_policy(module, data, trainer, ckpt_path=cfg.trainer.get("ckpt_path"))
+    tracker.log_metrics({"time/training_seconds": time.perf_counter() - phase})
+    log.info("Trained %d iterations in %.0f s", iterations, time.perf_counter() - phase)
     episodes_training = module.episodes_seen  # the estimator decides what an iteration costs (all_actions: P x A)
     tracker.log_metrics({"crl/episodes_training": episodes_training})
     curve = plot_training_curve(module.history, references, f"CRL on {task.name}, layer {sae.layer} ({lm.name})",
@@ -161,6 +168,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- baselines and CRL on held-out data
     n_boot, bs = int(cfg.eval.n_bootstrap), int(budget.eval_batch_size)
+    phase = time.perf_counter()
     with_mask = bool(cfg.masking.get("eval_with_mask"))
     crl_controller = module.controller(env.coefficient, greedy=True, with_mask=with_mask, sae=sae.sae)
     control = untrained_controller(initial_policy, module, env.coefficient, sae=sae.sae)
@@ -214,6 +222,9 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                                  f"heldout/{name}/reward_mean": v["reward_mean"]})
         else:
             tracker.log_metrics({f"heldout/{name}/{key}": v[key], f"heldout/{name}/reward": v["reward"]})
+    tracker.log_metrics({"time/heldout_seconds": time.perf_counter() - phase})
+    log.info("Held-out comparison in %.0f s", time.perf_counter() - phase)
+    phase = time.perf_counter()
     oracle = refs = None
     n_oracle = int(sf.get("oracle_candidates", 0))
     if one_token and n_oracle:  # one-token tasks: every candidate costs one row of a last-token forward
@@ -224,6 +235,9 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         tracker.log_metrics({f"heldout/{name}/{k}": float(v) for name in ("group_oracle", "ceiling")
                              for k, v in refs[name].items() if isinstance(v, (int, float))})
         tracker.log_metrics({f"learner/{k}": float(v) for k, v in refs["learner"].items()})
+    if refs is not None:
+        tracker.log_metrics({"time/references_seconds": time.perf_counter() - phase})
+        log.info("Reference rows (reward tables, ceiling) in %.0f s", time.perf_counter() - phase)
     write_interpretability_outputs(tracker, task.name, log_rows, records, out_dir)
     usage = dict(Counter(r["feature"] for r in log_rows if r["feature"] != NO_FEATURE).most_common(50))
     contexts = corpus_top_contexts(lm, sae.sae, sae.layer, [task.user_text(ex) for ex in task.split("train")],
