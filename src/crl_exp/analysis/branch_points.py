@@ -1,4 +1,4 @@
-"""Branch-point tracking (DESIGN §6): which tokens' feature choice decides whether the answer is right?
+"""Branch-point tracking (docs/design.md §6): which tokens' feature choice decides whether the answer is right?
 
 For an episode (prompt, generated tokens, the policy's actions), the steered prefix is replayed **once**, one
 cached token per step with that step's recorded edit, so the KV cache always holds exactly the prefix before

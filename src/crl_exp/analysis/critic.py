@@ -1,4 +1,4 @@
-"""Critic trajectory analysis (docs/design.md, "Critic analysis"): is a failure the policy's limit or a
+"""Critic trajectory analysis (docs/design.md §6): is a failure the policy's limit or a
 value-estimation error?
 
 Episodes are grouped by outcome against the unsteered baseline on the same prompt: ``correct`` (both right),

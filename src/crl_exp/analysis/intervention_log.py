@@ -1,4 +1,4 @@
-"""The per-token intervention log (DESIGN §6): one row per (episode, generated step).
+"""The per-token intervention log (docs/design.md §6): one row per (episode, generated step).
 
 Columns: episode, prompt_id, position (step index; step 0 acts on the last prompt token), token_id and
 token_text (the token generated at that step, i.e. what the intervention produced), feature (the first of

@@ -1,4 +1,4 @@
-"""Adaptive Feature Masking (AFM, DESIGN §4): push the policy to discover diverse features.
+"""Adaptive Feature Masking (AFM, docs/design.md §4): push the policy to discover diverse features.
 
 After every PPO iteration the mask updates an exponential moving average of each feature's selection share.
 A feature whose share exceeds the current threshold is masked (its logit becomes -inf) for ``period``

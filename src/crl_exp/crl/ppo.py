@@ -1,4 +1,4 @@
-"""PPO for the steering policy, following CleanRL's ``ppo.py`` checklist (DESIGN §3).
+"""PPO for the steering policy, following CleanRL's ``ppo.py`` checklist (docs/design.md §3).
 
 GAE(γ, λ) over each episode's valid steps with the terminal reward on the last step; advantages normalised
 once over the whole iteration's valid steps (CleanRL normalises per minibatch because its minibatches hold

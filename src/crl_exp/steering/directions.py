@@ -1,6 +1,6 @@
 """The steering vectors: SAE decoder rows, unit-normalised, and how a coefficient is scaled.
 
-Coefficient semantics (DESIGN §2), chosen so a number means the same thing across SAEs and layers:
+Coefficient semantics (docs/design.md §2), chosen so a number means the same thing across SAEs and layers:
 
 * decoder rows are divided by their L2 norm (the original norms are kept in ``decoder_norms`` and logged),
   because not every SAE has unit-norm rows;

@@ -1,6 +1,6 @@
 """The forward hook that steers resid_post of block L at the newest position.
 
-Placement (DESIGN §2): resid_post of block L is the **output** of ``layers[L]``, so this is a
+Placement (docs/design.md §2): resid_post of block L is the **output** of ``layers[L]``, so this is a
 ``register_forward_hook`` on that block. A forward *pre*-hook on ``layers[L]`` would edit resid_post of L-1
 (the off-by-one the test-suite guards against).
 

@@ -1,6 +1,6 @@
 """Shared scoring for option-letter tasks (MMLU, BBQ).
 
-DESIGN §5: report accuracy both *unconstrained* (the letter parsed from the generated text; anything else is
+docs/design.md §5: report accuracy both *unconstrained* (the letter parsed from the generated text; anything else is
 invalid and wrong) and *constrained* (argmax of the model's probabilities over the option letters), plus the
 invalid-answer rate, because steering can "gain" accuracy just by removing invalid outputs. Rewards:
 ``exact`` (1 if the unconstrained answer is right), ``dense`` (probability of the right letter, all its

@@ -1,6 +1,6 @@
 """One MLflow run per command.
 
-DESIGN §7: MLflow >= 3.13 refuses the ``./mlruns`` file store, so the tracking URI is always explicit:
+docs/design.md §7: MLflow >= 3.13 refuses the ``./mlruns`` file store, so the tracking URI is always explicit:
 ``logger.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``. Every run records
 the resolved Hydra config (as params and as ``config.yaml``), the git commit, package versions and the
 Hydra output folder, so a number in the UI can always be traced back to what produced it.

@@ -1,4 +1,4 @@
-"""Where runs are stored: the explicit tracking URI and experiment creation (DESIGN §7: never ``./mlruns``)."""
+"""Where runs are stored: the explicit tracking URI and experiment creation (docs/design.md §7: never ``./mlruns``)."""
 
 from __future__ import annotations
 
