@@ -48,6 +48,11 @@ class KnownAnswerTask(MMLUTask):
                                  "(crl_exp.known_answer.design_task, called when the environment is built)")
         return self.targets
 
+    def cluster(self, ex: Example) -> str:
+        """Questions are independent draws; the subjects are the design's strata (every sample holds all four),
+        not clusters of near-twins, so intervals resample questions."""
+        return ex.id
+
     def class_of(self, ex: Example) -> int:
         return self.classes.index(ex.group)
 
