@@ -182,6 +182,13 @@ def test_every_config_option_composes_and_passes_preflight(group, option, tmp_pa
         overrides += ["model=hf", f"model.path={tiny_model_dir}", f"sae.path={tiny_sae_dir[0]}", "sae.layer=1"]
     if group == "model" and option == "gemma2_2b" or group == "sae" and option == "gemmascope_2b_res_16k":
         overrides += ["model=gemma2_2b", "sae=gemmascope_2b_res_16k"]
+    if group == "model" and option == "gemma3_1b_it" or group == "sae" and option == "gemmascope2_1b_res":
+        overrides += ["model=gemma3_1b_it", "sae=gemmascope2_1b_res"]
+    if group == "sae" and option == "gemmascope2_local":  # a folder in Gemma Scope 2's format, on the tiny model
+        from test_gemma_scope_2 import write_gemma_scope_2_folder
+
+        write_gemma_scope_2_folder(tmp_path / "scope2", 64)
+        overrides += ["model=hf", f"model.path={tiny_model_dir}", f"sae.path={tmp_path / 'scope2'}", "sae.layer=1"]
     cfg = compose_cfg(overrides + [f"cache_dir={tmp_path / 'cache'}"])
     preflight(cfg)
 
