@@ -137,3 +137,27 @@ def test_obs_norm_lets_the_policy_condition_on_a_small_prompt_specific_component
     there after ~30 iterations); with it, it picks each prompt's own."""
     assert contextual_bandit(obs_norm=True) >= 0.95
     assert contextual_bandit(obs_norm=False) <= 0.6
+
+
+def test_the_critic_cannot_throttle_the_actor_and_starts_near_zero():
+    """Actor and critic gradients are clipped separately: a huge value loss leaves the actor's clipped gradient
+    as it would be alone (one global clip scaled it down by the critic's norm). The untrained value head outputs
+    ~0, not +-0.6 against rewards that vary by ~0.05."""
+    from crl_exp.crl.policy import ActorCritic
+    from crl_exp.crl.ppo import PPOConfig, gradient_step
+
+    torch.manual_seed(0)
+    states = torch.randn(32, 16)
+    policy = ActorCritic(16, 8, hidden=16)
+    assert policy(states)[1].abs().max() < 0.05
+
+    def actor_grad_norm(value_scale: float) -> float:
+        torch.manual_seed(0)
+        p = ActorCritic(16, 8, hidden=16)
+        opt = torch.optim.SGD(p.parameters(), lr=0.0)
+        logits, values = p(states)
+        loss = -logits.log_softmax(-1)[:, 0].mean() + value_scale * ((values - 100.0) ** 2).mean()
+        gradient_step(p, opt, PPOConfig(max_grad_norm=0.5), 0, loss)
+        return float(torch.sqrt(sum((q.grad ** 2).sum() for q in p.actor_parameters())))
+
+    assert actor_grad_norm(1000.0) == pytest.approx(actor_grad_norm(0.0), rel=1e-5)

@@ -182,6 +182,18 @@ def explained_variance(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float("nan") if var == 0 else (1 - (target - pred).var() / var).item()
 
 
+def gradient_step(policy: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PPOConfig, iteration: int,
+                  loss: torch.Tensor, backward=None) -> None:
+    """One optimiser step, with the actor's and the critic's gradients clipped *separately* (one global clip let
+    the critic's larger gradient scale every actor step down)."""
+    check_finite(iteration, loss=loss)
+    optimizer.zero_grad()
+    (backward or torch.Tensor.backward)(loss)
+    torch.nn.utils.clip_grad_norm_(policy.actor_parameters(), cfg.max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(policy.critic_parameters(), cfg.max_grad_norm)
+    optimizer.step()
+
+
 def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PPOConfig, iteration: int,
                batch: Batch, allowed: torch.Tensor | None, generator: torch.Generator,
                backward=None) -> dict[str, float]:
@@ -228,12 +240,7 @@ def ppo_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PPOCo
             else:
                 v_loss = 0.5 * ((new_values - returns[idx]) ** 2).mean()
             loss = pg_loss - cfg.ent_coef * entropy.mean() + cfg.vf_coef * v_loss
-            check_finite(iteration, loss=loss)
-            optimizer.zero_grad()
-            (backward or torch.Tensor.backward)(loss)
-            torch.nn.utils.clip_grad_norm_(policy.actor_parameters(), cfg.max_grad_norm)
-            torch.nn.utils.clip_grad_norm_(policy.critic_parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            gradient_step(policy, optimizer, cfg, iteration, loss, backward)
             for k, v in (("policy_loss", pg_loss), ("value_loss", v_loss), ("entropy", entropy.mean()),
                          ("approx_kl", approx_kl), ("clipfrac", clipfrac)):
                 stats[k].append(v.item())
@@ -274,12 +281,7 @@ def all_actions_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cf
         expected = (probs * rewards).sum(-1)
         v_loss = 0.5 * ((values - expected.detach()) ** 2).mean()
         loss = -objective - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
-        check_finite(iteration, loss=loss)
-        optimizer.zero_grad()
-        (backward or torch.Tensor.backward)(loss)
-        torch.nn.utils.clip_grad_norm_(policy.actor_parameters(), cfg.max_grad_norm)
-        torch.nn.utils.clip_grad_norm_(policy.critic_parameters(), cfg.max_grad_norm)
-        optimizer.step()
+        gradient_step(policy, optimizer, cfg, iteration, loss, backward)
         with torch.no_grad():
             kl = (old_logp.exp() * (old_logp - logp[:, features])).sum(-1).mean()
         for k, v in (("policy_loss", -objective), ("value_loss", v_loss), ("entropy", entropy),
