@@ -17,11 +17,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from crl_exp.models.hardware import machine_capability
 from crl_exp.analysis.branch_points import Episode, track_branches
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.crl.rollout import PolicyController
 from crl_exp.episodes import build_env, rollout_batch
+from crl_exp.models.hardware import machine_capability
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.tasks import build_task
 
