@@ -96,16 +96,16 @@ def main(argv: list[str]) -> None:
 
         with torch.inference_mode():
             model.generate(ids[:2], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up (kernels, caches)
-            _, plain_s = timed(lambda: model.generate(ids, **kwargs))
+            _, plain_s = timed(lambda m=model, i=ids, k=kwargs: m.generate(i, **k))
         controller = module.controller(1.0, greedy=False, with_mask=True)
         with torch.inference_mode(), steerer.attached(controller):
-            _, steered_s = timed(lambda: model.generate(ids, **kwargs))
+            _, steered_s = timed(lambda m=model, i=ids, k=kwargs: m.generate(i, **k))
         traj = controller.stacked()
         valid = torch.ones(traj["feature"].shape, dtype=torch.bool)
         optimizer = torch.optim.Adam(module.policy.parameters(), lr=3e-3)
         batch = Batch.from_rollout(traj, valid, torch.rand(rows), 1.0, 0.95, advantage="gae")
 
-        def updates():
+        def updates(module=module, optimizer=optimizer, batch=batch):
             for it in range(args.ppo_iterations):
                 ppo_update(module.policy, optimizer, PPOConfig(), it, batch, module.allowed_actions(),
                            torch.Generator().manual_seed(it))
@@ -119,7 +119,6 @@ def main(argv: list[str]) -> None:
             "ppo_update_over_rollout": update_s / args.ppo_iterations / steered_s,
             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None}
         print(name, json.dumps(summary["models"][name]), flush=True)
-        del model, module
         if device == "cuda":
             torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
