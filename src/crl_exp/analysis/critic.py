@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from crl_exp.crl.ppo import explained_variance
+
 
 def outcome_group(crl_correct: bool, base_correct: bool) -> str:
     if crl_correct and base_correct:
@@ -41,12 +43,6 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 class CriticReport:
     episodes: pd.DataFrame  # one row per episode: v0, return, success, baseline_correct, group, failure_kind
     metrics: dict[str, float]
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor) -> float:
-    """1 - Var(return - V) / Var(return); NaN when the returns do not vary."""
-    var = returns.var().item() if len(returns) > 1 else 0.0
-    return 1.0 - (returns - values).var().item() / var if var > 0 else float("nan")
 
 
 def success_threshold(returns: torch.Tensor, success: torch.Tensor) -> float:

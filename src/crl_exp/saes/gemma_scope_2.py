@@ -75,15 +75,6 @@ def hook_of(release: str, sid: str) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-def check_model(cfg: Any, model_cfg: Any) -> None:
-    """The SAE's width must be the model's (``d_in`` = ``d_model`` of its Gemma 3 size)."""
-    d_in = GEMMA3_D_MODEL.get(str(cfg.size))
-    d_model = model_cfg.get("d_model")
-    if d_in is not None and d_model is not None and int(d_model) != d_in:
-        raise CRLConfigError(f"sae.size={cfg.size} SAEs read d_model={d_in}, but model={model_cfg.name} has "
-                             f"d_model={d_model}: pair Gemma Scope 2 SAEs with the Gemma 3 size they were trained on")
-
-
 def config_dict(d_in: int, d_sae: int, layer: int, model_name: str | None = None) -> dict[str, Any]:
     """The sae-lens config of a Gemma Scope 2 residual SAE, as sae-lens' ``gemma_3`` loader builds it (the
     provenance fields in ``metadata``, where sae-lens 6 keeps them)."""
