@@ -238,6 +238,9 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     assert summary["heldout_part"] == "dev" and summary["n_heldout"] == 8
     if "policy.candidates=6" in variant:  # the record names the action space it was trained and scored in
         assert len(summary["action_space"]) == 6
+        # a 6-feature pool: every condition read off one held-out reward table, re-checked by the rollouts
+        assert metrics["heldout/table_vs_rollout_max_abs_diff"] <= 1e-4
+        assert set(summary["references"]["paired"]) == {"crl_minus_ceiling", "ceiling_minus_static"}
         assert summary["deltas"]["static"]["accuracy"]["method"] == "newcombe_clustered"
     else:
         assert summary["action_space"] is None

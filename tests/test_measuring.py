@@ -349,3 +349,71 @@ def test_the_ceiling_learns_what_the_state_makes_learnable_and_no_more(signal):
         assert row["reward"] >= 0.95 and row["distinct_actions"] == 2
     else:  # nothing to condition on: no better than one feature for everyone
         assert row["reward"] <= static + 0.1
+
+
+# ------------------------------------------------------------------------------------ held-out from one table
+def test_every_condition_read_off_the_table_equals_its_rollout(tiny_lm):
+    """The table-scored held-out comparison (evaluation/table_scoring.py) gives each condition exactly the records a
+    rollout of that condition gives: none, a static feature, a random pool feature and a greedy policy."""
+    from crl_exp.episodes import run_episodes
+    from crl_exp.steering.controllers import StaticController
+    from crl_exp.evaluation.table_scoring import (
+        check_against_rollouts,
+        dictionary_sample,
+        feature_columns,
+        policy_columns,
+        random_columns,
+        table_policy_variants,
+    )
+    from crl_exp.reward_table import reward_table
+
+    from helpers import class_planted_env
+
+    env = class_planted_env(tiny_lm)
+    prompts = env.task.split("train")
+    pool = [1, 2, 5, 7]
+    dictionary = dictionary_sample(env.sae.d_sae, pool, 3)
+    assert len(dictionary) == 3 and not set(dictionary) & set(pool)
+    table = reward_table(env, prompts, [*pool, *dictionary], keep_records=True)
+    module = CRLModule(tiny_lm.d_model, env.sae.d_sae, PolicyConfig(hidden=16), PPOConfig(), MaskingConfig(), 2)
+    module.mask.restrict(pool)
+    greedy = module.controller(env.coefficient, greedy=True, with_mask=False)
+    columns = {"none": torch.zeros(len(prompts), dtype=torch.long),
+               "static": feature_columns(table, torch.full((len(prompts),), 5)),
+               "random": random_columns(table, pool, seed=3), "crl": policy_columns(greedy, table)}
+    assert set(columns["random"].tolist()) <= {1, 2, 3, 4} and int(columns["crl"].max()) <= len(pool)
+    rolled = {"none": run_episodes(env.task, tiny_lm, prompts, 4)[0],
+              "static": run_episodes(env.task, tiny_lm, prompts, 4, env.steerer, StaticController(5, env.coefficient))[0],
+              "random": run_episodes(env.task, tiny_lm, prompts, len(prompts), env.steerer, StaticController(
+                  torch.tensor([table.features[c - 1] for c in columns["random"].tolist()]), env.coefficient))[0],
+              "crl": run_episodes(env.task, tiny_lm, prompts, 4, env.steerer, module.controller(
+                  env.coefficient, greedy=True, with_mask=False))[0]}
+    for name, cols in columns.items():
+        read = table.cell_records(cols)
+        assert check_against_rollouts(read, rolled[name]) < 1e-5, name
+        assert [r["completion"] for r in read] == [r["completion"] for r in rolled[name]], name
+        assert all(r["prompt"] == s["prompt"] for r, s in zip(read, rolled[name], strict=True))
+    variants = table_policy_variants(module, env, table, env.task, "accuracy", 3, False, columns["crl"])
+    assert variants["crl_sampled"]["seeds"] == 3 and variants["crl_mask_on"]["same_episodes_as_greedy"]
+    with pytest.raises(ValueError, match="not columns of the reward table"):
+        feature_columns(table, torch.tensor([9999]))
+
+
+def test_reward_tables_are_cached_under_everything_they_depend_on(tiny_lm, tmp_path):
+    """A second identical table is read from disk; another coefficient is another table."""
+    from crl_exp.reward_table import reward_table
+
+    from helpers import planted_env
+
+    env = planted_env(tiny_lm)
+    env.table_cache = tmp_path
+    prompts = env.task.split("train")
+    first = reward_table(env, prompts, [1, 2], keep_records=True)
+    assert len(list(tmp_path.glob("*.pt"))) == 1
+    again = reward_table(env, prompts, [1, 2], keep_records=True)
+    assert torch.equal(first.reward, again.reward) and again.records == first.records
+    env.coefficient *= 2
+    other = reward_table(env, prompts, [1, 2], keep_records=True)
+    assert len(list(tmp_path.glob("*.pt"))) == 2 and other.records is not None
+    reward_table(env, prompts, [1, 2], use_cache=False)
+    assert len(list(tmp_path.glob("*.pt"))) == 2

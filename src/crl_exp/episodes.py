@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from crl_exp.errors import CRLConfigError
 from crl_exp.generation import generate
 from crl_exp.models import LoadedModel
+from crl_exp.paths import default_cache_dir
 from crl_exp.runtime import load_model, load_sae_for
 from crl_exp.saes import LoadedSAE
 from crl_exp.stats import bootstrap_ci
@@ -37,6 +39,7 @@ class SteeringEnv:
     task: Task
     steerer: ResidualSteerer
     coefficient: float
+    table_cache: Path | None = None  # where exact reward tables are kept (``reward_table``); None = not kept
 
 
 def build_env(cfg: DictConfig, task: Task, tracker=None) -> SteeringEnv:
@@ -45,7 +48,11 @@ def build_env(cfg: DictConfig, task: Task, tracker=None) -> SteeringEnv:
     lm = load_model(cfg, tracker)
     sae = load_sae_for(cfg, lm, tracker)
     directions = steering_directions(cfg.steering, sae)
-    env = SteeringEnv(lm, sae, task, ResidualSteerer(lm.model, sae.layer, directions), float(cfg.steering.coefficient))
+    table_cache = None
+    if cfg.get("eval") is not None and cfg.eval.get("table_cache"):
+        table_cache = Path(cfg.get("cache_dir") or default_cache_dir()) / "reward_tables"
+    env = SteeringEnv(lm, sae, task, ResidualSteerer(lm.model, sae.layer, directions), float(cfg.steering.coefficient),
+                      table_cache)
     if tracker is not None:
         tracker.log_metrics({"steer/coefficient": env.coefficient,
                              "steer/distance": float(directions.distance(env.coefficient)),

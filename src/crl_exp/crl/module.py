@@ -218,7 +218,8 @@ class CRLModule(L.LightningModule):
             raise CRLConfigError(f"ppo.advantage=all_actions scores every allowed action of every prompt; "
                                  f"{len(features)} actions is more than {MAX_ALL_ACTIONS}: set policy.candidates")
         t0 = time.perf_counter()
-        table = reward_table(env, prompts, features.tolist(), desc=f"all actions, iteration {iteration}")
+        table = reward_table(env, prompts, features.tolist(), desc=f"all actions, iteration {iteration}",
+                             use_cache=False)
         rollout_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         actions, rewards, correct = features, table.reward, table.correct

@@ -75,8 +75,13 @@ def fit_softmax_policy(states: torch.Tensor, rewards: torch.Tensor, kind: str, w
 
 
 @torch.no_grad()
+def greedy_actions(policy: SoftmaxPolicy, norm, table: RewardTable) -> torch.Tensor:
+    """The fitted policy's greedy column (index into ``table.features``) for every prompt of ``table``."""
+    return policy(norm(table.states)).argmax(-1)
+
+
 def greedy_score(policy: SoftmaxPolicy, norm, table: RewardTable) -> dict[str, float]:
-    actions = policy(norm(table.states)).argmax(-1)
+    actions = greedy_actions(policy, norm, table)
     rows = torch.arange(len(actions))
     return {"reward": float(table.reward[rows, actions].mean()), "accuracy": float(table.correct[rows, actions].mean()),
             "distinct_actions": int(actions.unique().numel())}
@@ -94,5 +99,6 @@ def ceiling(train: RewardTable, validation: RewardTable, heldout: RewardTable, s
                        "policy": policy, "norm": norm})
     best = max(trials, key=lambda t: t["validation"]["reward"])
     held = greedy_score(best["policy"], best["norm"], heldout)
-    return {**held, "kind": best["kind"], "weight_decay": best["weight_decay"], "train_prompts": len(train.example_ids),
+    actions = greedy_actions(best["policy"], best["norm"], heldout)
+    return {**held, "actions": actions.tolist(), "kind": best["kind"], "weight_decay": best["weight_decay"], "train_prompts": len(train.example_ids),
             "validation": [{k: t[k] for k in ("kind", "weight_decay", "validation")} for t in trials]}

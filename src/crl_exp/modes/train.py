@@ -34,9 +34,10 @@ from crl_exp.crl.module import CRLModule, PromptDataModule
 from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig, resolve_advantage
 from crl_exp.crl.trainer import RunOwnedMLFlowLogger, accelerator_for, build_trainer, fit_policy
-from crl_exp.episodes import build_env, observed_states
+from crl_exp.episodes import build_env, observed_states, run_episodes
 from crl_exp.errors import CRLConfigError
 from crl_exp.evaluation.ceiling import ceiling, group_oracle
+from crl_exp.evaluation.comparison import paired_delta
 from crl_exp.evaluation.headroom import per_prompt_oracle
 from crl_exp.evaluation.heldout import (
     HEADLINE_MASK_RULE,
@@ -50,8 +51,16 @@ from crl_exp.evaluation.heldout import (
     variants_table,
 )
 from crl_exp.evaluation.ledger import record_confirmation
+from crl_exp.evaluation.table_scoring import (
+    check_against_rollouts,
+    dictionary_sample,
+    feature_columns,
+    policy_columns,
+    random_columns,
+    table_policy_variants,
+)
 from crl_exp.modes.evaluation_log import log_evaluation
-from crl_exp.reward_table import reward_table
+from crl_exp.reward_table import RewardTable, reward_table
 from crl_exp.steering.controllers import RandomController
 from crl_exp.steering.hook import NO_FEATURE
 from crl_exp.tasks import build_task
@@ -61,6 +70,22 @@ from crl_exp.tracking.sweep import config_hash
 
 log = logging.getLogger(__name__)
 PROFILE_TOKENS = 4096  # train-text tokens scanned to profile the features the policy used
+
+
+def table_scoring(cfg: DictConfig, one_token: bool, top_k: int, pool: list[int] | None) -> bool:
+    """Score the held-out conditions from one reward table (``evaluation/table_scoring.py``): one-token tasks,
+    one feature per step, a pool of at most ``eval.table_max_features`` (``eval.table_scoring``: auto|false)."""
+    mode = str(cfg.eval.table_scoring)
+    if mode not in ("auto", "false", "False"):
+        raise CRLConfigError(f"eval.table_scoring must be auto or false, got {mode!r}")
+    return (mode == "auto" and one_token and top_k == 1 and pool is not None
+            and len(pool) <= int(cfg.eval.table_max_features))
+
+
+def table_tolerance(lm) -> float:
+    """How far a table-read reward may sit from the rolled-out one: shared-prefill batches reorder float sums,
+    exact to ~1e-6 in fp32; half precision rounds each matmul."""
+    return 1e-4 if next(lm.model.parameters()).dtype == torch.float32 else 3e-2
 
 
 def primary_key(task, cfg: DictConfig) -> str:
@@ -191,13 +216,45 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         control_features.append(control.trajectory_for_logs()["feature"][gen.valid])
         control.steps = []
 
-    records, speeds = run_conditions(env, test_pool, controllers, bs,
-                                     on_batch={"crl": collect_interventions, "untrained": collect_control},
-                                     share_prefill=module.top_k == 1)
-    control_chosen = torch.cat(control_features) if control_features else torch.zeros(0, dtype=torch.long)
-    distinct = {"crl": len({r["feature"] for r in log_rows} - {NO_FEATURE}),
-                "untrained": int(control_chosen[control_chosen != NO_FEATURE].unique().numel())}
-    steered_share = (sum(r["feature"] != NO_FEATURE for r in log_rows) / len(log_rows)) if log_rows else float("nan")
+    heldout_table = None
+    if table_scoring(cfg, one_token, module.top_k, pool):
+        # every condition read off one exact reward table (evaluation/table_scoring.py); the intervention log rolls
+        # the trained policy out on the first eval.log_examples prompts, which also re-checks the table
+        dictionary = dictionary_sample(sae.d_sae, list(pool), int(cfg.eval.random_dictionary_columns))
+        table_phase = time.perf_counter()
+        heldout_table = reward_table(env, test_pool, [*pool, *dictionary], keep_records=True,
+                                     desc="held-out reward table")
+        columns = {"none": torch.zeros(len(test_pool), dtype=torch.long),
+                   "random": random_columns(heldout_table, list(pool), seed),
+                   "random_dictionary": random_columns(heldout_table, dictionary, seed),
+                   "static": feature_columns(heldout_table, torch.full((len(test_pool),), selection.feature)),
+                   "untrained": policy_columns(control, heldout_table), "crl": policy_columns(crl_controller, heldout_table)}
+        records = {name: heldout_table.cell_records(c) for name, c in columns.items()}
+        speed = {"table_seconds": time.perf_counter() - table_phase}
+        speeds = {name: speed for name in records}
+        chosen = {name: torch.tensor([NO_FEATURE if c == 0 else heldout_table.features[c - 1] for c in columns[name].tolist()])
+                  for name in ("crl", "untrained")}
+        crl_controller.steps = []
+        logged = test_pool[:int(cfg.eval.log_examples)]
+        rolled, _ = run_episodes(task, lm, logged, bs, env.steerer, crl_controller, desc="intervention log",
+                                 on_batch=collect_interventions)
+        mismatch = check_against_rollouts(records["crl"][:len(logged)], rolled)
+        tracker.log_metrics({"heldout/table_vs_rollout_max_abs_diff": mismatch})
+        if mismatch > table_tolerance(lm):
+            raise RuntimeError(f"held-out reward table and rollouts disagree by {mismatch:.2e} (> {table_tolerance(lm)}) "
+                               f"on the same prompts and actions: set eval.table_scoring=false and report this")
+        distinct = {k: int(v[v != NO_FEATURE].unique().numel()) for k, v in chosen.items()}
+        steered_share = float((chosen["crl"] != NO_FEATURE).float().mean())
+        greedy_features = chosen["crl"]
+    else:
+        records, speeds = run_conditions(env, test_pool, controllers, bs,
+                                         on_batch={"crl": collect_interventions, "untrained": collect_control},
+                                         share_prefill=module.top_k == 1)
+        control_chosen = torch.cat(control_features) if control_features else torch.zeros(0, dtype=torch.long)
+        distinct = {"crl": len({r["feature"] for r in log_rows} - {NO_FEATURE}),
+                    "untrained": int(control_chosen[control_chosen != NO_FEATURE].unique().numel())}
+        steered_share = (sum(r["feature"] != NO_FEATURE for r in log_rows) / len(log_rows)) if log_rows else float("nan")
+        greedy_features = torch.tensor([int(r["feature"]) for r in log_rows], dtype=torch.long)
     tracker.log_metrics({"heldout/crl/steered_share": steered_share})
     tracker.log_metrics({f"heldout/{k}/distinct_greedy_features": float(v) for k, v in distinct.items()})
     results, deltas = compare(task, records, key, n_boot, seed, float(cfg.eval.assumed_discordance))
@@ -210,11 +267,17 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                 tracker.log_metrics({f"delta/crl_minus_{base}/{metric}": v["delta"],
                                      f"delta/crl_minus_{base}/{metric}_ci_low": v["ci95"][0],
                                      f"delta/crl_minus_{base}/{metric}_ci_high": v["ci95"][1]})
-    shares = action_shares([int(r["feature"]) for r in log_rows if r["feature"] != NO_FEATURE],
+    shares = action_shares(greedy_features[greedy_features != NO_FEATURE].tolist(),
                            module.mask.candidates, module.mask.allowed())
     tracker.log_metrics({f"heldout/crl/{k}": v for k, v in shares.items()})
-    variants = policy_variants(env, module, test_pool, key, bs, int(budget.get("eval_sampled_seeds", 0)), with_mask,
-                               headline_records=records["crl"], headline_blocked_share=shares["final_mask_blocked_share"])
+    sampled_seeds = int(budget.get("eval_sampled_seeds", 0))
+    if heldout_table is not None:
+        variants = table_policy_variants(module, env, heldout_table, task, key, sampled_seeds, with_mask,
+                                         columns["crl"])
+    else:
+        variants = policy_variants(env, module, test_pool, key, bs, sampled_seeds, with_mask,
+                                   headline_records=records["crl"],
+                                   headline_blocked_share=shares["final_mask_blocked_share"])
     for name, v in variants.items():
         v.pop("records", None)
         if name == "crl_sampled":
@@ -229,7 +292,9 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     n_oracle = int(sf.get("oracle_candidates", 0))
     if one_token and n_oracle:  # one-token tasks: every candidate costs one row of a last-token forward
         refs = one_token_references(env, task, cfg, selection, pool or selection.pool[:n_oracle], validation,
-                                    test_pool, results, log_rows, seed)
+                                    test_pool, results, greedy_features.tolist(), seed, heldout_table,
+                                    records=records, key=key, n_boot=n_boot,
+                                    assumed_discordance=float(cfg.eval.assumed_discordance))
         oracle = refs["oracle"]
         tracker.log_metrics({f"heldout/oracle/{k}": float(v) for k, v in oracle.items()})
         tracker.log_metrics({f"heldout/{name}/{k}": float(v) for name in ("group_oracle", "ceiling")
@@ -238,8 +303,9 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     if refs is not None:
         tracker.log_metrics({"time/references_seconds": time.perf_counter() - phase})
         log.info("Reference rows (reward tables, ceiling) in %.0f s", time.perf_counter() - phase)
-    write_interpretability_outputs(tracker, task.name, log_rows, records, out_dir)
-    usage = dict(Counter(r["feature"] for r in log_rows if r["feature"] != NO_FEATURE).most_common(50))
+    logged_records = records if heldout_table is None else {k: v[:len(logged)] for k, v in records.items()}
+    write_interpretability_outputs(tracker, task.name, log_rows, logged_records, out_dir)
+    usage = dict(Counter(f for f in greedy_features.tolist() if f != NO_FEATURE).most_common(50))
     contexts = corpus_top_contexts(lm, sae.sae, sae.layer, [task.user_text(ex) for ex in task.split("train")],
                                    list(usage), n_tokens=PROFILE_TOKENS) if usage else {}
     syntactic, per_feature = usage_weighted_syntactic_share(usage, contexts)
@@ -296,27 +362,42 @@ def write_interpretability_outputs(tracker: RunTracker, task_name: str, log_rows
 
 
 def one_token_references(env, task, cfg: DictConfig, selection, ref_pool: list[int], validation: list, test_pool: list,
-                         results: dict, log_rows: list[dict], seed: int) -> dict[str, Any]:
+                         results: dict, greedy_first: list[int], seed: int,
+                         scored_table: RewardTable | None = None, records: dict[str, list[dict]] | None = None,
+                         key: str = "accuracy", n_boot: int = 1000,
+                         assumed_discordance: float = 0.2) -> dict[str, Any]:
     """Reference rows from exact reward tables over ``ref_pool`` (train, validation, held-out): the per-prompt
     oracle (reads the answers), the group oracle and the learnability ceiling (read train answers only), and how
-    much of the static-to-group-oracle gap CRL recovered, with how often it picked its group's best feature."""
-    heldout_table = reward_table(env, test_pool, ref_pool, desc="held-out reward table")
+    much of the static-to-group-oracle gap CRL recovered, with how often it picked its group's best feature.
+    ``greedy_first``: CRL's greedy feature on each held-out prompt; ``scored_table``: the held-out table the
+    conditions were read from, reused when it holds ``ref_pool``; then the ceiling's own held-out records give
+    paired intervals for CRL - ceiling and ceiling - static (``records``: the conditions' records)."""
+    heldout_table = (scored_table.select(list(ref_pool)) if scored_table is not None
+                     and set(ref_pool) <= set(scored_table.features)
+                     else reward_table(env, test_pool, ref_pool, desc="held-out reward table"))
     val_table = (selection.table if selection.table is not None and selection.table.features == list(ref_pool)
                  else reward_table(env, validation, ref_pool, desc="validation reward table"))
     train_examples = task.representative("train", int(cfg.budget.reference_train_examples))
     train_table = reward_table(env, train_examples, ref_pool, desc="train reward table")
     groups = group_oracle(train_table, [e.group for e in train_examples], heldout_table, [e.group for e in test_pool])
     ceiling_row = ceiling(train_table, val_table, heldout_table, seed=seed)
-    first = {r["episode"]: int(r["feature"]) for r in log_rows if r["position"] == 0}
-    picks = [first.get(i) == groups["best_feature"].get(ex.group) for i, ex in enumerate(test_pool)]
+    picks = [f == groups["best_feature"].get(ex.group) for f, ex in zip(greedy_first, test_pool, strict=True)]
     static, crl = results["static"]["metrics"]["reward"], results["crl"]["metrics"]["reward"]
     gap = groups["reward"] - static
     learner = {"gap_recovered": (crl - static) / gap if gap > 0 else float("nan"),
                "group_best_pick_rate": sum(picks) / len(picks) if picks else float("nan"),
                "ceiling_gap_recovered": (crl - static) / (ceiling_row["reward"] - static)
                if ceiling_row["reward"] > static else float("nan")}
+    paired = {}
+    if heldout_table.records is not None and records is not None:
+        ceiling_records = heldout_table.cell_records(torch.tensor(ceiling_row["actions"]) + 1)
+        paired = {"crl_minus_ceiling": paired_delta(task, records["crl"], ceiling_records, key, n_boot, seed,
+                                                    assumed_discordance),
+                  "ceiling_minus_static": paired_delta(task, ceiling_records, records["static"], key, n_boot, seed,
+                                                       assumed_discordance)}
+    ceiling_row = {k: v for k, v in ceiling_row.items() if k != "actions"}
     return {"oracle": per_prompt_oracle(heldout_table), "group_oracle": groups, "ceiling": ceiling_row,
-            "learner": learner, "episodes": heldout_table.episodes + train_table.episodes}
+            "learner": learner, "paired": paired, "episodes": heldout_table.episodes + train_table.episodes}
 
 
 def references_table(refs: dict[str, Any], results: dict, key: str) -> str:
@@ -334,4 +415,8 @@ def references_table(refs: dict[str, Any], results: dict, key: str) -> str:
     lines += ["", f"CRL recovered {learner['gap_recovered']:.0%} of the static-to-group-oracle reward gap and "
                   f"{learner['ceiling_gap_recovered']:.0%} of the static-to-ceiling gap; its greedy action was its "
                   f"group's best train feature on {learner['group_best_pick_rate']:.0%} of held-out prompts."]
+    for name, d in refs.get("paired", {}).items():
+        cells = [f"{metric} {v['delta']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" for metric, v in d.items()
+                 if metric != "power"]
+        lines.append(f"{name.replace('_', ' ')} (paired, clustered): {'; '.join(cells)}.")
     return "\n".join(lines)
