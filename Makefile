@@ -61,7 +61,7 @@ ui: install
 # training. Its table compares CRL with no steering, random features, the best static feature and the untrained
 # policy, then the group-oracle and ceiling rows; the training-curve PNG path is printed under it. The paper's setting (the whole dictionary, GSM8K) is `python -m crl_exp +experiment=gsm8k_layer12`.
 train: install
-	$(PY) -m crl_exp +experiment=bbq_layer12 policy.candidates=32
+	$(PY) -m crl_exp +experiment=bbq_layer12 policy.action_pool=32
 
 train-sae: install
 	$(PY) -m crl_exp mode=train_sae

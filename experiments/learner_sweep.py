@@ -37,7 +37,7 @@ ITERATIONS, PROMPTS, GROUP = 13, 8, 8
 
 # the task the learner is tuned on, and the one it is confirmed on (make train's setting: 32 ranked candidates)
 TASKS = {"known_answer": ["+experiment=known_answer_layer12"],
-         "bbq": ["+experiment=bbq_layer12", "policy.candidates=32", "steering.coefficient=0.1"]}
+         "bbq": ["+experiment=bbq_layer12", "policy.action_pool=32", "steering.coefficient=0.1"]}
 
 
 def task_tables(name: str = "known_answer", train_n: int = 240, validation_n: int = 128):
@@ -59,7 +59,7 @@ def task_tables(name: str = "known_answer", train_n: int = 240, validation_n: in
     if pool is None:
         score, mean_act, _ = rank_features(env, task.representative("train", int(cfg.budget.static_feature.train_examples)),
                                            int(cfg.budget.eval_batch_size))
-        pool = candidate_pool(score, mean_act, int(cfg.policy.candidates))
+        pool = candidate_pool(score, mean_act, int(cfg.policy.action_pool))
     key = f"{name}|{env.sae.source}|{env.coefficient}|{pool}|{train_n}|{validation_n}"
     path = default_cache_dir() / "known_answer" / f"tables_{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
     if path.is_file():

@@ -1,18 +1,19 @@
-"""The recorded-answer grid (issue 13): every run is one `python -m crl_exp ...` process, recorded in
-experiments/results/<key>.json as soon as it finishes; a key already recorded is skipped, so the grid can be
-completed piece by piece and an interrupted run costs only itself.
+"""Records and reports the runs behind experiments/crl_results.md. The runs themselves are Hydra experiments: every
+recorded group is a file under conf/experiment/ (conf/experiment/grid/<group>.yaml for the groups before issue 27,
+conf/experiment/answer_*.yaml for the re-recorded answer), run with one command,
+``python -m crl_exp -m +experiment=<name>`` (its seeds and swept values are the file's ``hydra.sweeper.params``).
+This script only reads what they logged to MLflow into experiments/results/<run name>.json and writes the report.
 
 Usage:
-    .venv/bin/python experiments/run_grid.py run [group|key-pattern ...]   # run what is missing (everything by default)
-    .venv/bin/python experiments/run_grid.py report                # rewrite experiments/crl_results.md
-    .venv/bin/python experiments/run_grid.py list                  # keys, recorded or not
-    .venv/bin/python experiments/run_grid.py analyze KEY           # top features + branch points of a recorded run
+    .venv/bin/python experiments/run_grid.py record EXPERIMENT [...] [--logs DIR]  # e.g. record answer_bbq grid/cpu_long
+    .venv/bin/python experiments/run_grid.py report                # rewrite experiments/crl_results.md (and its figures)
+    .venv/bin/python experiments/run_grid.py list                  # experiment files and the runs recorded from each
+    .venv/bin/python experiments/run_grid.py analyse KEY           # top features + branch points of a recorded run
     .venv/bin/python experiments/run_grid.py refresh               # re-read recorded runs from MLflow
 
-Each record holds the command, commit, seed, wall time, peak RSS, MLflow run id, the held-out comparison
-(test split; nothing is selected on it), the per-example correctness/reward of every condition (for pooled,
-paired statistics over seeds) and the training history. Coefficients are the validation-chosen ones
-(experiments/coefficient_selection.md) where a task has one, else the config default, and every record says which.
+Each record holds the command, commit, seed, wall time (MLflow's start/end; peak RSS when ``--logs`` holds
+``<run name>.rss`` from GNU time), the MLflow run id, the held-out comparison, the per-example correctness/reward of
+every condition (for pooled, paired statistics over seeds) and the training history.
 """
 
 from __future__ import annotations
@@ -24,119 +25,39 @@ import subprocess
 import sys
 import tempfile
 import time
-from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from crl_exp.analysis.sweep_table import newest_per_config
 from crl_exp.analysis.training_curve import plot_training_curves
 from crl_exp.crl.config import BudgetConfig
 from crl_exp.crl.policy import PolicyConfig
-from crl_exp.modes.analyze import read_examples
+from crl_exp.modes.analyse import read_examples
+from crl_exp.paths import CONFIG_DIR
 from crl_exp.tracking.mlflow_run import resolve_tracking_uri
+from crl_exp.tracking.provenance import git_commit
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 FIGURES = HERE / "figures"
-SEEDS = (0, 1, 2)
-# Chosen on validation by `mode=select_coefficient` (experiments/coefficient_selection.md); other tasks keep the
-# config default (steering.coefficient in conf/steering/fixed.yaml) until a sweep is recorded for them.
-COEFFICIENT = {"bbq": 0.1, "mmlu": 0.5}
+EXPERIMENTS = CONFIG_DIR / "experiment"
 
 
-def _run(task: str, seed: int, *extra: str, model: str | None = None, experiment: str | None = None) -> list[str]:
-    args = [f"+experiment={experiment or f'{task}_layer12'}", f"seed={seed}", "trainer.progress_bar=false"]
-    if task in COEFFICIENT and not any(e.startswith("steering.coefficient=") for e in extra):
-        args.append(f"steering.coefficient={COEFFICIENT[task]}")
-    if model:
-        args.append(f"model={model}")
-    return [*args, *extra]
+def experiment_files() -> list[str]:
+    """Names of the recorded-group experiment files (``+experiment=<name>``)."""
+    names = [p.relative_to(EXPERIMENTS).with_suffix("").as_posix() for p in EXPERIMENTS.rglob("*.yaml")]
+    return sorted(n for n in names if n.startswith(("grid/", "answer_")))
 
 
-def sweep(overrides: list[str], compare_mode: str) -> list[str]:
-    """A multirun entry: ``-m`` first, and the mode that compares its jobs last (``compare:<mode>``)."""
-    return ["-m", *overrides, f"compare:{compare_mode}"]
+def mlflow_experiment_of(name: str) -> str:
+    """The MLflow experiment an experiment file logs to (its composed ``logger.experiment_name``)."""
+    from hydra import compose, initialize_config_dir
 
-
-def grid() -> dict[str, dict[str, list[str]]]:
-    """group -> key -> Hydra overrides. Keys name what differs: task, model, layer, variant, seed."""
-    groups: dict[str, dict[str, list[str]]] = {
-        # issue 24: the learner's proof (a known-answer task, all_actions, the sweep's settings), first row
-        "known_answer": {f"known_answer_gemma3_l12_s{s}": _run("known_answer", s, "budget.iterations=13")
-                         for s in SEEDS},
-        # the lever the known-answer seed 2 pointed to, chosen on validation with the table simulator before these
-        # runs (20 instead of 13 iterations: worst of 10 simulated seeds 0.82 -> 0.87 of the gap)
-        "known_answer_it20": {f"known_answer_gemma3_l12_it20_s{s}": _run("known_answer", s, "budget.iterations=20")
-                              for s in SEEDS},
-        "cpu": {f"{t}_gemma3_l12_s{s}": _run(t, s) for t in ("bbq", "mmlu", "gsm8k", "xstest", "harmbench")
-                for s in SEEDS},
-        # GSM8K as first run, with the model in fp32 (its experiment now loads bf16: 1.78x faster decoding)
-        "cpu_gsm8k_fp32": {f"gsm8k_gemma3_l12_fp32_s{s}": _run("gsm8k", s, "model.dtype=float32") for s in SEEDS},
-        "cpu_smollm2": {f"{t}_smollm2_s{s}": _run(t, s, experiment=f"{t}_smollm2") for t in ("xstest", "harmbench")
-                        for s in SEEDS},
-        # the lever the budget=cpu curves point to: a learnable action space (policy.candidates, issue 12)
-        "cpu_candidates": {f"{t}_gemma3_l12_cand32_s{s}": _run(t, s, "policy.candidates=32")
-                           for t in ("bbq", "mmlu") for s in SEEDS},
-        # the reward the policy optimises vs the metric it is judged by: the dense reward (gold-letter probability)
-        # rose under CRL while accuracy did not, so the exact-match reward (the metric itself) is the next lever
-        "cpu_exact_reward": {f"bbq_gemma3_l12_cand32_exact_s{s}": _run("bbq", s, "policy.candidates=32",
-                                                                        "task.reward=exact") for s in SEEDS},
-        # through the sweep machinery (one Hydra multirun: a parent run and one child run per job, jobs already
-        # FINISHED skipped on a rerun), then the mode that tables and plots it
-        # over 32 candidates, where the policy learns at budget=cpu (with all 4,096 features its entropy stays at
-        # ln 4096, so neither layers nor masking schedules could differ in anything but noise)
-        "layer_sweep": {"bbq_gemma3_cand32_layer_sweep_s0": sweep(
-            _run("bbq", 0, "policy.candidates=32", "sae.layer=3,6,12,15"), "compare_layers")},
-        "masking_sweep": {"bbq_gemma3_l12_cand32_masking_sweep_s0": sweep(
-            _run("bbq", 0, "policy.candidates=32", "masking=none,fixed,decaying,adaptive"), "compare_sweep")},
-        # more training where CRL learns at all (32 candidates): the "more iterations" lever
-        "cpu_long": {f"bbq_gemma3_l12_cand32_long_s{s}": _run("bbq", s, "budget=cpu_long", "policy.candidates=32")
-                     for s in SEEDS},
-        # the reward lever the cpu_long curves point to (fixed before any of these runs, one variant): the dense
-        # reward paid for mass on every letter (a format gain); the margin pays the gold letter against its best
-        # rival only (task.reward=margin, tasks/multiple_choice.py)
-        "cpu_long_margin": {f"bbq_gemma3_l12_cand32_long_margin_s{s}": _run(
-            "bbq", s, "budget=cpu_long", "policy.candidates=32", "task.reward=margin") for s in SEEDS},
-        # the lever the one-feature greedy policies point to (fixed before these runs): the last-token states of
-        # all BBQ prompts share 96.6% of their LayerNorm'd energy, so the trunk cannot tell prompts apart;
-        # policy.obs_norm standardises each dimension with running statistics (crl/policy.py)
-        "cpu_obs_norm": {f"bbq_gemma3_l12_cand32_obsnorm_s{s}": _run("bbq", s, "policy.candidates=32",
-                                                                      "policy.obs_norm=true") for s in SEEDS},
-        "cpu_long_obs_norm": {f"bbq_gemma3_l12_cand32_long_obsnorm_s{s}": _run(
-            "bbq", s, "budget=cpu_long", "policy.candidates=32", "policy.obs_norm=true") for s in SEEDS},
-        # the last lever listed and not yet run (fixed before these runs, one variant, against cpu_obs_norm): the
-        # same 64 episodes per iteration from 32 prompts x G=2 instead of 8 x G=8, so each PPO update sees four
-        # times as many distinct states (416 prompt draws in 13 iterations instead of 104)
-        "cpu_group_size": {f"bbq_gemma3_l12_cand32_obsnorm_g2_s{s}": _run(
-            "bbq", s, "policy.candidates=32", "policy.obs_norm=true", "budget.group_size=2") for s in SEEDS},
-        # the issue's two levers not yet run (fixed before these runs, one variant each, against cpu_obs_norm):
-        # the coefficient: at 0.1 the actions' rewards differ little (the actor's entropy stays at 3.45 of ln 32),
-        # so 0.25 (the config default, second on validation) gives each action a larger effect to learn from;
-        # top-k: two features per step (policy.top_k=2, each at half the coefficient), so a prompt can combine two
-        # directions
-        "cpu_coefficient": {f"bbq_gemma3_l12_cand32_obsnorm_coef025_s{s}": _run(
-            "bbq", s, "policy.candidates=32", "policy.obs_norm=true", "steering.coefficient=0.25") for s in SEEDS},
-        "cpu_top_k": {f"bbq_gemma3_l12_cand32_obsnorm_top2_s{s}": _run(
-            "bbq", s, "policy.candidates=32", "policy.obs_norm=true", "policy.top_k=2") for s in SEEDS},
-        # the lever the curves of every obs_norm run point to (fixed before these runs, one variant, against
-        # cpu_obs_norm): the critic's explained variance stays at -8 to -250 through all 13 iterations (seed 0
-        # of cpu_obs_norm and cpu_coefficient; -10 to -50 through 150 at cpu_long_obs_norm), so the GAE advantage (reward - V) is mostly critic error and the actor's
-        # entropy does not move; BBQ is one step, so the group baseline (reward minus the mean of the same
-        # prompt's 8 episodes, ppo.advantage=group) is an exact, critic-free baseline
-        "cpu_group_advantage": {f"bbq_gemma3_l12_cand32_obsnorm_groupadv_s{s}": _run(
-            "bbq", s, "policy.candidates=32", "policy.obs_norm=true", "ppo.advantage=group") for s in SEEDS},
-    }
-    return groups
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, cwd=HERE).stdout.strip()
-    return out.stdout.strip() + ("-dirty" if dirty else "")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={name}"])
+    return str(cfg.logger.experiment_name)
 
 
 def _artifact_json(client: MlflowClient, run_id: str, path: str):
@@ -208,60 +129,35 @@ def _copy_curve(client: MlflowClient, run_id: str, key: str) -> str | None:
         return str(dst.relative_to(HERE))
 
 
-def selected(patterns: list[str]) -> list[tuple[str, str, list[str]]]:
-    """(group, key, overrides) of the runs each pattern selects (a group name or an fnmatch pattern over keys), in
-    the order of the patterns (grid order within one), each run once."""
-    table = grid()
-    rows = [(g, k, o) for g, keys in table.items() for k, o in keys.items()]
-    if not patterns:
-        return rows
-    unknown = [p for p in patterns if p not in table and not any(fnmatch(k, p) for _, k, _ in rows)]
-    if unknown:
-        sys.exit(f"no group or key matches {unknown}; groups: {sorted(table)} (see `list`)")
-    chosen: dict[str, tuple[str, str, list[str]]] = {}
-    for p in patterns:  # in the order given: the first pattern's runs first
-        chosen.update({k: (g, k, o) for g, k, o in rows if (p == g or fnmatch(k, p)) and k not in chosen})
-    return list(chosen.values())
-
-
-def run_missing(patterns: list[str]) -> None:
+def record(names: list[str], logs: Path | None) -> None:
+    """Every FINISHED run of each experiment file (the newest per run name) into results/<run name>.json."""
     client = MlflowClient(resolve_tracking_uri(None))
     RESULTS.mkdir(exist_ok=True)
-    for group, key, overrides in selected(patterns):
-        out = RESULTS / f"{key}.json"
-        if out.exists():
-            print(f"[{key}] recorded, skipped", flush=True)
+    unknown = [n for n in names if n not in experiment_files()]
+    if unknown:
+        sys.exit(f"no experiment file {unknown}; recorded groups: {experiment_files()}")
+    for name in names:
+        exp = client.get_experiment_by_name(mlflow_experiment_of(name))
+        if exp is None:
+            print(f"[{name}] nothing logged yet (MLflow experiment {mlflow_experiment_of(name)!r})", flush=True)
             continue
-        is_sweep = overrides[0] == "-m"
-        compare = overrides[-1].removeprefix("compare:") if is_sweep else None
-        args = overrides[:-1] if is_sweep else overrides
-        name = f"sweep.experiment_name=grid-{key}" if is_sweep else f"logger.run_name={key}"
-        cmd = [sys.executable, "-m", "crl_exp", *args, name]
-        shown = " ".join([".venv/bin/python", *cmd[1:]])
-        print(f"[{key}] {shown}", flush=True)
-        commit = git_commit()
-        proc, wall, peak = timed_run(cmd)
-        if is_sweep and proc.returncode == 0:
-            compare_cmd = [sys.executable, "-m", "crl_exp", f"mode={compare}", f"compare.experiment_name=grid-{key}",
-                           f"logger.experiment_name=grid-{key}-compare"]
-            compared = subprocess.run(compare_cmd, capture_output=True, text=True)
-            proc.stdout += "\n--- compare ---\n" + compared.stdout
-            proc.stderr += compared.stderr
-            proc.returncode = compared.returncode
-        log = RESULTS / "logs" / f"{key}.log"
-        log.parent.mkdir(exist_ok=True)
-        log.write_text(proc.stdout[-20000:] + "\n--- stderr ---\n" + proc.stderr[-20000:])
-        if proc.returncode != 0:
-            print(f"[{key}] FAILED (exit {proc.returncode}) after {wall:.0f}s; see {log}", flush=True)
-            continue
-        record = {"key": key, "group": group, "command": shown, "commit": commit, "wall_s": round(wall, 1),
-                  "peak_rss_gb": peak, "host_cpus": os.cpu_count()}
-        if is_sweep:
-            record.update(collect_sweep(client, key, compare))
-        else:
-            record.update(collect(client, find_run(client, key)))
-        out.write_text(json.dumps(record, indent=1, default=float) + "\n")
-        print(f"[{key}] recorded in {wall / 60:.1f} min", flush=True)
+        runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.mode = 'train'",
+                                  order_by=["attributes.start_time DESC"])
+        newest: dict[str, object] = {}
+        for run in runs:
+            newest.setdefault(run.info.run_name, run)
+        for key, run in sorted(newest.items()):
+            rss = logs / f"{key}.rss" if logs else None
+            peak = (round(int(rss.read_text().split()[-1]) / 1024 ** 2, 2)
+                    if rss is not None and rss.is_file() and rss.read_text().split() else None)
+            seed = run.data.params.get("seed")
+            out = {"key": key, "group": name, "command": f".venv/bin/python -m crl_exp +experiment={name} seed={seed}",
+                   "rerun": f"python -m crl_exp -m +experiment={name}", "commit": run.data.tags.get("git_commit"),
+                   "wall_s": round((run.info.end_time - run.info.start_time) / 1000, 1), "peak_rss_gb": peak,
+                   "host_cpus": os.cpu_count()}
+            out.update(collect(client, run))
+            (RESULTS / f"{key}.json").write_text(json.dumps(out, indent=1, default=float) + "\n")
+            print(f"[{name}] recorded {key} (MLflow run {run.info.run_id})", flush=True)
 
 
 def timed_run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float | None]:
@@ -276,26 +172,6 @@ def timed_run(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, float
     return proc, wall, peak
 
 
-def collect_sweep(client: MlflowClient, key: str, compare: str) -> dict:
-    """A sweep's jobs (each reduced like a single run) and the comparison its compare mode logged."""
-    exp = client.get_experiment_by_name(f"grid-{key}")
-    jobs = client.search_runs([exp.experiment_id], "tags.mode = 'train' and attributes.status = 'FINISHED'")
-    (cmp_run,) = client.search_runs([client.get_experiment_by_name(f"grid-{key}-compare").experiment_id],
-                                    order_by=["attributes.start_time DESC"], max_results=1)
-    folder = "compare_layers" if compare == "compare_layers" else "comparison"
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(client.download_artifacts(cmp_run.info.run_id, folder, tmp))
-        table = next(local.rglob("*.md")).read_text()
-        plots = []
-        for png in local.rglob("*.png"):
-            FIGURES.mkdir(exist_ok=True)
-            shutil.copy(png, FIGURES / f"{key}_{png.name}")
-            plots.append(f"figures/{key}_{png.name}")
-    return {"sweep_experiment": exp.name, "compare_run_id": cmp_run.info.run_id, "comparison_table": table,
-            "plots": plots, "jobs": [collect(client, r, curve_key=f"{key}_{r.info.run_id[:8]}")
-                                     for r in newest_per_config(jobs)]}
-
-
 def refresh() -> None:
     """Re-read every recorded single run from MLflow (new fields); its command, commit, time and RSS are kept."""
     client = MlflowClient(resolve_tracking_uri(None))
@@ -308,14 +184,14 @@ def refresh() -> None:
         print(f"[{r['key']}] refreshed", flush=True)
 
 
-def analyze(key: str) -> None:
-    """The interpretability analyses of one recorded run (``mode=analyze``: top_features, branch_points), saved
+def analyse(key: str) -> None:
+    """The interpretability analyses of one recorded run (``mode=analyse``: top_features, branch_points), saved
     as results/analyses/<key>.json with their commands and MLflow run ids."""
     record = json.loads((RESULTS / f"{key}.json").read_text())
     client = MlflowClient(resolve_tracking_uri(None))
     out: dict[str, dict] = {}
     for analysis in ("top_features", "branch_points"):
-        cmd = [sys.executable, "-m", "crl_exp", "mode=analyze", f"analysis={analysis}", f"run_id={record['run_id']}",
+        cmd = [sys.executable, "-m", "crl_exp", "mode=analyse", f"analysis={analysis}", f"run_id={record['run_id']}",
                "logger.experiment_name=grid-analyses", f"logger.run_name={key}-{analysis}"]
         proc, wall, _ = timed_run(cmd)
         if proc.returncode != 0:
@@ -652,22 +528,29 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] not in ("run", "report", "list", "refresh", "analyze"):
+    if not argv or argv[0] not in ("record", "report", "list", "refresh", "analyse"):
         sys.exit(__doc__)
-    if argv[0] == "run":
-        run_missing(argv[1:])
+    if argv[0] == "record":
+        args = argv[1:]
+        logs = None
+        if "--logs" in args:
+            i = args.index("--logs")
+            logs, args = Path(args[i + 1]), args[:i] + args[i + 2:]
+        record(args, logs)
     elif argv[0] == "refresh":
         refresh()
-    elif argv[0] == "analyze":
+    elif argv[0] == "analyse":
         for key in argv[1:]:
-            analyze(key)
+            analyse(key)
     elif argv[0] == "report":
         print(write_report())
     else:
-        for group, keys in grid().items():
-            for key, overrides in keys.items():
-                done = "recorded" if (RESULTS / f"{key}.json").exists() else "missing"
-                print(f"{group:15s} {key:36s} {done:8s} {' '.join(overrides)}")
+        recorded: dict[str, list[str]] = {}
+        for r in load_records():
+            recorded.setdefault(r.get("group", "?"), []).append(r["key"])
+        for name in experiment_files():
+            keys = recorded.get(name, [])
+            print(f"{name:32s} {len(keys)} recorded  {' '.join(sorted(keys))}")
 
 
 if __name__ == "__main__":

@@ -234,7 +234,7 @@ def test_layer_comparison_and_branch_analysis_from_mlflow_runs(tmp_path, tiny_mo
 
     # branch points of a trained run, read back from MLflow
     source = train_runs[0].info.run_id
-    run(cfg("mode=analyze", f"run_id={source}", "analysis.episodes=2", "analysis.max_steps=2",
+    run(cfg("mode=analyse", f"run_id={source}", "analysis.episodes=2", "analysis.max_steps=2",
             "logger.experiment_name=analyses"))
     analysis = client.search_runs([client.get_experiment_by_name("analyses").experiment_id])[0]
     assert analysis.data.tags["source_run_id"] == source
@@ -242,12 +242,12 @@ def test_layer_comparison_and_branch_analysis_from_mlflow_runs(tmp_path, tiny_mo
     assert analysis.data.metrics["branch/controls_evaluated"] == 2 * 2
     assert analysis.data.metrics["branch/control_flips"] == 0
     with pytest.raises(CRLConfigError, match="Unknown MLflow run id"):
-        run(cfg("mode=analyze", "run_id=0123456789abcdef", "logger.experiment_name=analyses"))
+        run(cfg("mode=analyse", "run_id=0123456789abcdef", "logger.experiment_name=analyses"))
     with pytest.raises(CRLConfigError, match="not a CRL training run"):
-        run(cfg("mode=analyze", f"run_id={summary.info.run_id}", "logger.experiment_name=analyses"))
+        run(cfg("mode=analyse", f"run_id={summary.info.run_id}", "logger.experiment_name=analyses"))
 
     # the most-used features of the same run: usage, top contexts on train text, and what they did
-    run(cfg("mode=analyze", "analysis=top_features", f"run_id={source}", "analysis.n_features=3",
+    run(cfg("mode=analyse", "analysis=top_features", f"run_id={source}", "analysis.n_features=3",
             "analysis.corpus_tokens=512", "logger.experiment_name=analyses"))
     top = client.search_runs([client.get_experiment_by_name("analyses").experiment_id],
                              "tags.analysis = 'top_features'")[0]

@@ -144,8 +144,8 @@ def test_paper_configs_compose():
      r"a rollout of 8192 rows x \(3200 prompt \+ 1 new\) tokens of gemma3_270m needs an estimated \d+\.\d GiB "
      r"\(weights 1.00 GiB, kv_cache .*more than the .* GiB of available RAM"),
     (["+experiment=gsm8k_layer12", "budget.max_memory_gb=1"], r"more than the 1.0 GiB allowed by budget.max_memory_gb"),
-    (["+experiment=mmlu_layer12", "policy.candidates=8"], r"policy.candidates=8 must be in \[1, d_sae\] and exceed"),
-    (["+experiment=mmlu_layer12", "policy.candidates=5000"], r"policy.candidates=5000 must be in"),
+    (["+experiment=mmlu_layer12", "policy.action_pool=8"], r"policy.action_pool=8 must be in \[1, d_sae\] and exceed"),
+    (["+experiment=mmlu_layer12", "policy.action_pool=5000"], r"policy.action_pool=5000 must be in"),
 ])
 def test_incompatible_training_configs_fail_before_loading(tmp_path, overrides, message):
     cfg = compose_cfg(overrides + [f"logger.tracking_uri=sqlite:///{tmp_path / 'db'}"])
@@ -190,7 +190,17 @@ def test_every_config_option_composes_and_passes_preflight(group, option, tmp_pa
         write_gemma_scope_2_folder(tmp_path / "scope2", 64)
         overrides += ["model=hf", f"model.path={tiny_model_dir}", f"sae.path={tmp_path / 'scope2'}", "sae.layer=1"]
     cfg = compose_cfg(overrides + [f"cache_dir={tmp_path / 'cache'}"])
+    renamed = {("mode", "analyze"): "mode=analyse", ("steering", "fixed"): "steering=static"}.get((group, option))
+    if renamed:  # kept one release, refused with the new name before anything loads
+        with pytest.raises(CRLConfigError, match=f"is now {renamed}"):
+            preflight(cfg)
+        return
     preflight(cfg)
+
+
+def test_a_renamed_key_is_refused_with_its_new_name():
+    with pytest.raises(CRLConfigError, match=r"policy.candidates is now policy.action_pool: use policy.action_pool=32"):
+        preflight(compose_cfg(["+experiment=bbq_layer12", "policy.candidates=32"]))
 
 
 def test_a_misspelled_typed_key_fails_at_composition_with_its_name():

@@ -173,7 +173,7 @@ def test_nan_reward_stops_with_a_diagnostic(tiny_lm, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [["policy.candidates=6", "policy.noop_action=true"],
+@pytest.mark.parametrize("variant", [["policy.action_pool=6", "policy.noop_action=true"],
                                      ["policy.top_k=2", "policy.obs_norm=true"]],
                          ids=["top-1-pool", "top-2-dictionary"])
 def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, tiny_model_dir, data_dir, variant):
@@ -221,7 +221,7 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
             "heldout/untrained/accuracy", "heldout/untrained/distinct_greedy_features"} <= set(metrics)
     # one-token task: the static selection tries every feature of a 6-feature pool (2 ranked ones of the whole
     # dictionary) through one reward table on 4 validation prompts (each also unsteered), + the random reference
-    tried = 6 if "policy.candidates=6" in variant else 2
+    tried = 6 if "policy.action_pool=6" in variant else 2
     assert metrics["static/candidates_tried"] == tried
     assert metrics["static/episodes_selecting"] == 4 + 4 * (tried + 1) + 4 and metrics["crl/episodes_training"] == 3 * 4
     assert {"reference/static_reward", "reference/random_reward", "reference/none_reward"} <= set(metrics)
@@ -236,7 +236,7 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
     assert "heldout/crl/masked_action_share" not in metrics
     summary = json.loads(Path(client.download_artifacts(run.info.run_id, "heldout/summary.json", tmp_path)).read_text())
     assert summary["heldout_part"] == "dev" and summary["n_heldout"] == 8
-    if "policy.candidates=6" in variant:  # the record names the action space it was trained and scored in
+    if "policy.action_pool=6" in variant:  # the record names the action space it was trained and scored in
         assert len(summary["action_space"]) == 6
         # a 6-feature pool: every condition read off one held-out reward table, re-checked by the rollouts
         assert metrics["heldout/table_vs_rollout_max_abs_diff"] <= 1e-4

@@ -1,4 +1,4 @@
-"""experiments/run_grid.py: recorded runs are skipped, and the report pools seeds with seed variance in the CI."""
+"""experiments/run_grid.py: groups are experiment files, and the report pools seeds with seed variance in the CI."""
 
 from __future__ import annotations
 
@@ -119,22 +119,17 @@ def test_obs_norm_group_size_dtype_top_k_and_advantage_runs_are_reported_apart_f
     assert sum(h.endswith(" / group advantage") for h in headers) == 1
 
 
-def test_recorded_keys_are_skipped_and_unknown_patterns_refused(grid, capsys):
-    key = "bbq_gemma3_l12_s0"
-    (grid.RESULTS / f"{key}.json").write_text("{}")
-    grid.run_missing([key])  # would start a ~10-minute training run if it were not skipped
-    assert f"[{key}] recorded, skipped" in capsys.readouterr().out
-    assert [k for _, k, _ in grid.selected(["bbq_gemma3_l12_s*"])] == [f"bbq_gemma3_l12_s{s}" for s in range(3)]
-    order = [k for _, k, _ in grid.selected(["cpu_candidates", "bbq_gemma3_l12_s0", "bbq_*"])]
-    assert order[0].startswith("bbq_gemma3_l12_cand32") and order.index("bbq_gemma3_l12_s0") == 6
-    assert len(order) == len(set(order))
-    with pytest.raises(SystemExit, match="no group or key matches"):
-        grid.selected(["no_such_run"])
-    # a variant's own coefficient replaces the task's validated one instead of following it on the command line
-    coefs = [a for a in grid.grid()["cpu_coefficient"]["bbq_gemma3_l12_cand32_obsnorm_coef025_s0"]
-             if a.startswith("steering.coefficient=")]
-    assert coefs == ["steering.coefficient=0.25"]
-    assert "steering.coefficient=0.1" in grid.grid()["cpu_top_k"]["bbq_gemma3_l12_cand32_obsnorm_top2_s0"]
+def test_groups_are_experiment_files_and_record_reads_only_what_mlflow_holds(grid, capsys):
+    """The grid is Hydra experiment files; ``record`` refuses an unknown one with the list, names the MLflow
+    experiment a file logs to, and records nothing for an experiment that has not run."""
+    names = grid.experiment_files()
+    assert "answer_bbq" in names and "grid/cpu_obs_norm" in names and "bbq_layer12" not in names
+    assert grid.mlflow_experiment_of("answer_bbq") == "answer-bbq"
+    assert grid.mlflow_experiment_of("grid/cpu_coefficient") == "grid-cpu_coefficient"
+    with pytest.raises(SystemExit, match="no experiment file"):
+        grid.record(["no_such_group"], None)
+    grid.record(["answer_mmlu"], None)
+    assert "nothing logged yet" in capsys.readouterr().out and not list(grid.RESULTS.glob("*.json"))
 
 
 def test_state_diversity_separates_a_shared_direction_from_prompt_specific_energy():

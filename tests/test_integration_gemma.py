@@ -68,7 +68,7 @@ def test_corrupted_conversion_is_detected_and_rebuilt(tmp_path, gemma):
 
 def test_train_sae_command_on_gemma_logs_quality(tmp_path, data_dir, gemma):
     db = tmp_path / "mlflow.db"
-    cmd = [sys.executable, "-m", "crl_exp.sae", "sae.layer=6", "sae.training.d_sae=512", "sae.training.k=16",
+    cmd = [sys.executable, "-m", "crl_exp", "mode=train_sae", "sae.layer=6", "sae.training.d_sae=512", "sae.training.k=16",
            "sae.training.train_tokens=6000", "sae.training.heldout_tokens=1500", "sae.training.epochs=3",
            "sae.training.batch_size=256", f"cache_dir={tmp_path / 'cache'}", f"data_dir={data_dir}",
            f"logger.tracking_uri=sqlite:///{db}", f"hydra.run.dir={tmp_path / 'out'}"]

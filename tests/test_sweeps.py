@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from mlflow.tracking import MlflowClient
 
 from crl_exp.saes import resid_post_hook_name
@@ -75,7 +76,7 @@ def test_joblib_parallel_training_sweep_logs_children_under_one_parent(sweep_env
 
 
 def eval_sweep_args(base, features="0,999"):
-    return ["mode=eval", "task=bbq", "steering=fixed", f"steering.feature={features}", "steering.coefficient=1",
+    return ["mode=eval", "task=bbq", "steering=static", f"steering.feature={features}", "steering.coefficient=1",
             "steering.coefficient_scale=absolute", "sae.layer=1", "eval.limit=4", "eval.n_bootstrap=10", *base]
 
 
@@ -213,3 +214,26 @@ def test_the_confirmation_ledger_does_not_make_the_checkout_dirty(tmp_path):
     assert "dirty" not in clean and len(clean) == 40
     (tmp_path / "code.py").write_text("x = 2\n")
     assert git_commit.__wrapped__(tmp_path).startswith(f"{clean}-dirty-")
+
+
+def test_every_recorded_group_is_an_experiment_file_that_composes_with_its_seeds():
+    """The recorded grid is Hydra: each group under conf/experiment/grid/ (and the answer's answer_*) composes, runs
+    in train mode, names its MLflow experiment and runs, and lists the seeds its one multirun command sweeps."""
+    from hydra import compose, initialize_config_dir
+
+    from crl_exp.paths import CONFIG_DIR
+
+    files = sorted((CONFIG_DIR / "experiment").glob("grid/*.yaml")) + sorted((CONFIG_DIR / "experiment").glob("answer_*.yaml"))
+    assert len(files) >= 30
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for f in files:
+            name = f.relative_to(CONFIG_DIR / "experiment").with_suffix("").as_posix()
+            cfg = compose("config", overrides=[f"+experiment={name}"], return_hydra_config=True)
+            assert cfg.mode == "train", name
+            assert "${seed}" in OmegaConf.to_container(cfg.logger)["run_name"], name
+            assert str(cfg.hydra.sweeper.params.seed).replace(" ", "") in ("0,1,2", "0"), name
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        long = compose("config", overrides=["+experiment=grid/cpu_long_margin"])
+        assert long.budget.name == "cpu_long" and long.task.reward == "margin" and long.policy.action_pool == 32
+        answer = compose("config", overrides=["+experiment=answer_bbq"])
+        assert (answer.eval.heldout, answer.ppo.advantage, answer.policy.action_pool) == ("confirm", "all_actions", 32)

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 # (Lightning, pandas, ...) cost nothing to the others and bad input fails before they load.
 MODES: dict[str, str] = {
     "train": "train",
-    "analyze": "analyze",
+    "analyse": "analyse",
     "compare_layers": "compare_layers",
     "compare_sweep": "compare_sweep",
     "steer": "steer",
@@ -45,18 +45,27 @@ MODES: dict[str, str] = {
 }
 
 
+# old names -> new ones (one word per idea): refused with the new name, kept one release
+RENAMED_MODES = {"analyze": "analyse"}
+RENAMED_STEERING = {"fixed": "static"}
+
+
 def runner(mode: str) -> Callable[[DictConfig, RunTracker], object]:
     return importlib.import_module(f"crl_exp.modes.{MODES[mode]}").run
 
 
 def preflight(cfg: DictConfig) -> str | None:
     """All checks that need no weights. Returns the MLflow run a resumed checkpoint was logging to (or None)."""
+    if cfg.get("steering") is not None and cfg.steering.get("kind") in RENAMED_STEERING:
+        raise CRLConfigError(f"steering={cfg.steering.kind} is now steering={RENAMED_STEERING[cfg.steering.kind]}")
+    if cfg.mode in RENAMED_MODES:
+        raise CRLConfigError(f"mode={cfg.mode} is now mode={RENAMED_MODES[cfg.mode]} (one spelling throughout)")
     if cfg.mode not in MODES:
         raise CRLConfigError(f"Unknown mode {cfg.mode!r}; valid modes: {', '.join(MODES)}")
     check_tracking_uri(cfg.logger.get("tracking_uri"))
     ckpt = cfg.get("trainer", {}).get("ckpt_path")
     resume_run_id = check_checkpoint(str(ckpt)).get("crl_mlflow_run_id") if ckpt else None
-    if cfg.mode in ("analyze", "compare_layers", "compare_sweep"):
+    if cfg.mode in ("analyse", "compare_layers", "compare_sweep"):
         return resume_run_id  # these read the model/SAE settings of the runs they analyse
     check_budget(cfg)
     coefficient = cfg.get("steering", {}).get("coefficient")
@@ -141,10 +150,12 @@ def check_budget(cfg: DictConfig) -> None:
     d_sae = int(cfg.sae.training.d_sae) if cfg.sae.source == "trained" else None
     masking = masking_config(cfg.masking)
     masking.validate(d_sae or 16384)
-    if policy.candidates is not None and not (
-            (masking.schedule == "none" or policy.candidates > masking.min_unmasked)
-            and 1 <= policy.candidates <= (d_sae or policy.candidates)):
-        raise CRLConfigError(f"policy.candidates={policy.candidates} must be in [1, d_sae] and exceed "
+    if policy.candidates is not None:
+        raise CRLConfigError(f"policy.candidates is now policy.action_pool: use policy.action_pool={policy.candidates}")
+    if policy.action_pool is not None and not (
+            (masking.schedule == "none" or policy.action_pool > masking.min_unmasked)
+            and 1 <= policy.action_pool <= (d_sae or policy.action_pool)):
+        raise CRLConfigError(f"policy.action_pool={policy.action_pool} must be in [1, d_sae] and exceed "
                              f"masking.min_unmasked={masking.min_unmasked} (or use masking=none)")
     check_rollout_memory(cfg)
 

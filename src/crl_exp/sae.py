@@ -1,4 +1,5 @@
-"""``python -m crl_exp.sae [overrides]``: train (or re-use) and cache the SAE, i.e. ``python -m crl_exp mode=train_sae``."""
+"""Deprecated: ``python -m crl_exp.sae`` is ``python -m crl_exp mode=train_sae`` (one entry point). Kept one release:
+it says so and runs that command."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 from crl_exp.__main__ import main
 
 if __name__ == "__main__":
+    print("crl_exp.sae is deprecated and will be removed: use `python -m crl_exp mode=train_sae ...`",
+          file=sys.stderr)
     if not any(arg.startswith("mode=") for arg in sys.argv[1:]):
         sys.argv.append("mode=train_sae")
     main()

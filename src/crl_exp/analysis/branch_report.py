@@ -1,5 +1,5 @@
 """Branch points of a policy on held-out episodes, written as artifacts (``branch_points/``): CSV of every
-continuation, JSON of the branch points, an HTML report with them marked. Used by ``mode=analyze`` and at the
+continuation, JSON of the branch points, an HTML report with them marked. Used by ``mode=analyse`` and at the
 end of training (``analysis.at_end_of_training``)."""
 
 from __future__ import annotations

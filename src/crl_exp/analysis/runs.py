@@ -1,4 +1,4 @@
-"""Read trained CRL runs back from MLflow: their config and policy checkpoint (for ``mode=analyze``)."""
+"""Read trained CRL runs back from MLflow: their config and policy checkpoint (for ``mode=analyse``)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from crl_exp.errors import CRLConfigError
 class StaticFeatureBudget:
     train_examples: int = 32  # train episodes ranked by correlation, and validation episodes per candidate trial
     candidates: int = 4  # top-correlated features tried as static steering on validation (generating tasks, and
-    # one-token tasks over the whole dictionary; one-token tasks with policy.candidates=N try all N)
+    # one-token tasks over the whole dictionary; one-token tasks with policy.action_pool=N try all N)
     validation_examples: int = 128  # one-token tasks: validation prompts of the exhaustive reward table
     oracle_candidates: int = 32  # one-token tasks: the per-prompt oracle's pool (headroom reference row)
 

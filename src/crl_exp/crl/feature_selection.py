@@ -3,7 +3,7 @@
 1. Run the unsteered model on a stratified train subset, recording the residual state at the steered layer at
    every generated step; average each feature's SAE activation over the episode's steps.
 2. Correlate every feature's mean activation with the episode reward (Pearson) and rank the features (those
-   that never fire are skipped). The top ``pool`` form the *candidate pool*: ``policy.candidates`` restricts CRL
+   that never fire are skipped). The top ``pool`` form the *candidate pool*: ``policy.action_pool`` restricts CRL
    to it, and the headroom oracle draws from it.
 3. Steer *validation* episodes (a stratified subset) with each of the top ``candidates`` features (same
    coefficient as CRL) and keep the best mean reward: choosing on other episodes than those ranked avoids

@@ -109,9 +109,9 @@ class AdaptiveFeatureMask:
         self.candidates = torch.ones(d_sae, dtype=torch.bool)  # the action space AFM works within
 
     def restrict(self, features: list[int]) -> None:
-        """Limit the action space to ``features`` for good (``policy.candidates``); AFM masks within them."""
+        """Limit the action space to ``features`` for good (``policy.action_pool``); AFM masks within them."""
         if self.cfg.schedule != "none" and len(features) <= self.cfg.min_unmasked:
-            raise CRLConfigError(f"policy.candidates={len(features)} must exceed masking.min_unmasked="
+            raise CRLConfigError(f"policy.action_pool={len(features)} must exceed masking.min_unmasked="
                                  f"{self.cfg.min_unmasked}, or AFM could mask every candidate")
         self.candidates = torch.zeros(self.d_sae, dtype=torch.bool)
         self.candidates[torch.tensor(features, dtype=torch.long)] = True
@@ -155,5 +155,5 @@ class AdaptiveFeatureMask:
         self.masked_until = state["masked_until"].clone()
         self.iteration = int(state["iteration"])
         self.threshold = float(state["threshold"])
-        if "candidates" in state:  # checkpoints before policy.candidates existed: the full dictionary
+        if "candidates" in state:  # checkpoints before policy.action_pool existed: the full dictionary
             self.candidates = state["candidates"].clone()

@@ -91,7 +91,7 @@ class CRLModule(L.LightningModule):
 
     def action_space(self) -> torch.Tensor:
         """Bool [actions]: the features this policy was trained to choose among (the candidate pool of
-        ``policy.candidates``, or the whole dictionary), and the no-op when it has one; no evaluation may act
+        ``policy.action_pool``, or the whole dictionary), and the no-op when it has one; no evaluation may act
         outside it."""
         return self.with_noop(self.mask.candidates.clone())
 
@@ -216,7 +216,7 @@ class CRLModule(L.LightningModule):
         features = self.mask.allowed().nonzero().flatten()
         if len(features) > MAX_ALL_ACTIONS:
             raise CRLConfigError(f"ppo.advantage=all_actions scores every allowed action of every prompt; "
-                                 f"{len(features)} actions is more than {MAX_ALL_ACTIONS}: set policy.candidates")
+                                 f"{len(features)} actions is more than {MAX_ALL_ACTIONS}: set policy.action_pool")
         t0 = time.perf_counter()
         table = reward_table(env, prompts, features.tolist(), desc=f"all actions, iteration {iteration}",
                              use_cache=False)

@@ -1,4 +1,4 @@
-"""``mode=eval``: score a task split with no / random / fixed steering, with bootstrap CIs and a per-example table."""
+"""``mode=eval``: score a task split with no / random / static steering, with bootstrap CIs and a per-example table."""
 
 from __future__ import annotations
 

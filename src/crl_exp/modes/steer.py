@@ -34,7 +34,7 @@ def side_by_side(rows: list[dict], width: int | None = None) -> str:
 def run(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
     lm, sae = load_model_and_sae(cfg, tracker)
     if cfg.steering.kind == "none":
-        raise CRLConfigError("mode=steer compares baseline with steered text: use steering=fixed or steering=random")
+        raise CRLConfigError("mode=steer compares baseline with steered text: use steering=static or steering=random")
     steerer, controller = build_steerer(cfg.steering, lm, sae, seed=int(cfg.seed))
     prompts = list(cfg.prompts)
     if not prompts:
@@ -50,7 +50,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
                  zip(batch, base.completions, steered.completions, strict=True)]
     d = steerer.directions
     header = (f"{lm.name} | layer {sae.layer} | {sae.source} | steering={cfg.steering.kind}"
-              + (f" feature {cfg.steering.feature}" if cfg.steering.kind == "fixed" else "")
+              + (f" feature {cfg.steering.feature}" if cfg.steering.kind == "static" else "")
               + f" | coefficient {cfg.steering.coefficient} ({d.coefficient_scale}"
               + (f", resid norm {d.resid_norm:.1f}" if d.resid_norm else "") + ")")
     print(header)
@@ -60,6 +60,6 @@ def run(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
     changed = sum(r["baseline"] != r["steered"] for r in rows) / len(rows)
     tracker.log_metrics({"steer/changed_share": changed, "steer/baseline_seconds": base_s,
                          "steer/steered_seconds": steer_s, "steer/steered_vs_plain_throughput": base_s / steer_s})
-    if cfg.steering.kind == "fixed":
+    if cfg.steering.kind == "static":
         tracker.log_metrics({"steer/decoder_norm": float(d.decoder_norms[int(cfg.steering.feature)])})
     return rows

@@ -122,16 +122,16 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     ppo_cfg.advantage = resolve_advantage(ppo_cfg.advantage, task.max_new_tokens == 1, int(budget.group_size))
     tracker.set_tags({"advantage": ppo_cfg.advantage})
     # The static baseline is selected first (train ranking, validation trials): its ranked pool is also CRL's
-    # action space under policy.candidates=N, and the headroom oracle's candidates. On one-token tasks it tries
+    # action space under policy.action_pool=N, and the headroom oracle's candidates. On one-token tasks it tries
     # every feature of that action space (one exact reward table), on more validation prompts.
     sf = budget.static_feature
     one_token = task.max_new_tokens == 1
     phase = time.perf_counter()
     fixed_pool = task.action_pool()  # a task designed for its own action space (known_answer)
-    if fixed_pool is not None and policy_cfg.candidates not in (None, len(fixed_pool)):
+    if fixed_pool is not None and policy_cfg.action_pool not in (None, len(fixed_pool)):
         raise CRLConfigError(f"task={task.name} defines its action pool ({len(fixed_pool)} features): leave "
-                             f"policy.candidates unset")
-    n_pool = len(fixed_pool) if fixed_pool is not None else policy_cfg.candidates
+                             f"policy.action_pool unset")
+    n_pool = len(fixed_pool) if fixed_pool is not None else policy_cfg.action_pool
     n_tried = n_pool if one_token and n_pool else int(sf.candidates)
     validation = task.representative("validation", int(sf.validation_examples if one_token else sf.train_examples))
     selection = select_static_feature(

@@ -1,7 +1,7 @@
 """Controllers decide, per row and per token, which feature to add and how strongly.
 
 A controller is any callable ``state [B, d_model] -> (features [B] long, coefficients [B])``; the learned CRL
-policy is one, these are the fixed baselines.
+policy is one, these are the static baselines.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Build the steerer + controller that a ``steering/`` config node names (none, fixed, random)."""
+"""Build the steerer + controller that a ``steering/`` config node names (none, static, random)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def steering_directions(steering_cfg: DictConfig, sae: LoadedSAE) -> SteeringDir
                                            resid_norm=sae.metrics.get("resid_norm"))
 
 
-def _fixed(steering_cfg: DictConfig, sae: LoadedSAE, seed: int) -> StaticController:
+def _static(steering_cfg: DictConfig, sae: LoadedSAE, seed: int) -> StaticController:
     feature = int(steering_cfg.feature)
     if not 0 <= feature < sae.d_sae:
         raise CRLConfigError(f"steering.feature={feature} is out of range: the SAE has features 0..{sae.d_sae - 1}")
@@ -29,11 +29,11 @@ def _random(steering_cfg: DictConfig, sae: LoadedSAE, seed: int) -> RandomContro
 
 
 # steering.kind -> the controller that picks each step's feature (none: no steerer at all)
-CONTROLLERS = {"none": None, "fixed": _fixed, "random": _random}
+CONTROLLERS = {"none": None, "static": _static, "random": _random}
 
 
 def build_steerer(steering_cfg: DictConfig, lm: LoadedModel, sae: LoadedSAE, seed: int = 0):
-    """(steerer, controller) for ``steering=none|fixed|random``; (None, None) for none."""
+    """(steerer, controller) for ``steering=none|static|random``; (None, None) for none."""
     kind = steering_cfg.kind
     if kind not in CONTROLLERS:
         raise CRLConfigError(f"Unknown steering.kind {kind!r}; valid: {', '.join(CONTROLLERS)}")

@@ -1,4 +1,4 @@
-"""``mode=analyze analysis=<name> run_id=...``: analyses of a finished ``mode=train`` run, read back from MLflow.
+"""``mode=analyse analysis=<name> run_id=...``: analyses of a finished ``mode=train`` run, read back from MLflow.
 
 * ``branch_points``: counterfactual continuations per token of the trained policy on held-out episodes;
 * ``top_features``: the policy's most-used held-out features, what they respond to and what they did.
@@ -36,7 +36,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
     if cfg.analysis.name not in ANALYSES:
         raise CRLConfigError(f"Unknown analysis {cfg.analysis.name!r}; valid: {', '.join(ANALYSES)}")
     if not cfg.get("run_id"):
-        raise CRLConfigError("mode=analyze needs run_id=<MLflow run id of a mode=train run>")
+        raise CRLConfigError("mode=analyse needs run_id=<MLflow run id of a mode=train run>")
     client = MlflowClient(tracker.tracking_uri)
     src = load_run_config(client, str(cfg.run_id))
     acfg = cfg.analysis
