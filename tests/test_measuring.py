@@ -356,7 +356,6 @@ def test_every_condition_read_off_the_table_equals_its_rollout(tiny_lm):
     """The table-scored held-out comparison (evaluation/table_scoring.py) gives each condition exactly the records a
     rollout of that condition gives: none, a static feature, a random pool feature and a greedy policy."""
     from crl_exp.episodes import run_episodes
-    from crl_exp.steering.controllers import StaticController
     from crl_exp.evaluation.table_scoring import (
         check_against_rollouts,
         dictionary_sample,
@@ -366,6 +365,7 @@ def test_every_condition_read_off_the_table_equals_its_rollout(tiny_lm):
         table_policy_variants,
     )
     from crl_exp.reward_table import reward_table
+    from crl_exp.steering.controllers import StaticController
 
     from helpers import class_planted_env
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from crl_exp.saes import resid_post_hook_name
 
