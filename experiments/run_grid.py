@@ -238,7 +238,8 @@ def config_label(r: dict) -> str:
     return (f"{r['task']} / {r['model']} / layer {r['layer']} / {r['budget']} / {r['action_space']} / "
             f"masking {r['masking']} / coefficient {r['coefficient']} / reward {r.get('reward')}"
             + "".join(label.format(r[key]) for key, default, label in VARIANT_LABELS
-                      if r.get(key) not in (None, default)))
+                      if r.get(key) not in (None, default))
+            + (" / confirmation part" if r.get("heldout_part") == "confirm" else ""))
 
 
 # ----------------------------------------------------------------- the recorded runs under the fixed measuring
@@ -431,6 +432,82 @@ def analysis_section(key: str, analyses: dict, record: dict) -> list[str]:
             f"policy limitations, {critic.get('value_estimation_errors', float('nan')):.0f} value-estimation errors.", ""]
 
 
+# ---------------------------------------------------------------------- the pre-registered answer (issue 27)
+LEDGER = HERE / "confirmation_ledger.jsonl"
+STEERED = ("random", "random_dictionary", "static", "untrained", "crl")
+
+
+def side_effects(r: dict) -> dict[str, dict[str, float]]:
+    """Every steered condition against no steering on the same prompts: items fixed (wrong -> right), items broken
+    (right -> wrong), the side-effect ratio broken / (fixed + broken) and the share of items whose reward fell."""
+    ex = r["examples"]
+    base_ok = [c > 0.5 for c in ex["none"]["correct"]]
+    out = {}
+    for cond in [c for c in STEERED if c in ex]:
+        ok = [c > 0.5 for c in ex[cond]["correct"]]
+        fixed = sum(o and not b for o, b in zip(ok, base_ok, strict=True))
+        broken = sum(b and not o for o, b in zip(ok, base_ok, strict=True))
+        worse = sum(a < b - 1e-9 for a, b in zip(ex[cond]["reward"], ex["none"]["reward"], strict=True))
+        out[cond] = {"fixed": fixed, "broken": broken, "n": len(ok),
+                     "ratio": broken / (fixed + broken) if fixed + broken else float("nan"),
+                     "reward_worse_share": worse / len(ok)}
+    return out
+
+
+def decision(ci_low: float, ci_high: float) -> str:
+    """The pre-registered rule (experiments/preregistration.md) on a pooled 95% interval."""
+    return "**win**" if ci_low > 0 else "**loss**" if ci_high < 0 else "tie"
+
+
+def answer_section(groups: dict[str, list[dict]]) -> list[str]:
+    """The pre-registered comparisons of every confirmation-scored group, one row per group, then side effects."""
+    from crl_exp.stats import Z_95, pool_seeds
+
+    answer = {label: members for label, members in groups.items() if members[0].get("heldout_part") == "confirm"}
+    if not answer:
+        return []
+    ledger = [json.loads(x) for x in LEDGER.read_text().splitlines() if x.strip()] if LEDGER.exists() else []
+    out = ["## The pre-registered answer (confirmation part of the test splits)", "",
+           "Pre-registered in `experiments/preregistration.md` (committed before these runs); every run below scored the "
+           f"confirmation part once, as `experiments/confirmation_ledger.jsonl` shows ({len(ledger)} lines). Deltas: "
+           "CRL greedy (inside its action space) minus each row, in the task's primary metric, per seed by Newcombe's "
+           "paired interval on the cluster-adjusted counts, pooled over seeds with Student's t (the shared example "
+           "noise not divided by the seeds); decision by the pre-registered rule (win: the interval above 0).", "",
+           "| group | seeds | n | CRL | best static | CRL - static [95% CI] | MDE | decision | CRL - ceiling [95% CI] | "
+           "ceiling - static [95% CI] | CRL - untrained [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    effects = []
+    for label, members in sorted(answer.items(), key=lambda kv: (kv[1][0]["task"] != "known_answer", kv[0])):
+        members = sorted(members, key=lambda r: r["seed"])
+        stats = [restat(r) for r in members]
+        agg = pooled(members, stats)
+        key = members[0]["primary_metric"]
+        st, un = agg["deltas"][("primary", "static")], agg["deltas"][("primary", "untrained")]
+        cells = []
+        for name in ("crl_minus_ceiling", "ceiling_minus_static"):
+            per = [(r.get("reference_rows") or {}).get("paired", {}).get(name, {}).get(key) for r in members]
+            if all(per):
+                ses = [(d["ci95"][1] - d["ci95"][0]) / (2 * Z_95) for d in per]
+                p = pool_seeds([d["delta"] for d in per], ses)
+                cells.append(f"{p['delta']:+.3f} {_fmt_ci(p['ci_low'], p['ci_high'])}")
+            else:
+                cells.append("-")
+        crl = sum(s["conditions"]["crl"]["value"] for s in stats) / len(stats)
+        static = sum(s["conditions"]["static"]["value"] for s in stats) / len(stats)
+        out.append(f"| {label} | {agg['seeds']} | {members[0]['n_heldout']} | {crl:.3f} | {static:.3f} | "
+                   f"{st['delta']:+.3f} {_fmt_ci(st['ci_low'], st['ci_high'])} | {st['mde']:.3f} | "
+                   f"{decision(st['ci_low'], st['ci_high'])} | {cells[0]} | {cells[1]} | "
+                   f"{un['delta']:+.3f} {_fmt_ci(un['ci_low'], un['ci_high'])} |")
+        for r in members:
+            for cond, e in side_effects(r).items():
+                effects.append(f"| {label} | {r['seed']} | {cond} | {e['fixed']} | {e['broken']} | "
+                               f"{_fmt_mde(e['ratio'])} | {e['reward_worse_share']:.3f} |")
+    out += ["", "Side effects against no steering on the same prompts (fixed: wrong unsteered, right steered; broken: the "
+            "reverse; ratio = broken / (fixed + broken); reward worse = the share of prompts whose reward the steering "
+            "lowered):", "", "| group | seed | condition | fixed | broken | side-effect ratio | reward worse |",
+            "|---|---|---|---|---|---|---|", *effects, ""]
+    return out
+
+
 def write_report(path: Path = HERE / "crl_results.md") -> str:
     records = load_records()
     sweeps = [r for r in records if "jobs" in r]
@@ -447,6 +524,7 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
              "before the dev/confirmation cut; the static feature, the coefficient and everything else were chosen "
              "on train/validation. Rows the fixed measuring shows to measure something else are marked stale.", "",
              "READING_PLACEHOLDER", ""]
+    parts += answer_section(groups)
     for label, members in sorted(groups.items(), key=lambda kv: (kv[1][0]["task"] != "known_answer", kv[0])):
         members.sort(key=lambda r: r["seed"])
         r0 = members[0]

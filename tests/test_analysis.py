@@ -86,6 +86,37 @@ def test_planted_branch_point_is_found(tiny_lm):
     assert [r["alternative"] for r in controls] == [PLANTED] * 4 and result.control_flips() == []
 
 
+def test_branch_points_stay_inside_the_policy_action_space(tiny_lm):
+    """A pool-trained policy whose untrained logits favour a feature outside its pool: the alternatives and every
+    greedy continuation stay inside the pool (and the no-op, when the policy has one, is "no steering")."""
+    env = planted_env(tiny_lm)
+    task = ThirdTokenTask(PLANTED_PROMPTS)
+    pool = [1, 2, PLANTED]
+    outside = next(f for f in range(D_SAE) if f not in pool)
+    policy = ActorCritic(tiny_lm.d_model, D_SAE, hidden=16, noop_action=True)
+    with torch.no_grad():
+        policy.actor_head.weight.zero_()
+        policy.actor_head.bias.zero_()
+        policy.actor_head.bias[outside] = 10.0
+        policy.actor_head.bias[D_SAE] = 9.0  # the no-op next
+        policy.actor_head.bias[PLANTED] = 8.0
+    allowed = torch.zeros(D_SAE + 1, dtype=torch.bool)
+    allowed[pool + [D_SAE]] = True
+    examples = [task.split("train")[0]]
+    ctrl = PolicyController(policy, COEF, allowed=allowed, greedy=True, sae=env.sae.sae)
+    records, gen = rollout_batch(task, env.lm, examples, env.steerer, ctrl)
+    actions = ctrl.trajectory_for_logs()["feature"][0][gen.valid[0]].tolist()
+    assert set(actions) == {-1}  # the no-op, written as no steering
+    episode = Episode(examples[0], gen.new_tokens[0][gen.valid[0]].tolist(), actions, bool(records[0]["correct"]))
+    for naive in (False, True):
+        result = track_branches(task, env.lm, env.steerer, policy, COEF, episode, 0, k_alternatives=2, naive=naive,
+                                allowed=allowed)
+        alternatives = {r["alternative"] for r in result.rows}
+        assert alternatives <= {-1, *pool} and PLANTED in alternatives, alternatives
+    unrestricted = track_branches(task, env.lm, env.steerer, policy, COEF, episode, 0, k_alternatives=2)
+    assert outside in {r["alternative"] for r in unrestricted.rows}  # what the analysis did before
+
+
 LONG_PROMPTS = ["x", "The quick brown fox jumps over the lazy dog, and then"]  # > the 16-token sliding window
 
 

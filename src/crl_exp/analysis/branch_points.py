@@ -78,13 +78,21 @@ class BranchResult:
         return {p: sum(v) / len(v) for p, v in sorted(by_step.items())}
 
 
+def greedy_steered(policy: ActorCritic, state: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """The greedy action inside ``allowed`` (the policy's action space), its no-op written as ``NO_FEATURE``."""
+    logits, _ = policy(state, allowed)
+    feature = logits.argmax(-1).cpu()
+    return feature if policy.noop_index is None else torch.where(feature == policy.noop_index, NO_FEATURE, feature)
+
+
 class ScriptedController:
     """Replays ``forced`` actions (one per step), then ``first_free`` once (one feature, or one per row), then
-    the greedy policy."""
+    the greedy policy inside ``allowed``."""
 
     def __init__(self, policy: ActorCritic, coefficient: float, forced: list[int],
-                 first_free: int | list[int] | None = None):
+                 first_free: int | list[int] | None = None, allowed: torch.Tensor | None = None):
         self.policy, self.coefficient, self.forced, self.first_free = policy, coefficient, list(forced), first_free
+        self.allowed = allowed
         self.calls = 0
 
     @torch.no_grad()
@@ -97,23 +105,26 @@ class ScriptedController:
             feature = (torch.tensor(self.first_free, dtype=torch.long) if isinstance(self.first_free, list)
                        else torch.full((len(state),), self.first_free, dtype=torch.long))
         else:
-            logits, _ = self.policy(state)
-            feature = logits.argmax(-1).cpu()
+            feature = greedy_steered(self.policy, state, self.allowed)
         return feature.to(state.device), torch.full((len(state),), self.coefficient, device=state.device)
 
 
-def alternatives_for(policy: ActorCritic, state: torch.Tensor, chosen: int, k: int) -> list[int]:
-    """No steering plus the policy's ``k`` next-best features at this state."""
+def alternatives_for(policy: ActorCritic, state: torch.Tensor, chosen: int, k: int,
+                     allowed: torch.Tensor | None = None) -> list[int]:
+    """No steering plus the policy's ``k`` next-best features at this state, inside ``allowed``."""
     with torch.no_grad():
-        logits, _ = policy(state[None])
-    ranked = [f for f in logits[0].argsort(descending=True).tolist() if f != chosen][:k]
+        logits, _ = policy(state[None], allowed)
+    order = logits[0].argsort(descending=True)
+    ranked = [f for f in order[logits[0][order] > float("-inf")].tolist()
+              if f != chosen and f != policy.noop_index][:k]
     return [NO_FEATURE, *ranked]
 
 
 def track_branches(task: Task, lm, steerer: ResidualSteerer, policy: ActorCritic, coefficient: float,
                    episode: Episode, episode_index: int, k_alternatives: int = 2, steps: list[int] | None = None,
-                   naive: bool = False, max_rows: int = 64) -> BranchResult:
-    """Every (step, alternative) continuation of ``episode``; ``max_rows``: continuations per cached generate."""
+                   naive: bool = False, max_rows: int = 64, allowed: torch.Tensor | None = None) -> BranchResult:
+    """Every (step, alternative) continuation of ``episode``; ``max_rows``: continuations per cached generate;
+    ``allowed``: the policy's action space (alternatives and greedy continuations stay inside it)."""
     ex = episode.example
     prompt = render_prompt(task, lm, ex)
     chat = task.cfg.get("template", "base") == "chat"
@@ -126,9 +137,9 @@ def track_branches(task: Task, lm, steerer: ResidualSteerer, policy: ActorCritic
     if naive:
         for t in wanted:
             state = _state_by_replay(lm, steerer, prompt, chat, policy, coefficient, episode.actions[: t + 1])
-            for alt in step_alternatives(policy, state, episode.actions[t], k_alternatives):
+            for alt in step_alternatives(policy, state, episode.actions[t], k_alternatives, allowed):
                 jobs.append((t, alt, alt == episode.actions[t]))
-                ctrl = ScriptedController(policy, coefficient, episode.actions[:t], alt)
+                ctrl = ScriptedController(policy, coefficient, episode.actions[:t], alt, allowed)
                 gen = generate(lm, [prompt], task.max_new_tokens, steerer, ctrl, add_special_tokens=not chat,
                                stop_strings=task.stop_strings)
                 continuations.append(_strip_pad(gen.new_tokens[0].tolist(), lm.tokenizer.pad_token_id))
@@ -136,11 +147,11 @@ def track_branches(task: Task, lm, steerer: ResidualSteerer, policy: ActorCritic
         snapshots, states = replay_prefix(lm, steerer, full, P, episode.actions, coefficient, wanted)
         for t in wanted:
             jobs += [(t, alt, alt == episode.actions[t])
-                     for alt in step_alternatives(policy, states[t], episode.actions[t], k_alternatives)]
+                     for alt in step_alternatives(policy, states[t], episode.actions[t], k_alternatives, allowed)]
         for start in range(0, len(jobs), max_rows):  # every continuation is a row of one cached generate
             chunk = jobs[start:start + max_rows]
             tails = continue_steps(lm, full, P, [t for t, _, _ in chunk], snapshots, steerer,
-                                   ScriptedController(policy, coefficient, [], [alt for _, alt, _ in chunk]),
+                                   ScriptedController(policy, coefficient, [], [alt for _, alt, _ in chunk], allowed),
                                    task.max_new_tokens, task.stop_strings)
             continuations += [episode.new_tokens[:t] + tail for (t, _, _), tail in zip(chunk, tails, strict=True)]
     result = BranchResult(episode_index)
@@ -158,9 +169,10 @@ def track_branches(task: Task, lm, steerer: ResidualSteerer, policy: ActorCritic
     return result
 
 
-def step_alternatives(policy: ActorCritic, state: torch.Tensor, chosen: int, k: int) -> list[int]:
+def step_alternatives(policy: ActorCritic, state: torch.Tensor, chosen: int, k: int,
+                      allowed: torch.Tensor | None = None) -> list[int]:
     """The control (the original action) first, then no steering and the policy's next-best features."""
-    return [chosen, *alternatives_for(policy, state, chosen, k)]
+    return [chosen, *alternatives_for(policy, state, chosen, k, allowed)]
 
 
 @torch.no_grad()

@@ -15,29 +15,30 @@ from tqdm.auto import tqdm
 from crl_exp.analysis.branch_points import Episode, track_branches
 from crl_exp.analysis.intervention_log import log_rows, to_frame
 from crl_exp.analysis.report import render_report
-from crl_exp.crl.rollout import PolicyController
 from crl_exp.episodes import rollout_batch
 from crl_exp.errors import CRLConfigError
 
 
-def analyse_branches(env, policy, task, acfg: DictConfig, tracker, title: str = "") -> list[dict]:
-    """Branch points of ``policy`` on ``acfg.episodes`` held-out episodes; artifacts under ``branch_points/``."""
+def analyse_branches(env, module, task, acfg: DictConfig, tracker, title: str = "") -> list[dict]:
+    """Branch points of a trained ``CRLModule``'s policy on ``acfg.episodes`` held-out episodes, acting inside its
+    action space (greedy, alternatives, continuations); artifacts under ``branch_points/``."""
+    policy, allowed = module.policy, module.action_space()
     examples = task.heldout("dev", int(acfg.episodes))
     if not examples:
         raise CRLConfigError(f"No held-out episodes to analyse for {task.name}")
     # Originals are generated one episode at a time (unpadded), exactly as the branches are replayed.
     records, log, all_rows, points, noise = [], [], [], {}, 0
     for i, ex in enumerate(tqdm(examples, desc="branch points", unit="episode")):
-        controller = PolicyController(policy, env.coefficient, greedy=True, sae=env.sae.sae)
+        controller = module.controller(env.coefficient, greedy=True, with_mask=False, sae=env.sae.sae)
         (rec,), gen = rollout_batch(task, env.lm, [ex], env.steerer, controller)
-        traj, valid = controller.stacked(), gen.valid
+        traj, valid = controller.trajectory_for_logs(), gen.valid
         records.append(rec)
         log += log_rows([rec], gen.new_tokens, traj, valid, env.lm.tokenizer, episode_offset=i)
         episode = Episode(ex, gen.new_tokens[0][valid[0]].tolist(), traj["feature"][0][valid[0]].tolist(),
                           bool(rec["correct"] > 0.5))
         steps = list(range(min(len(episode.new_tokens), int(acfg.max_steps))))
         result = track_branches(task, env.lm, env.steerer, policy, env.coefficient, episode, i,
-                                k_alternatives=int(acfg.k_alternatives), steps=steps)
+                                k_alternatives=int(acfg.k_alternatives), steps=steps, allowed=allowed)
         all_rows += result.rows
         points[i] = result.branch_points()
         noise += len(result.control_flips())

@@ -57,7 +57,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
     if module.top_k != 1:
         raise CRLConfigError("Branch-point tracking needs a top-1 policy (one feature per token); this run used "
                              f"policy.top_k={module.top_k}")
-    return analyse_branches(env, module.policy, task, acfg, tracker, title=f"run {cfg.run_id}")
+    return analyse_branches(env, module, task, acfg, tracker, title=f"run {cfg.run_id}")
 
 
 def top_features(client: MlflowClient, src: DictConfig, cfg: DictConfig, tracker: RunTracker) -> list[dict]:

@@ -312,7 +312,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     tracker.log_metrics({"features/syntactic_share": syntactic, "features/distinct_heldout": float(len(usage))})
     tracker.log_dict({str(k): v for k, v in per_feature.items()}, "interventions/feature_profiles.json")
     if cfg.analysis.get("at_end_of_training") and module.top_k == 1:
-        analyse_branches(env, module.policy, task, cfg.analysis, tracker, title="(end of training)")
+        analyse_branches(env, module, task, cfg.analysis, tracker, title="(end of training)")
     table = comparison_table(task.name, key, results, deltas, len(test_pool), part)
     table += (f"\n\nTraining curve (train reward per iteration; static/random/none references on train and "
               f"validation episodes): {curve}")
