@@ -1,4 +1,5 @@
-"""Typed (structured) configs: the dataclasses behind ``ppo/``, ``masking/``, ``policy/`` and ``budget/``.
+"""Typed (structured) configs: the dataclasses behind ``ppo/``, ``masking/``, ``policy/``, ``budget/`` and
+``sae.training`` (``sae=trained``).
 
 Each default is defined once, in its dataclass; the YAML files of those groups start from the registered
 ``base_*`` node and set only what differs. Composition then refuses an unknown or misspelled key with its name
@@ -13,6 +14,7 @@ from crl_exp.crl.config import BudgetConfig
 from crl_exp.crl.masking import MaskingConfig
 from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig
+from crl_exp.saes.training import SAETrainingSettings
 
 STRUCTURED = {"ppo": PPOConfig, "masking": MaskingConfig, "policy": PolicyConfig, "budget": BudgetConfig}
 
@@ -22,3 +24,5 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     for group, cls in STRUCTURED.items():
         store.store(group=group, name=f"base_{group}", node=cls)
+    # sae=trained starts from this node: its training knobs typed, each default once (SAETrainingSettings)
+    store.store(group="sae", name="base_trained", node={"training": SAETrainingSettings})

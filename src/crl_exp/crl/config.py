@@ -11,6 +11,14 @@ from crl_exp.crl.masking import MaskingConfig
 from crl_exp.errors import CRLConfigError
 
 
+def _check(key: str, value: Any, nullable: bool = False) -> None:
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CRLConfigError(f"budget.{key}={value} is invalid: it must be an integer >= 1"
+                             + (" or null (all)" if nullable else ""))
+
+
 @dataclass
 class StaticFeatureBudget:
     train_examples: int = 32  # train episodes ranked by correlation, and validation episodes per candidate trial
@@ -44,24 +52,33 @@ class BudgetConfig:
     max_memory_gb: float | None = None  # rollout memory allowed; null = the GPU's memory or the available RAM
     static_feature: StaticFeatureBudget = field(default_factory=StaticFeatureBudget)
 
+    def validate(self) -> None:
+        """One line per bad value of ``budget.*``, naming the key and its valid range."""
+        for key in ("iterations", "episodes_per_iteration", "group_size", "eval_batch_size", "reference_train_examples"):
+            _check(key, getattr(self, key))
+        for key in ("eval_examples", "eval_examples_generating", "max_new_tokens_cap"):
+            _check(key, getattr(self, key), nullable=True)
+        if self.eval_sampled_seeds is None or int(self.eval_sampled_seeds) < 0:
+            raise CRLConfigError(f"budget.eval_sampled_seeds={self.eval_sampled_seeds} is invalid: it must be >= 0")
+        for key in ("train_examples", "candidates", "validation_examples"):
+            _check(f"static_feature.{key}", getattr(self.static_feature, key))
 
-def validate_budget(budget: Any) -> None:
-    """One line per bad value of ``budget.*``, naming the key and its valid range."""
-    positive = ("iterations", "episodes_per_iteration", "group_size", "eval_batch_size", "reference_train_examples")
-    for key in positive:
-        value = budget.get(key)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise CRLConfigError(f"budget.{key}={value} is invalid: it must be an integer >= 1")
-    for key in ("eval_examples", "eval_examples_generating", "max_new_tokens_cap"):
-        value = budget.get(key)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise CRLConfigError(f"budget.{key}={value} is invalid: it must be an integer >= 1 or null (all)")
-    if budget.get("eval_sampled_seeds") is not None and int(budget.eval_sampled_seeds) < 0:
-        raise CRLConfigError(f"budget.eval_sampled_seeds={budget.eval_sampled_seeds} is invalid: it must be >= 0")
-    for key in ("train_examples", "candidates", "validation_examples"):
-        value = budget.static_feature.get(key)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise CRLConfigError(f"budget.static_feature.{key}={value} is invalid: it must be an integer >= 1")
+
+def budget_config(node: Any) -> BudgetConfig:
+    """The typed ``budget/`` node of a run (unknown keys refused), validated: what run-time code reads, so every
+    default stays the dataclass's."""
+    if isinstance(node, BudgetConfig):
+        return node
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    static = config_dataclass(StaticFeatureBudget, data.pop("static_feature", {}) or {})
+    budget = config_dataclass(BudgetConfig, {**data, "static_feature": static})
+    budget.validate()
+    return budget
+
+
+def validate_budget(node: Any) -> None:
+    """``budget_config`` for its refusals only (preflight)."""
+    budget_config(node)
 
 
 def config_dataclass(cls, node) -> Any:
@@ -79,17 +96,18 @@ def masking_config(node: DictConfig) -> MaskingConfig:
     return config_dataclass(MaskingConfig, node)
 
 
-def heldout_size(budget: DictConfig, max_new_tokens: int) -> int | None:
+def heldout_size(budget: Any, max_new_tokens: int) -> int | None:
     """Held-out examples per condition for a task generating ``max_new_tokens`` tokens (``None``: all)."""
-    if max_new_tokens > 1 and budget.get("eval_examples_generating") is not None:
-        return int(budget.eval_examples_generating)
-    return budget.get("eval_examples")
+    budget = budget_config(budget)
+    if max_new_tokens > 1 and budget.eval_examples_generating is not None:
+        return budget.eval_examples_generating
+    return budget.eval_examples
 
 
-def capped_new_tokens(budget: DictConfig, task: DictConfig) -> int:
+def capped_new_tokens(budget: Any, task: DictConfig) -> int:
     """The task's generation length under the budget's cap, never below the task's ``max_new_tokens_floor``
     (GSM8K: a 4-shot chain of thought needs ~100 tokens)."""
-    tokens, cap = int(task.max_new_tokens), budget.get("max_new_tokens_cap")
+    tokens, cap = int(task.max_new_tokens), budget_config(budget).max_new_tokens_cap
     if cap is None:
         return tokens
     return min(tokens, max(int(cap), int(task.get("max_new_tokens_floor") or 0)))

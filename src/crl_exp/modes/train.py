@@ -28,7 +28,7 @@ from crl_exp.analysis.intervention_log import to_frame
 from crl_exp.analysis.report import render_report
 from crl_exp.analysis.top_features import corpus_top_contexts
 from crl_exp.analysis.training_curve import plot_training_curve
-from crl_exp.crl.config import apply_budget, config_dataclass, heldout_size, masking_config
+from crl_exp.crl.config import apply_budget, budget_config, config_dataclass, heldout_size, masking_config
 from crl_exp.crl.feature_selection import mean_reward, select_static_feature
 from crl_exp.crl.module import CRLModule, PromptDataModule
 from crl_exp.crl.policy import PolicyConfig
@@ -107,7 +107,7 @@ def heldout_examples(cfg: DictConfig, task, tracker: RunTracker) -> tuple[str, l
 
 def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     apply_budget(cfg)
-    budget = cfg.budget
+    budget = budget_config(cfg.budget)  # typed: every default is BudgetConfig's
     task = build_task(cfg.task, cfg.get("data_dir"))
     part, test_pool = heldout_examples(cfg, task, tracker)
     tracker.log_metrics({f"data/{s}_size": n for s, n in task.split_sizes().items()})
@@ -116,7 +116,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     env = build_env(cfg, task, tracker)
     lm, sae = env.lm, env.sae
     seed = int(cfg.seed)
-    iterations = int(budget.iterations)
+    iterations = budget.iterations
     ppo_cfg = config_dataclass(PPOConfig, cfg.ppo)
     policy_cfg = config_dataclass(PolicyConfig, cfg.policy)
     ppo_cfg.advantage = resolve_advantage(ppo_cfg.advantage, task.max_new_tokens == 1, int(budget.group_size))
@@ -136,7 +136,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     validation = task.representative("validation", int(sf.validation_examples if one_token else sf.train_examples))
     selection = select_static_feature(
         env, task.representative("train", int(sf.train_examples)), validation, n_tried, int(budget.eval_batch_size),
-        pool_size=max(n_pool or 0, int(sf.get("oracle_candidates", 0))), exhaustive=one_token, fixed_pool=fixed_pool)
+        pool_size=max(n_pool or 0, sf.oracle_candidates), exhaustive=one_token, fixed_pool=fixed_pool)
     pool = selection.pool[:n_pool] if n_pool else None
     action_features = pool if pool is not None else list(range(sae.d_sae))
     episodes_training = iterations * int(budget.episodes_per_iteration)
@@ -270,7 +270,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     shares = action_shares(greedy_features[greedy_features != NO_FEATURE].tolist(),
                            module.mask.candidates, module.mask.allowed())
     tracker.log_metrics({f"heldout/crl/{k}": v for k, v in shares.items()})
-    sampled_seeds = int(budget.get("eval_sampled_seeds", 0))
+    sampled_seeds = budget.eval_sampled_seeds
     if heldout_table is not None:
         variants = table_policy_variants(module, env, heldout_table, task, key, sampled_seeds, with_mask,
                                          columns["crl"])
@@ -289,7 +289,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     log.info("Held-out comparison in %.0f s", time.perf_counter() - phase)
     phase = time.perf_counter()
     oracle = refs = None
-    n_oracle = int(sf.get("oracle_candidates", 0))
+    n_oracle = sf.oracle_candidates
     if one_token and n_oracle:  # one-token tasks: every candidate costs one row of a last-token forward
         refs = one_token_references(env, task, cfg, selection, pool or selection.pool[:n_oracle], validation,
                                     test_pool, results, greedy_features.tolist(), seed, heldout_table,
@@ -377,7 +377,7 @@ def one_token_references(env, task, cfg: DictConfig, selection, ref_pool: list[i
                      else reward_table(env, test_pool, ref_pool, desc="held-out reward table"))
     val_table = (selection.table if selection.table is not None and selection.table.features == list(ref_pool)
                  else reward_table(env, validation, ref_pool, desc="validation reward table"))
-    train_examples = task.representative("train", int(cfg.budget.reference_train_examples))
+    train_examples = task.representative("train", budget_config(cfg.budget).reference_train_examples)
     train_table = reward_table(env, train_examples, ref_pool, desc="train reward table")
     groups = group_oracle(train_table, [e.group for e in train_examples], heldout_table, [e.group for e in test_pool])
     ceiling_row = ceiling(train_table, val_table, heldout_table, seed=seed)
