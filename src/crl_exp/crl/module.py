@@ -108,12 +108,13 @@ class CRLModule(L.LightningModule):
         return actions if noop is None else actions[actions != noop]
 
     def controller(self, coefficient: float, *, greedy: bool, with_mask: bool, seed: int = 0,
-                   sae=None) -> PolicyController:
-        """The one way to act with this policy: inside its action space always, and inside the current Adaptive
-        Feature Mask too when ``with_mask`` (training, and the mask-on evaluation)."""
+                   sae=None, policy: ActorCritic | None = None) -> PolicyController:
+        """The one way to act with this policy (the only place a ``PolicyController`` is built): inside its
+        action space always, and inside the current Adaptive Feature Mask too when ``with_mask`` (training, and the
+        mask-on evaluation). ``policy``: another network over the same action space (the untrained control)."""
         allowed = self.allowed_actions() if with_mask else self.action_space()
-        return PolicyController(self.policy, coefficient, allowed=allowed, greedy=greedy, seed=seed, sae=sae,
-                                top_k=self.top_k)
+        return PolicyController(policy or self.policy, coefficient, allowed=allowed, greedy=greedy, seed=seed,
+                                sae=sae, top_k=self.top_k)
 
     @torch.no_grad()
     def warm_up_obs_norm(self, states: torch.Tensor) -> None:

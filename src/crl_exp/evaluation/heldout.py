@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from crl_exp.crl.rollout import PolicyController
 from crl_exp.episodes import rollout_batch, run_episodes
 from crl_exp.evaluation.comparison import condition_summary, paired_delta
 from crl_exp.steering.controllers import RandomController, RowDispatch, StaticController
@@ -50,13 +49,12 @@ def baseline_controllers(env, action_space: list[int], static_feature: int, seed
             "static": StaticController(static_feature, env.coefficient)}
 
 
-def untrained_controller(initial_policy, module, coefficient: float, sae=None) -> PolicyController:
+def untrained_controller(initial_policy, module, coefficient: float, sae=None):
     """Greedy over the trained policy's action space with its initial weights; the observation normaliser's
     statistics are the trained run's, so the control differs from CRL only by what training changed."""
     if module.policy.obs_norm is not None and initial_policy.obs_norm is not None:
         initial_policy.obs_norm.load_state_dict(module.policy.obs_norm.state_dict())
-    return PolicyController(initial_policy, coefficient, allowed=module.action_space(), greedy=True, sae=sae,
-                            top_k=module.top_k)
+    return module.controller(coefficient, greedy=True, with_mask=False, sae=sae, policy=initial_policy)
 
 
 def run_conditions(env, examples: list, controllers: dict[str, Any], batch_size: int,
