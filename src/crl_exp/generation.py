@@ -49,7 +49,7 @@ class StopOnStrings(StoppingCriteria):
     """Ends a row once its generated text contains a stop string.
 
     Replaces ``generate(stop_strings=...)``, whose ``StopStringCriteria`` pre-processes the whole vocabulary on
-    every call (about 3.5 s per call with Gemma's 262k tokens, measured); this only decodes each row's last few
+    every call (seconds with Gemma's 262k tokens: docs/performance.md); this only decodes each row's last few
     tokens per step.
     """
 

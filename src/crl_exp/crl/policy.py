@@ -3,14 +3,14 @@
 Actor: one ``Linear`` head over the SAE's features (a masked categorical; logits of masked features are
 -inf). Critic: a value head on its own trunk (default) or on the actor's trunk (``shared_trunk``). Init follows
 CleanRL (orthogonal weights, actor head gain 0.01: a near-uniform initial policy) except the value head, also at
-gain 0.01: with gain 1 the untrained critic output about +-0.6 per prompt against reward spreads of ~0.05, so
-nearly all of the first advantages' variance was critic error pushed into the actor as random preferences.
+gain 0.01: at gain 1 the untrained critic's outputs dwarf the reward spread between actions, so nearly all of the
+first advantages' variance is critic error pushed into the actor as random preferences (docs/design.md §3).
 
 The state is the detached residual vector x_t at the steered layer; ``LayerNorm`` without affine parameters
 removes its scale (Gemma residual norms are in the thousands) before the trunk. ``obs_norm`` adds CleanRL's
-per-dimension running standardisation after it: on BBQ at layer 12 of Gemma 3 270M, 96.6% of the LayerNorm'd
-last-token state's energy is shared by every prompt (pairwise cosine 0.97), so without it the trunk sees nearly
-the same input for every prompt and a learned policy picks one feature everywhere.
+per-dimension running standardisation after it: the LayerNorm'd last-token states of a one-token task's prompts
+share most of their energy (experiments/state_diversity.py), so without it the trunk sees nearly the same input
+for every prompt and a learned policy picks one feature everywhere.
 """
 
 from __future__ import annotations

@@ -35,8 +35,8 @@ def check_finite(iteration: int, **tensors: torch.Tensor) -> None:
 
 @dataclass
 class PPOConfig:
-    # chosen on the known-answer task's validation split (experiments/learner_sweep.md): the best setting for group
-    # and gae and within 0.003 reward of all_actions' best; CleanRL's 3e-4 recovered <= 40% of the gap there
+    # chosen on the known-answer task's validation split, confirmed on BBQ validation (experiments/learner_sweep.md,
+    # learner_sweep_bbq.md)
     lr: float = 3e-3
     anneal_lr: bool = True
     gamma: float = 1.0

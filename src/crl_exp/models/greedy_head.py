@@ -1,11 +1,11 @@
 """Greedy decoding's output head: screened in bf16, settled in fp32.
 
 Greedy decoding reads only the argmax of each step's logits, yet on a CPU the fp32 262k x 640 head of Gemma 3 270M
-is about half of a decoding step (0.43 s vs 0.09 s in bf16 at 64 rows, measured). ``ScreenedGreedyHead``
+is a large share of a decoding step (docs/performance.md). ``ScreenedGreedyHead``
 computes the head in bf16, bounds the rounding error of every bf16 logit rigorously, and recomputes in fp32 every
 token that could still be the maximum; the other entries keep their bf16 values, which the bound places below the
-fp32 maximum. How many tokens that is varies: ~10 of 262k per row on GSM8K's reasoning, up to ~4,000 on XSTest's
-short chat turns, whose finished rows decode padding (measured); so the candidates are settled by one fp32 matmul
+fp32 maximum. How many tokens that is varies widely (a handful per row on reasoning text, thousands on rows that
+decode padding); so the candidates are settled by one fp32 matmul
 over the union of their columns, not by gathering one weight row per (row, token) pair. So the argmax is the fp32
 head's (up to fp32 summation order, as between any two batch sizes), but the logits are *not* the fp32 logits: only argmax
 consumers may read them. ``generate`` uses it only for plain greedy decoding (no scored first-step logits, no

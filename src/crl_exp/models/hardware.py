@@ -1,8 +1,8 @@
 """What the machine computes natively, so that precision and kernel choices follow the hardware they run on.
 
 bf16 is only a speed-up where the hardware computes it natively: a GPU with bf16 support, or a CPU with AVX-512 BF16
-or AMX. On an AVX2-only CPU a bf16 matmul is several times *slower* than fp32 (measured by a user: 52 ms against
-9.8 ms for 64x640 @ 640x2048), so ``model.dtype=auto`` picks fp32 there. The screened greedy head
+or AMX. On an AVX2-only CPU a bf16 matmul is several times *slower* than fp32 (docs/performance.md), so
+``model.dtype=auto`` picks fp32 there. The screened greedy head
 (``models/greedy_head.py``) screens in bf16 and its rounding bound was proven on CPUs; it is used only on a CPU with
 native bf16 (off on CUDA, where it is not proven, and on CPUs where its screen would be the slow part).
 """

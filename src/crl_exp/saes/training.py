@@ -5,9 +5,9 @@ minibatches over several epochs: on 2 CPU cores the LM forward (~1k tokens/s) is
 tokens is far cheaper than reading new ones. A held-out slice of tokens (from texts not used for training)
 gives the reported explained variance, L0 and dead-feature share.
 
-The training step is sae-lens' TopK step computed with sparse products (``SparseTopKTrainingSAE``): with k = 32 of
-4,096 latents active, a dense decoder and the dense encoder/decoder gradients spend ~99% of their multiply-adds
-on zeros, and on a CPU those matmuls are most of the step. Same losses and gradients up to float rounding
+The training step is sae-lens' TopK step computed with sparse products (``SparseTopKTrainingSAE``): with k of
+d_sae latents active (k << d_sae), a dense decoder and the dense encoder/decoder gradients spend almost all of their
+multiply-adds on zeros, and on a CPU those matmuls are most of the step. Same losses and gradients up to float rounding
 (``tests/test_sae_training.py``), so the cache key does not change.
 """
 
