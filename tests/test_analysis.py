@@ -183,6 +183,25 @@ def chromium() -> str:
     return path
 
 
+def test_report_shows_a_bbq_episode_with_its_context_options_and_the_features_top_contexts():
+    """A BBQ episode is judged by its passage and options, not "Who forgets things?" alone; each used feature comes
+    with its top activating train contexts."""
+    from crl_exp.analysis.report import episode_context
+    from crl_exp.tasks.schema import Example
+
+    log, _ = synthetic_log()
+    ex = Example("bbq-1", "bbq", "Who forgets things?", "C", "ambig",
+                 choices=("The grandfather", "The grandson", "Can't be determined"),
+                 context="I saw a grandson and their grandfather last week outside the Walmart.")
+    info = {"question": ex.question, "answer": ex.answer, **episode_context(ex)}
+    features = sorted(set(log["feature"].tolist()))
+    html = render_report(log, {1: info}, "BBQ", feature_contexts={features[0]: [(7.5, "the old man [[forgot]]")]})
+    assert "grandfather last week outside the Walmart" in html
+    assert "A. The grandfather" in html and "C. Can&#x27;t be determined" in html
+    assert "7.5: &hellip;the old man [[forgot]]" in html
+    assert episode_context(None) == {} and "options" not in episode_context(Example("g", "gsm8k", "1+1?", "2", "all"))
+
+
 def test_html_report_renders_in_headless_chromium(tmp_path):
     log, _ = synthetic_log()
     log.loc[log["episode"] == 1, "token_text"] = ["Al", "pha", "!"]

@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from crl_exp.tasks.schema import LETTERS
+
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2em;max-width:72em}
 .ep{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;margin:1em 0}
@@ -41,15 +43,30 @@ def token_span(row: dict[str, Any], is_branch: bool, inline: bool) -> str:
             f'style="background:{feature_colour(row["feature"])}" title="{html.escape(tip)}">{text}{sub}</span>')
 
 
+def episode_context(ex) -> dict[str, Any]:
+    """What a reader needs to judge an episode beyond its question: the passage it is about and the lettered
+    options (BBQ's "Who forgets things?" means nothing without them)."""
+    if ex is None:
+        return {}
+    out: dict[str, Any] = {}
+    if getattr(ex, "context", ""):
+        out["context"] = ex.context
+    if getattr(ex, "choices", ()):
+        out["options"] = [f"{LETTERS[i]}. {c}" for i, c in enumerate(ex.choices)]
+    return out
+
+
 def render_report(log: pd.DataFrame, episodes: dict[int, dict[str, Any]], title: str,
                   branch_points: dict[int, list[dict[str, Any]]] | None = None, inline_ids: bool = True,
-                  top_features: int = 15) -> str:
-    """HTML text; ``episodes[e]`` holds the question (not the few-shot exemplars), the gold answer, the
-    unsteered completion of the same prompt (optional) and correct; ``branch_points[e]`` lists branch dicts."""
+                  top_features: int = 15, feature_contexts: dict[int, list] | None = None) -> str:
+    """HTML text; ``episodes[e]`` holds the question (not the few-shot exemplars), its context and options when the
+    task has them (``episode_context``), the gold answer, the unsteered completion of the same prompt (optional)
+    and correct; ``branch_points[e]`` lists branch dicts; ``feature_contexts[f]``: (activation, text) pairs, each
+    used feature's top activating train contexts."""
     branch_points = branch_points or {}
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
-    parts.append(summary_section(log, top_features))
+    parts.append(summary_section(log, top_features, feature_contexts or {}))
     for ep, rows in log.groupby("episode", sort=True):
         info = episodes.get(int(ep), {})
         marks = {b["position"]: b for b in branch_points.get(int(ep), [])}
@@ -57,10 +74,15 @@ def render_report(log: pd.DataFrame, episodes: dict[int, dict[str, Any]], title:
         parts.append(f'<div class="ep {"ok" if ok else "bad"}" id="episode-{int(ep)}"><h3>Episode {int(ep)} '
                      f'({html.escape(str(rows["prompt_id"].iloc[0]))}) - {"correct" if ok else "wrong"}, '
                      f'reward {rows["reward"].iloc[0]:.3f}, V<sub>0</sub> {rows["value"].iloc[0]:.3f}</h3>')
+        if info.get("context"):
+            parts.append(f'<div class="prompt"><b>Context</b> {html.escape(str(info["context"]))}</div>')
         if info.get("question"):
             parts.append(f'<div class="prompt"><b>Question</b> {html.escape(str(info["question"]))}</div>')
         elif info.get("prompt"):  # no question field: the end of the prompt
             parts.append(f'<div class="prompt">{html.escape(info["prompt"][-600:])}</div>')
+        if info.get("options"):
+            items = "".join(f"<li>{html.escape(o)}</li>" for o in info["options"])
+            parts.append(f'<ul class="prompt options">{items}</ul>')
         if info.get("answer") is not None:
             parts.append(f'<p class="gold"><b>Gold answer</b> {html.escape(str(info["answer"]))}</p>')
         steered = "".join(token_span(r, r["position"] in marks, inline_ids)
@@ -82,7 +104,7 @@ def render_report(log: pd.DataFrame, episodes: dict[int, dict[str, Any]], title:
     return "".join(parts)
 
 
-def summary_section(log: pd.DataFrame, top: int) -> str:
+def summary_section(log: pd.DataFrame, top: int, feature_contexts: dict[int, list]) -> str:
     if log.empty:
         return "<p>No steered tokens.</p>"
     counts = Counter(log["feature"].tolist())
@@ -93,8 +115,15 @@ def summary_section(log: pd.DataFrame, top: int) -> str:
         ctx = ", ".join(f"{html.escape(repr(t))}&times;{c}" for t, c in contexts)
         rows.append(f"<tr><td><span class='tok' style='background:{feature_colour(feature)}'>{feature}</span></td>"
                     f"<td>{n}</td><td>{n / len(log):.1%}</td><td>{sub['feature_act'].mean():.2f}</td>"
-                    f"<td>{sub['correct'].mean():.2f}</td><td>{ctx}</td></tr>")
+                    f"<td>{sub['correct'].mean():.2f}</td><td>{ctx}</td><td>{top_contexts(feature_contexts, feature)}</td></tr>")
     return ("<h2>Most-used features</h2><table><tr><th>feature</th><th>tokens</th><th>share</th>"
-            "<th>mean activation</th><th>episode accuracy</th><th>tokens produced (top 5)</th></tr>"
+            "<th>mean activation</th><th>episode accuracy</th><th>tokens produced (top 5)</th>"
+            "<th>top activating train contexts</th></tr>"
             + "".join(rows) + f"</table><p>{len(counts)} distinct features over {len(log)} steered tokens in "
             f"{log['episode'].nunique()} episodes.</p>")
+
+
+def top_contexts(feature_contexts: dict[int, list], feature: int, k: int = 3) -> str:
+    """A feature's strongest train-text activations, each context's last characters (the activating token last)."""
+    items = feature_contexts.get(int(feature)) or []
+    return "<br>".join(f"{float(act):.1f}: &hellip;{html.escape(str(text)[-80:])}" for act, text in items[:k]) or "-"

@@ -25,7 +25,7 @@ from crl_exp.analysis.critic import analyse_critic, plot_value_trajectories
 from crl_exp.analysis.feature_profile import usage_weighted_syntactic_share
 from crl_exp.analysis.intervention_log import log_rows as intervention_rows
 from crl_exp.analysis.intervention_log import to_frame
-from crl_exp.analysis.report import render_report
+from crl_exp.analysis.report import episode_context, render_report
 from crl_exp.analysis.top_features import corpus_top_contexts
 from crl_exp.analysis.training_curve import plot_training_curve
 from crl_exp.crl.config import apply_budget, budget_config, config_dataclass, heldout_size, masking_config
@@ -303,11 +303,12 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     if refs is not None:
         tracker.log_metrics({"time/references_seconds": time.perf_counter() - phase})
         log.info("Reference rows (reward tables, ceiling) in %.0f s", time.perf_counter() - phase)
-    logged_records = records if heldout_table is None else {k: v[:len(logged)] for k, v in records.items()}
-    write_interpretability_outputs(tracker, task.name, log_rows, logged_records, out_dir)
     usage = dict(Counter(f for f in greedy_features.tolist() if f != NO_FEATURE).most_common(50))
     contexts = corpus_top_contexts(lm, sae.sae, sae.layer, [task.user_text(ex) for ex in task.split("train")],
                                    list(usage), n_tokens=PROFILE_TOKENS) if usage else {}
+    logged_records = records if heldout_table is None else {k: v[:len(logged)] for k, v in records.items()}
+    write_interpretability_outputs(tracker, task.name, log_rows, logged_records, out_dir,
+                                   examples={ex.id: ex for ex in test_pool}, feature_contexts=contexts)
     syntactic, per_feature = usage_weighted_syntactic_share(usage, contexts)
     tracker.log_metrics({"features/syntactic_share": syntactic, "features/distinct_heldout": float(len(usage))})
     tracker.log_dict({str(k): v for k, v in per_feature.items()}, "interventions/feature_profiles.json")
@@ -341,17 +342,22 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
 
 
 def write_interpretability_outputs(tracker: RunTracker, task_name: str, log_rows: list[dict],
-                                   records: dict[str, list[dict]], out_dir: Path) -> None:
-    """Intervention log (parquet), HTML report and critic analysis of the CRL held-out episodes."""
+                                   records: dict[str, list[dict]], out_dir: Path, examples: dict | None = None,
+                                   feature_contexts: dict | None = None) -> None:
+    """Intervention log (parquet), HTML report and critic analysis of the CRL held-out episodes. ``examples`` (by
+    id) give the report each episode's context and options; ``feature_contexts`` each used feature's top
+    activating train contexts."""
+    examples = examples or {}
     log_df = to_frame(log_rows)
     analysis_dir = out_dir / "interventions"
     analysis_dir.mkdir(parents=True, exist_ok=True)
     log_df.to_parquet(analysis_dir / "intervention_log.parquet", index=False)
     episodes = {i: {"prompt": r["prompt"], "question": r["question"], "answer": r["answer"],
                     "completion": r["completion"], "correct": r["correct"], "unsteered": base["completion"],
-                    "unsteered_correct": base["correct"]}
+                    "unsteered_correct": base["correct"], **episode_context(examples.get(r["id"]))}
                 for i, (r, base) in enumerate(zip(records["crl"], records["none"], strict=True))}
-    (analysis_dir / "report.html").write_text(render_report(log_df, episodes, f"CRL interventions: {task_name}"))
+    (analysis_dir / "report.html").write_text(render_report(log_df, episodes, f"CRL interventions: {task_name}",
+                                                            feature_contexts=feature_contexts))
     if not log_df.empty:
         baseline = {r["id"]: r["correct"] for r in records["none"]}
         critic = analyse_critic(log_df, baseline)
