@@ -97,7 +97,7 @@ def main(argv: list[str]) -> None:
         with torch.inference_mode():
             model.generate(ids[:2], max_new_tokens=2, do_sample=False, pad_token_id=0)  # warm-up (kernels, caches)
             _, plain_s = timed(lambda m=model, i=ids, k=kwargs: m.generate(i, **k))
-        controller = module.controller(1.0, greedy=False, with_mask=True)
+        controller = module.controller(greedy=False, with_mask=True)
         with torch.inference_mode(), steerer.attached(controller):
             _, steered_s = timed(lambda m=model, i=ids, k=kwargs: m.generate(i, **k))
         traj = controller.stacked()

@@ -99,7 +99,8 @@ class PreHookSteerer(ResidualSteerer):
 
             def pre_hook(module, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]
-                feats, coefs = self.controller(hidden[:, -1])
+                out = self.controller(hidden[:, -1])
+                feats, coefs = out if isinstance(out, tuple) else (out, self.own_coefficients(out))
                 self.steps.append(SteeringStep(feats, coefs))
                 hidden = hidden.clone()
                 hidden[:, -1] += self.delta(feats, coefs)

@@ -44,18 +44,17 @@ def test_every_evaluation_controller_acts_inside_the_action_space(greedy, with_m
     """The sampled row used to sample over all logits (a candidates=32 policy put most of its mass outside the
     pool): every controller built from the module stays in the pool, whatever the logits say."""
     module = pooled_module()
-    controller = module.controller(1.0, greedy=greedy, with_mask=with_mask, seed=3)
-    features, coefficients = controller(torch.randn(256, 16))
+    controller = module.controller(greedy=greedy, with_mask=with_mask, seed=3)
+    features = controller(torch.randn(256, 16))  # features only: the steerer holds the coefficient
     assert set(features.tolist()) <= {3, 7, 11, 19}
-    assert torch.all(coefficients == 1.0)
 
 
 def test_the_end_of_training_mask_applies_only_when_asked():
     module = pooled_module(masking=MaskingConfig(schedule="fixed", threshold=0.3, min_unmasked=2, period=5))
     module.mask.update(torch.tensor([3] * 9 + [7]), entropy=0.0)  # feature 3 is over the threshold: masked
     assert not bool(module.mask.allowed()[3]) and bool(module.action_space()[3])
-    masked = module.controller(1.0, greedy=False, with_mask=True, seed=0)(torch.randn(512, 16))[0]
-    unmasked = module.controller(1.0, greedy=False, with_mask=False, seed=0)(torch.randn(512, 16))[0]
+    masked = module.controller(greedy=False, with_mask=True, seed=0)(torch.randn(512, 16))
+    unmasked = module.controller(greedy=False, with_mask=False, seed=0)(torch.randn(512, 16))
     assert 3 not in masked.tolist() and set(masked.tolist()) <= {7, 11, 19}
     assert 3 in unmasked.tolist()
 
@@ -308,8 +307,8 @@ def test_the_no_op_action_leaves_the_token_alone_and_is_never_masked():
         module.policy.actor_head.bias[64] = 100.0  # the no-op
     space = module.action_space()
     assert space.shape == (65,) and bool(space[64]) and int(space.sum()) == 5
-    controller = module.controller(1.0, greedy=True, with_mask=True)
-    features, _ = controller(torch.randn(8, 16))
+    controller = module.controller(greedy=True, with_mask=True)
+    features = controller(torch.randn(8, 16))
     assert torch.all(features == -1)  # the hook gets NO_FEATURE
     assert torch.all(controller.stacked()["feature"] == 64)  # PPO trains on the action index
     assert torch.all(controller.trajectory_for_logs()["feature"] == -1)
@@ -377,7 +376,7 @@ def test_every_condition_read_off_the_table_equals_its_rollout(tiny_lm):
     table = reward_table(env, prompts, [*pool, *dictionary], keep_records=True)
     module = CRLModule(tiny_lm.d_model, env.sae.d_sae, PolicyConfig(hidden=16), PPOConfig(), MaskingConfig(), 2)
     module.mask.restrict(pool)
-    greedy = module.controller(env.coefficient, greedy=True, with_mask=False)
+    greedy = module.controller(greedy=True, with_mask=False)
     columns = {"none": torch.zeros(len(prompts), dtype=torch.long),
                "static": feature_columns(table, torch.full((len(prompts),), 5)),
                "random": random_columns(table, pool, seed=3), "crl": policy_columns(greedy, table)}
@@ -387,7 +386,7 @@ def test_every_condition_read_off_the_table_equals_its_rollout(tiny_lm):
               "random": run_episodes(env.task, tiny_lm, prompts, len(prompts), env.steerer, StaticController(
                   torch.tensor([table.features[c - 1] for c in columns["random"].tolist()]), env.coefficient))[0],
               "crl": run_episodes(env.task, tiny_lm, prompts, 4, env.steerer, module.controller(
-                  env.coefficient, greedy=True, with_mask=False))[0]}
+                  greedy=True, with_mask=False))[0]}
     for name, cols in columns.items():
         read = table.cell_records(cols)
         assert check_against_rollouts(read, rolled[name]) < 1e-5, name

@@ -162,3 +162,24 @@ def test_a_one_token_batch_has_no_prefix_to_share(tiny_lm):
     enc = tiny_lm.tokenizer(["", ""], return_tensors="pt", padding=True)
     assert enc.input_ids.shape[1] == 1  # just <bos>
     assert generate(tiny_lm, ["", ""], 3, share_prefix=True).new_tokens.shape == (2, 3)
+
+
+def test_the_policy_steers_at_the_steerer_coefficient_alone_or_inside_a_row_dispatch(tiny_lm):
+    """The coefficient lives on the steerer (set by the environment): a policy controller returns features only,
+    the hook applies the steerer's coefficient, also to its rows inside a RowDispatch next to a baseline that
+    carries its own; a steerer without a coefficient refuses instead of steering at some default."""
+    from crl_exp.crl.policy import ActorCritic
+    from crl_exp.crl.rollout import PolicyController
+    from crl_exp.steering.controllers import RowDispatch
+
+    steerer = ResidualSteerer(tiny_lm.model, 1, random_directions(tiny_lm.d_model, 16))
+    policy = ActorCritic(tiny_lm.d_model, 16, 16)
+    prompts = ["The quick brown fox", "Short one"]
+    with pytest.raises(RuntimeError, match="has no coefficient"):
+        generate(tiny_lm, prompts, 2, steerer, PolicyController(policy, greedy=True))
+    steerer.coefficient = 2.5
+    generate(tiny_lm, prompts, 2, steerer, PolicyController(policy, greedy=True))
+    assert all(torch.all(step.coefficients == 2.5) for step in steerer.steps)
+    dispatch = RowDispatch([PolicyController(policy, greedy=True), StaticController(3, 0.5)], [0, 1])
+    generate(tiny_lm, prompts, 2, steerer, dispatch)
+    assert all(step.coefficients.tolist() == [2.5, 0.5] for step in steerer.steps)

@@ -41,6 +41,16 @@ class SteeringEnv:
     coefficient: float
     table_cache: Path | None = None  # where exact reward tables are kept (``reward_table``); None = not kept
 
+    def __post_init__(self) -> None:
+        self.steerer.coefficient = float(self.coefficient)
+
+    def __setattr__(self, name: str, value) -> None:
+        """``coefficient`` is the run's one steering strength: the steerer applies it to every controller that
+        returns features only (the policy), so setting it here sets it there."""
+        super().__setattr__(name, value)
+        if name == "coefficient" and "steerer" in self.__dict__:
+            self.steerer.coefficient = float(value)
+
 
 def build_env(cfg: DictConfig, task: Task, tracker=None) -> SteeringEnv:
     """Model, SAE and steering hook for a CRL run; ``steering.coefficient``/``coefficient_scale`` set the strength

@@ -47,7 +47,7 @@ def steered_distributions(env, examples: list, features: list[int]) -> torch.Ten
     for ex in examples:
         prompt = render_prompt(env.task, env.lm, ex)
         gen = generate(env.lm, [prompt] * len(columns), 1, env.steerer,
-                       StaticController(torch.tensor(columns), env.coefficient), share_prefix=True, score_token_ids=ids)
+                       StaticController(torch.tensor(columns)), share_prefix=True, score_token_ids=ids)
         probs = (gen.first_step_logits - gen.first_step_logsumexp[:, None]).exp()
         total = probs if total is None else total + probs
     return total / len(examples)

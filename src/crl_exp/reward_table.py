@@ -135,7 +135,7 @@ def compute_reward_table(env, examples: list, features: list[int], chunk: int, d
             for start in range(0, len(columns), chunk):
                 part = columns[start:start + chunk]
                 records, _ = rollout_batch(env.task, env.lm, [ex] * len(part), env.steerer,
-                                           StaticController(torch.tensor(part), env.coefficient), share_prefix=True)
+                                           StaticController(torch.tensor(part)), share_prefix=True)
                 row_r += [float(r["reward"]) for r in records]
                 row_c += [float(r["correct"]) for r in records]
                 if keep_records:

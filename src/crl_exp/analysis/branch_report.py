@@ -29,7 +29,7 @@ def analyse_branches(env, module, task, acfg: DictConfig, tracker, title: str = 
     # Originals are generated one episode at a time (unpadded), exactly as the branches are replayed.
     records, log, all_rows, points, noise = [], [], [], {}, 0
     for i, ex in enumerate(tqdm(examples, desc="branch points", unit="episode")):
-        controller = module.controller(env.coefficient, greedy=True, with_mask=False, sae=env.sae.sae)
+        controller = module.controller(greedy=True, with_mask=False, sae=env.sae.sae)
         (rec,), gen = rollout_batch(task, env.lm, [ex], env.steerer, controller)
         traj, valid = controller.trajectory_for_logs(), gen.valid
         records.append(rec)

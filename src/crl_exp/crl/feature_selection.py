@@ -94,7 +94,7 @@ def mean_reward(env, examples, controller, batch_size: int) -> float:
 
 def try_features(env, features: list[int], examples, batch_size: int) -> dict[int, float]:
     """Mean reward of ``examples`` steered by each feature in turn (``env.coefficient``)."""
-    return {f: mean_reward(env, examples, StaticController(f, env.coefficient), batch_size)
+    return {f: mean_reward(env, examples, StaticController(f), batch_size)
             for f in tqdm(features, desc=f"static feature: {len(features)} candidates x {len(examples)} episodes",
                           unit="feature")}
 

@@ -107,14 +107,14 @@ class CRLModule(L.LightningModule):
         noop = self.policy.noop_index
         return actions if noop is None else actions[actions != noop]
 
-    def controller(self, coefficient: float, *, greedy: bool, with_mask: bool, seed: int = 0,
-                   sae=None, policy: ActorCritic | None = None) -> PolicyController:
+    def controller(self, *, greedy: bool, with_mask: bool, seed: int = 0, sae=None,
+                   policy: ActorCritic | None = None) -> PolicyController:
         """The one way to act with this policy (the only place a ``PolicyController`` is built): inside its
         action space always, and inside the current Adaptive Feature Mask too when ``with_mask`` (training, and the
         mask-on evaluation). ``policy``: another network over the same action space (the untrained control)."""
         allowed = self.allowed_actions() if with_mask else self.action_space()
-        return PolicyController(policy or self.policy, coefficient, allowed=allowed, greedy=greedy, seed=seed,
-                                sae=sae, top_k=self.top_k)
+        return PolicyController(policy or self.policy, allowed=allowed, greedy=greedy, seed=seed, sae=sae,
+                                top_k=self.top_k)  # features only: the steerer holds the run's coefficient
 
     @torch.no_grad()
     def warm_up_obs_norm(self, states: torch.Tensor) -> None:
@@ -157,7 +157,7 @@ class CRLModule(L.LightningModule):
         if cfg.advantage == "all_actions":
             return self.all_actions_step(batch, iteration, optimizer)
         seed = iteration_seed(self.seed, iteration)
-        controller = self.controller(env.coefficient, greedy=False, with_mask=True, seed=seed, sae=env.sae.sae)
+        controller = self.controller(greedy=False, with_mask=True, seed=seed, sae=env.sae.sae)
         t0 = time.perf_counter()
         first: dict[str, int] = {}
         groups = torch.tensor([first.setdefault(ex.id, len(first)) for ex in batch])  # prompt number per episode

@@ -30,15 +30,17 @@ class StepRecord:
 class PolicyController:
     """Steering controller backed by an ``ActorCritic``; keeps a per-step record of what it did."""
 
-    def __init__(self, policy: ActorCritic, coefficient: float, allowed: torch.Tensor | None = None,
+    def __init__(self, policy: ActorCritic, coefficient: float | None = None, allowed: torch.Tensor | None = None,
                  greedy: bool = False, seed: int = 0, sae=None, top_k: int = 1):
+        """``coefficient``: None (CRL runs) returns features only and the steerer applies its own coefficient; a
+        number returns (features, coefficients) for a steerer without one."""
         self.policy, self.coefficient, self.allowed, self.greedy, self.sae = policy, coefficient, allowed, greedy, sae
         self.top_k = top_k
         self.generator = torch.Generator().manual_seed(seed)
         self.steps: list[StepRecord] = []
 
     @torch.no_grad()
-    def __call__(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, state: torch.Tensor):
         # the policy reads fp32 on its own device, whatever the model's dtype/device (bf16 on a GPU)
         device = next(self.policy.parameters()).device
         allowed = self.allowed.to(device) if self.allowed is not None else None
@@ -65,6 +67,8 @@ class PolicyController:
                                      act.sum(-1) if k > 1 else squeeze(act)))
         noop = self.policy.noop_index
         steered = feature if noop is None else torch.where(feature == noop, NO_FEATURE, feature)
+        if self.coefficient is None:
+            return steered.to(state.device)
         return steered.to(state.device), torch.full((len(feature),), self.coefficient, device=state.device)
 
     def trajectory_for_logs(self) -> dict[str, torch.Tensor]:

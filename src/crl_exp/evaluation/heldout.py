@@ -44,17 +44,17 @@ HEADLINE_MASK_RULE = (
 def baseline_controllers(env, action_space: list[int], static_feature: int, seed: int) -> dict[str, Any]:
     """The fixed conditions' controllers (``None``: unsteered)."""
     return {"none": None,
-            "random": RandomController(env.sae.d_sae, env.coefficient, seed=seed, features=action_space),
-            "random_dictionary": RandomController(env.sae.d_sae, env.coefficient, seed=seed),
-            "static": StaticController(static_feature, env.coefficient)}
+            "random": RandomController(env.sae.d_sae, seed=seed, features=action_space),
+            "random_dictionary": RandomController(env.sae.d_sae, seed=seed),
+            "static": StaticController(static_feature)}  # all at the steerer's coefficient (the run's)
 
 
-def untrained_controller(initial_policy, module, coefficient: float, sae=None):
+def untrained_controller(initial_policy, module, sae=None):
     """Greedy over the trained policy's action space with its initial weights; the observation normaliser's
     statistics are the trained run's, so the control differs from CRL only by what training changed."""
     if module.policy.obs_norm is not None and initial_policy.obs_norm is not None:
         initial_policy.obs_norm.load_state_dict(module.policy.obs_norm.state_dict())
-    return module.controller(coefficient, greedy=True, with_mask=False, sae=sae, policy=initial_policy)
+    return module.controller(greedy=True, with_mask=False, sae=sae, policy=initial_policy)
 
 
 def run_conditions(env, examples: list, controllers: dict[str, Any], batch_size: int,
@@ -131,7 +131,7 @@ def policy_variants(env, module, examples: list, key: str, batch_size: int, samp
         # the samples of a prompt are rows of one batch sharing its prefill (one sampling stream; sample j of every
         # prompt forms "seed" j)
         repeated = [ex for ex in examples for _ in range(sampled_seeds)]
-        controller = module.controller(env.coefficient, greedy=False, with_mask=headline_with_mask, seed=1000,
+        controller = module.controller(greedy=False, with_mask=headline_with_mask, seed=1000,
                                        sae=env.sae.sae)
         recs, _ = run_episodes(task, env.lm, repeated, sampled_seeds * max(1, batch_size // sampled_seeds),
                                env.steerer, controller, desc=f"held-out crl sampled x{sampled_seeds}",
@@ -148,7 +148,7 @@ def policy_variants(env, module, examples: list, key: str, batch_size: int, samp
     if reused:
         recs = headline_records
     else:
-        controller = module.controller(env.coefficient, greedy=True, with_mask=not headline_with_mask,
+        controller = module.controller(greedy=True, with_mask=not headline_with_mask,
                                        sae=env.sae.sae)
         recs = run_episodes(task, env.lm, examples, batch_size, env.steerer, controller, desc=f"held-out {name}")[0]
     metrics = task.metrics_from_records(recs)

@@ -58,7 +58,10 @@ def random_columns(table: RewardTable, features: list[int], seed: int) -> torch.
 def policy_columns(controller, table: RewardTable, chunk: int = 512) -> torch.Tensor:
     """The column a policy controller picks for each prompt from the table's unsteered states (what it observes
     at the steered position in a rollout); its per-step records are kept by the controller as in a rollout."""
-    chosen = [controller(table.states[i:i + chunk])[0].cpu() for i in range(0, len(table.example_ids), chunk)]
+    chosen = []
+    for i in range(0, len(table.example_ids), chunk):
+        out = controller(table.states[i:i + chunk])
+        chosen.append((out[0] if isinstance(out, tuple) else out).cpu())
     return feature_columns(table, torch.cat(chosen))
 
 
@@ -88,10 +91,10 @@ def table_policy_variants(module, env, table: RewardTable, task, key: str, sampl
     in the headline) and greedy with the mask the other way, always inside its action space."""
     out: dict[str, Any] = {}
     if samples:
-        controller = module.controller(env.coefficient, greedy=False, with_mask=headline_with_mask, seed=1000)
+        controller = module.controller(greedy=False, with_mask=headline_with_mask, seed=1000)
         out["crl_sampled"] = sampled_variant(controller, table, task, key, samples, headline_with_mask)
     name = "crl_mask_off" if headline_with_mask else "crl_mask_on"
-    columns = policy_columns(module.controller(env.coefficient, greedy=True, with_mask=not headline_with_mask), table)
+    columns = policy_columns(module.controller(greedy=True, with_mask=not headline_with_mask), table)
     recs = table.cell_records(columns)
     metrics = task.metrics_from_records(recs)
     out[name] = {key: metrics.get(key, float("nan")), "reward": metrics.get("reward", float("nan")),

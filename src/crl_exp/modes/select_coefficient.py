@@ -36,7 +36,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     ranking = rank_features(env, train, bs)
     rows = []
     for c in grid:
-        at_c = dataclasses.replace(env, coefficient=c)
+        at_c = dataclasses.replace(env, coefficient=c, steerer=dataclasses.replace(env.steerer))  # its own strength
         selection = select_static_feature(at_c, train, validation, int(budget.static_feature.candidates), bs,
                                           ranking=ranking)
         random_reward = mean_reward(at_c, validation, RandomController(env.sae.d_sae, c, seed=int(cfg.seed)), bs)

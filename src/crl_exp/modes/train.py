@@ -153,7 +153,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     if selection.table is not None and selection.table.features == list(action_features):
         random_reward = float(selection.table.reward.mean())  # uniform over the pool, exactly, from the table
     else:
-        random_reward = mean_reward(env, validation, RandomController(sae.d_sae, env.coefficient, seed=seed,
+        random_reward = mean_reward(env, validation, RandomController(sae.d_sae, seed=seed,
                                                                       features=action_features),
                                     int(budget.eval_batch_size))
     references = {"static": selection.validation_reward, "none": selection.unsteered_train_reward,
@@ -195,8 +195,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     n_boot, bs = int(cfg.eval.n_bootstrap), int(budget.eval_batch_size)
     phase = time.perf_counter()
     with_mask = bool(cfg.masking.get("eval_with_mask"))
-    crl_controller = module.controller(env.coefficient, greedy=True, with_mask=with_mask, sae=sae.sae)
-    control = untrained_controller(initial_policy, module, env.coefficient, sae=sae.sae)
+    crl_controller = module.controller(greedy=True, with_mask=with_mask, sae=sae.sae)
+    control = untrained_controller(initial_policy, module, sae=sae.sae)
     controllers = {**baseline_controllers(env, action_features, selection.feature, seed), "untrained": control,
                    "crl": crl_controller}
     key = primary_key(task, cfg)

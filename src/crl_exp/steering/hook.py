@@ -52,6 +52,9 @@ class ResidualSteerer:
     layer: int
     directions: SteeringDirections
     controller: Controller | None = None
+    # the strength of a controller that returns only features (the CRL policy): set once by the environment
+    # (``SteeringEnv``), not threaded through every controller
+    coefficient: float | None = None
     record_states: bool = False
     steps: list[SteeringStep] = field(default_factory=list)
 
@@ -111,10 +114,21 @@ class ResidualSteerer:
                                                                                          device=dist.device))
         return (self.directions.unit[feats.clamp_min(0)] * scale[..., None]).sum(1)
 
+    def own_coefficients(self, features: torch.Tensor) -> torch.Tensor:
+        """The steerer's coefficient for every row (controllers that return features only)."""
+        if self.coefficient is None:
+            raise RuntimeError("the controller returned features only and this steerer has no coefficient: set "
+                               "ResidualSteerer.coefficient (SteeringEnv does) or return (features, coefficients)")
+        return torch.full((features.shape[0],), float(self.coefficient), device=features.device)
+
     def _hook(self, module: nn.Module, inputs, output):
         hidden = output[0] if isinstance(output, tuple) else output
         state = hidden[:, -1, :]
-        features, coefficients = self.controller(state.detach())
+        out = self.controller(state.detach())
+        features, coefficients = out if isinstance(out, tuple) else (out, self.own_coefficients(out))
+        if bool(torch.isnan(coefficients).any()):  # rows of a features-only controller inside a RowDispatch
+            coefficients = torch.where(torch.isnan(coefficients), self.own_coefficients(features).to(coefficients),
+                                       coefficients)
         if features.shape[0] != hidden.shape[0]:
             raise RuntimeError(f"Controller returned {features.shape[0]} features for batch {hidden.shape[0]}")
         if bool((features >= self.directions.d_sae).any()):
