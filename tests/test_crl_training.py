@@ -423,3 +423,18 @@ def test_the_learner_learns_a_prompt_dependent_choice(tiny_lm, tmp_path, advanta
     chosen = controller.steps[0].feature.tolist()
     right = [c == CLASS_TARGETS[e.group][1] for c, e in zip(chosen, exs, strict=True)]
     assert sum(right) / len(right) >= 0.9, (chosen, [e.group for e in exs])
+
+
+def test_a_policy_rollout_returns_records_generation_and_trajectory_in_one_object(tiny_lm):
+    from crl_exp.crl.rollout import policy_rollout
+
+    env = planted_env(tiny_lm)
+    module = make_module(env, 2)
+    controller = module.controller(greedy=False, with_mask=True, seed=0)
+    batch = env.task.split("train")[:3]
+    first = policy_rollout(env.task, tiny_lm, batch, env.steerer, controller)
+    second = policy_rollout(env.task, tiny_lm, batch, env.steerer, controller)
+    assert [r["id"] for r in first.records] == [ex.id for ex in batch]
+    assert first.trajectory["feature"].shape[:2] == first.valid.shape == second.valid.shape
+    assert controller.steps == []  # nothing left over to stitch: the next batch starts clean
+    assert torch.equal(first.logged["feature"], first.trajectory["feature"])  # no no-op action in this policy

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from crl_exp.analysis.branch_points import Episode, track_branches
 from crl_exp.analysis.intervention_log import log_rows, to_frame
 from crl_exp.analysis.report import render_report
-from crl_exp.episodes import rollout_batch
+from crl_exp.crl.rollout import policy_rollout
 from crl_exp.errors import CRLConfigError
 
 
@@ -30,8 +30,8 @@ def analyse_branches(env, module, task, acfg: DictConfig, tracker, title: str = 
     records, log, all_rows, points, noise = [], [], [], {}, 0
     for i, ex in enumerate(tqdm(examples, desc="branch points", unit="episode")):
         controller = module.controller(greedy=True, with_mask=False, sae=env.sae.sae)
-        (rec,), gen = rollout_batch(task, env.lm, [ex], env.steerer, controller)
-        traj, valid = controller.trajectory_for_logs(), gen.valid
+        rollout = policy_rollout(task, env.lm, [ex], env.steerer, controller)
+        (rec,), gen, traj, valid = rollout.records, rollout.generation, rollout.logged, rollout.valid
         records.append(rec)
         log += log_rows([rec], gen.new_tokens, traj, valid, env.lm.tokenizer, episode_offset=i)
         episode = Episode(ex, gen.new_tokens[0][valid[0]].tolist(), traj["feature"][0][valid[0]].tolist(),

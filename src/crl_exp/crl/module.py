@@ -28,8 +28,8 @@ from crl_exp.crl.ppo import (
     ppo_update,
     resolve_advantage,
 )
-from crl_exp.crl.rollout import PolicyController
-from crl_exp.episodes import SteeringEnv, rollout_batch
+from crl_exp.crl.rollout import PolicyController, policy_rollout
+from crl_exp.episodes import SteeringEnv
 from crl_exp.errors import CRLConfigError
 from crl_exp.reward_table import reward_table
 from crl_exp.tasks import Task
@@ -161,11 +161,9 @@ class CRLModule(L.LightningModule):
         t0 = time.perf_counter()
         first: dict[str, int] = {}
         groups = torch.tensor([first.setdefault(ex.id, len(first)) for ex in batch])  # prompt number per episode
-        records, gen = rollout_batch(env.task, env.lm, batch, env.steerer, controller,
-                                     share_prefix=len(first) < len(batch))
+        rollout = policy_rollout(env.task, env.lm, batch, env.steerer, controller, share_prefix=len(first) < len(batch))
         rollout_seconds = time.perf_counter() - t0
-        traj = controller.stacked()
-        valid = gen.valid
+        records, traj, valid = rollout.records, rollout.trajectory, rollout.valid
         episode_rewards = torch.tensor([r["reward"] for r in records], dtype=torch.float)
         check_finite(iteration, rewards=episode_rewards)
         advantage = resolve_advantage(cfg.advantage, env.task.max_new_tokens == 1, len(batch) // len(first))

@@ -9,10 +9,12 @@ no re-forward of the sequence: one ``generate`` call per batch is the whole roll
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from crl_exp.crl.policy import ActorCritic
+from crl_exp.episodes import rollout_batch
 from crl_exp.steering.hook import NO_FEATURE
 
 
@@ -83,3 +85,30 @@ class PolicyController:
         """Each field stacked to ``[B, T, ...]`` (T = number of forward steps)."""
         fields = StepRecord.__dataclass_fields__
         return {name: torch.stack([getattr(s, name) for s in self.steps], dim=1) for name in fields}
+
+
+@dataclass
+class PolicyRollout:
+    """One batch of policy-driven episodes in one object: the scored records, the generation (tokens, valid
+    steps) and the policy's per-step trajectory ([B, T] fields): ``trajectory`` with the actions as trained (the
+    no-op as its index), ``logged`` with the no-op written as ``NO_FEATURE`` (what the hook did)."""
+
+    records: list[dict[str, Any]]
+    generation: Any
+    trajectory: dict[str, torch.Tensor]
+    logged: dict[str, torch.Tensor]
+
+    @property
+    def valid(self) -> torch.Tensor:
+        return self.generation.valid
+
+
+def policy_rollout(task, lm, batch: list, steerer, controller: PolicyController,
+                   share_prefix: bool = False) -> PolicyRollout:
+    """Roll ``batch`` out under ``controller`` and return records and trajectory together (the controller's
+    per-step record is emptied before and after, so one controller serves batch after batch)."""
+    controller.steps = []
+    records, gen = rollout_batch(task, lm, batch, steerer, controller, share_prefix=share_prefix)
+    out = PolicyRollout(records, gen, controller.stacked(), controller.trajectory_for_logs())
+    controller.steps = []
+    return out

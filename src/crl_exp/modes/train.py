@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from crl_exp.analysis.branch_report import analyse_branches
 from crl_exp.analysis.critic import analyse_critic, plot_value_trajectories
@@ -33,8 +34,9 @@ from crl_exp.crl.feature_selection import mean_reward, select_static_feature
 from crl_exp.crl.module import CRLModule, PromptDataModule
 from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig, resolve_advantage
+from crl_exp.crl.rollout import policy_rollout
 from crl_exp.crl.trainer import RunOwnedMLFlowLogger, accelerator_for, build_trainer, fit_policy
-from crl_exp.episodes import build_env, observed_states, run_episodes
+from crl_exp.episodes import build_env, observed_states
 from crl_exp.errors import CRLConfigError
 from crl_exp.evaluation.ceiling import ceiling, group_oracle
 from crl_exp.evaluation.comparison import paired_delta
@@ -234,10 +236,13 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         speeds = {name: speed for name in records}
         chosen = {name: torch.tensor([NO_FEATURE if c == 0 else heldout_table.features[c - 1] for c in columns[name].tolist()])
                   for name in ("crl", "untrained")}
-        crl_controller.steps = []
         logged = test_pool[:int(cfg.eval.log_examples)]
-        rolled, _ = run_episodes(task, lm, logged, bs, env.steerer, crl_controller, desc="intervention log",
-                                 on_batch=collect_interventions)
+        rolled = []
+        for start in tqdm(range(0, len(logged), bs), desc="intervention log", unit="batch"):
+            batch = policy_rollout(task, lm, logged[start:start + bs], env.steerer, crl_controller)
+            log_rows.extend(intervention_rows(batch.records, batch.generation.new_tokens, batch.logged, batch.valid,
+                                              lm.tokenizer, episode_offset=start))
+            rolled += batch.records
         mismatch = check_against_rollouts(records["crl"][:len(logged)], rolled)
         tracker.log_metrics({"heldout/table_vs_rollout_max_abs_diff": mismatch})
         if mismatch > table_tolerance(lm):
