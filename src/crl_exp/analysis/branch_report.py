@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from crl_exp.analysis.branch_points import Episode, track_branches
 from crl_exp.analysis.intervention_log import log_rows, to_frame
-from crl_exp.analysis.report import render_report
+from crl_exp.analysis.report import episode_context, render_report
 from crl_exp.crl.rollout import policy_rollout
 from crl_exp.errors import CRLConfigError
 
@@ -51,7 +51,8 @@ def analyse_branches(env, module, task, acfg: DictConfig, tracker, title: str = 
                                                                                           index=False)
     (out / "branch_points.json").write_text(json.dumps({str(k): v for k, v in points.items()}, indent=1))
     episodes = {i: {"prompt": r["prompt"], "question": r["question"], "answer": r["answer"],
-                    "completion": r["completion"]} for i, r in enumerate(records)}
+                    "completion": r["completion"], **episode_context(ex)}
+                for i, (r, ex) in enumerate(zip(records, examples, strict=True))}
     (out / "report.html").write_text(render_report(log, episodes, f"Branch points: {task.name} {title}",
                                                    branch_points=points))
     n_points = sum(len(v) for v in points.values())
