@@ -113,7 +113,23 @@ def collect(client: MlflowClient, run, curve_key: str | None = None) -> dict:
         "steered_share": summary.get("steered_share"), "pool": summary.get("action_space"),
         "learner": {k.removeprefix("learner/"): v for k, v in m.items() if k.startswith("learner/")},
         "curve_artifact": _copy_curve(client, rid, curve_key or run.info.run_name),
+        "feature_shares": _feature_shares(client, rid),
     }
+
+
+def _feature_shares(client: MlflowClient, run_id: str, top: int = 10) -> dict | None:
+    """The share of logged held-out steps steered by each of the run's most-used features (intervention log)."""
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            log = pd.read_parquet(client.download_artifacts(run_id, "interventions/intervention_log.parquet", tmp))
+        except (MlflowException, OSError) as err:
+            print(f"[{run_id}] no intervention log: {err}", flush=True)
+            return None
+    counts = log["feature"].value_counts()
+    return {"steps": int(len(log)), "episodes": int(log["episode"].nunique()),
+            "shares": {str(int(f)): round(float(n) / len(log), 4) for f, n in counts.head(top).items()}}
 
 
 def _copy_curve(client: MlflowClient, run_id: str, key: str) -> str | None:
