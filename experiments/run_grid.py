@@ -475,6 +475,38 @@ def decision(ci_low: float, ci_high: float) -> str:
     return "**win**" if ci_low > 0 else "**loss**" if ci_high < 0 else "tie"
 
 
+def behaviour_section(answer: dict[str, list[dict]]) -> list[str]:
+    """Per-token behaviour of the group where CRL did best against static (its first seed): which features it
+    steered with, how often, and what its critic could tell (explained variance stated)."""
+    def gap(members: list[dict]) -> float:
+        return sum(restat(r)["deltas"]["static"]["delta"] for r in members) / len(members)
+
+    real = {k: v for k, v in answer.items() if v[0]["task"] != "known_answer"} or answer
+    label, members = max(real.items(), key=lambda kv: gap(kv[1]))
+    r = sorted(members, key=lambda x: x["seed"])[0]
+    shares = r.get("feature_shares") or {}
+    critic = r.get("critic") or {}
+    out = ["", f"### Per-token behaviour where CRL did best against static: {label}, seed {r['seed']} "
+           f"(MLflow run `{r['run_id']}`)", "",
+           f"Mean CRL - static over seeds {gap(members):+.3f}. The run's intervention log "
+           f"(`interventions/intervention_log.parquet`, HTML report `interventions/report.html`; `make ui`) covers "
+           f"{shares.get('episodes', '?')} held-out prompts; {r.get('distinct_greedy_features', {}).get('crl', '?')} "
+           f"distinct greedy features over all {r['n_heldout']} (untrained control: "
+           f"{r.get('distinct_greedy_features', {}).get('untrained', '?')}).", "",
+           "| feature | share of steered steps |", "|---|---|"]
+    out += [f"| {f} | {v:.1%} |" for f, v in (shares.get("shares") or {}).items()]
+    ev = critic.get("explained_variance", float("nan"))
+    out += ["", f"Critic on those episodes: explained variance {ev:.3f} "
+            f"({'analysable' if critic.get('analysable', 0) else 'too poor to split policy limits from value errors'}); "
+            f"V0 AUROC {critic.get('v0_auroc', float('nan')):.3f}; outcome groups against no steering: "
+            + ", ".join(f"{g} {critic.get(f'group_{g}', float('nan')):.0f}"
+                        for g in ("correct", "incorrect", "corrected", "misguided")) + "."]
+    analysed = RESULTS / "analyses" / f"{r['key']}.json"
+    if analysed.exists():
+        out += ["", f"Top features and branch points of this run: the section `Interpretability: {r['key']}` below."]
+    return out
+
+
 def answer_section(groups: dict[str, list[dict]]) -> list[str]:
     """The pre-registered comparisons of every confirmation-scored group, one row per group, then side effects."""
     from crl_exp.stats import Z_95, pool_seeds
@@ -517,6 +549,7 @@ def answer_section(groups: dict[str, list[dict]]) -> list[str]:
             for cond, e in side_effects(r).items():
                 effects.append(f"| {label} | {r['seed']} | {cond} | {e['fixed']} | {e['broken']} | "
                                f"{_fmt_mde(e['ratio'])} | {e['reward_worse_share']:.3f} |")
+    out += behaviour_section(answer)
     out += ["", "Side effects against no steering on the same prompts (fixed: wrong unsteered, right steered; broken: the "
             "reverse; ratio = broken / (fixed + broken); reward worse = the share of prompts whose reward the steering "
             "lowered):", "", "| group | seed | condition | fixed | broken | side-effect ratio | reward worse |",
