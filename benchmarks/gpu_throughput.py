@@ -80,7 +80,8 @@ def main(argv: list[str]) -> None:
             torch.cuda.reset_peak_memory_stats()
         d_model = model.config.hidden_size
         layer = model.config.num_hidden_layers // 2
-        steerer = ResidualSteerer(model, layer, SteeringDirections.from_decoder(torch.randn(d_sae, d_model)))
+        steerer = ResidualSteerer(model, layer, SteeringDirections.from_decoder(torch.randn(d_sae, d_model)),
+                                  coefficient=1.0)
         module = CRLModule(d_model, d_sae, PolicyConfig(), PPOConfig(), MaskingConfig(), args.ppo_iterations).to(device)
         ids = torch.randint(3, model.config.vocab_size, (rows, prompt_len), device=device)
         kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
