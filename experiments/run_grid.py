@@ -490,7 +490,7 @@ def behaviour_section(answer: dict[str, list[dict]]) -> list[str]:
     r = sorted(members, key=lambda x: x["seed"])[0]
     shares = r.get("feature_shares") or {}
     critic = r.get("critic") or {}
-    out = ["", f"### Per-token behaviour where CRL did best against static: {label}, seed {r['seed']} "
+    out = ["", f"### Per-token behaviour where CRL did best against static: `{r.get('group') or label}`, seed {r['seed']} "
            f"(MLflow run `{r['run_id']}`)", "",
            f"Mean CRL - static over seeds {gap(members):+.3f}. The run's intervention log "
            f"(`interventions/intervention_log.parquet`, HTML report `interventions/report.html`; `make ui`) covers "
@@ -525,6 +525,8 @@ def answer_section(groups: dict[str, list[dict]]) -> list[str]:
            "CRL greedy (inside its action space) minus each row, in the task's primary metric, per seed by Newcombe's "
            "paired interval on the cluster-adjusted counts, pooled over seeds with Student's t (the shared example "
            "noise not divided by the seeds); decision by the pre-registered rule (win: the interval above 0).", "",
+           "Groups are the experiment files (`conf/experiment/<group>.yaml`; their full settings in the sections "
+           "below).", "",
            "| group | seeds | n | CRL | best static | CRL - static [95% CI] | MDE | decision | CRL - ceiling [95% CI] | "
            "ceiling - static [95% CI] | CRL - untrained [95% CI] |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     effects = []
@@ -545,13 +547,14 @@ def answer_section(groups: dict[str, list[dict]]) -> list[str]:
                 cells.append("-")
         crl = sum(s["conditions"]["crl"]["value"] for s in stats) / len(stats)
         static = sum(s["conditions"]["static"]["value"] for s in stats) / len(stats)
-        out.append(f"| {label} | {agg['seeds']} | {members[0]['n_heldout']} | {crl:.3f} | {static:.3f} | "
+        name = f"`{members[0].get('group') or label}`"
+        out.append(f"| {name} | {agg['seeds']} | {members[0]['n_heldout']} | {crl:.3f} | {static:.3f} | "
                    f"{st['delta']:+.3f} {_fmt_ci(st['ci_low'], st['ci_high'])} | {st['mde']:.3f} | "
                    f"{decision(st['ci_low'], st['ci_high'])} | {cells[0]} | {cells[1]} | "
                    f"{un['delta']:+.3f} {_fmt_ci(un['ci_low'], un['ci_high'])} |")
         for r in members:
             for cond, e in side_effects(r).items():
-                effects.append(f"| {label} | {r['seed']} | {cond} | {e['fixed']} | {e['broken']} | "
+                effects.append(f"| {name} | {r['seed']} | {cond} | {e['fixed']} | {e['broken']} | "
                                f"{_fmt_mde(e['ratio'])} | {e['reward_worse_share']:.3f} |")
     out += behaviour_section(answer)
     out += ["", "Side effects against no steering on the same prompts (fixed: wrong unsteered, right steered; broken: the "
