@@ -34,6 +34,7 @@ from mlflow.tracking import MlflowClient
 from crl_exp.analysis.training_curve import plot_training_curves
 from crl_exp.crl.config import BudgetConfig
 from crl_exp.crl.policy import PolicyConfig
+from crl_exp.evaluation.comparison import side_effects as against_none
 from crl_exp.modes.analyse import read_examples
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.tracking.mlflow_run import resolve_tracking_uri
@@ -458,20 +459,14 @@ STEERED = ("random", "random_dictionary", "static", "untrained", "crl")
 
 
 def side_effects(r: dict) -> dict[str, dict[str, float]]:
-    """Every steered condition against no steering on the same prompts: items fixed (wrong -> right), items broken
-    (right -> wrong), the side-effect ratio broken / (fixed + broken) and the share of items whose reward fell."""
+    """Every steered condition of a run record against no steering on the same prompts (``side_effects``)."""
     ex = r["examples"]
-    base_ok = [c > 0.5 for c in ex["none"]["correct"]]
-    out = {}
-    for cond in [c for c in STEERED if c in ex]:
-        ok = [c > 0.5 for c in ex[cond]["correct"]]
-        fixed = sum(o and not b for o, b in zip(ok, base_ok, strict=True))
-        broken = sum(b and not o for o, b in zip(ok, base_ok, strict=True))
-        worse = sum(a < b - 1e-9 for a, b in zip(ex[cond]["reward"], ex["none"]["reward"], strict=True))
-        out[cond] = {"fixed": fixed, "broken": broken, "n": len(ok),
-                     "ratio": broken / (fixed + broken) if fixed + broken else float("nan"),
-                     "reward_worse_share": worse / len(ok)}
-    return out
+
+    def records(cond: str) -> list[dict]:
+        return [{"id": i, "correct": c, "reward": w}
+                for i, (c, w) in enumerate(zip(ex[cond]["correct"], ex[cond]["reward"], strict=True))]
+
+    return {cond: against_none(records("none"), records(cond)) for cond in STEERED if cond in ex}
 
 
 def decision(ci_low: float, ci_high: float) -> str:

@@ -309,6 +309,29 @@ def test_layer_comparison_and_branch_analysis_from_mlflow_runs(tmp_path, tiny_mo
     assert [r["steered_tokens"] for r in rows] == log["feature"].value_counts().head(3).tolist()
     assert all(r["top_contexts"] and r["top_contexts"][0][1].endswith("]]") for r in rows)
 
+    # what the same policy's steering costs on another task: no steering, its static feature and the policy on the
+    # same MMLU prompts, with paired deltas and side effects
+    run(cfg("mode=analyse", "analysis=off_task", f"run_id={source}", "analysis.limit=4", "analysis.batch_size=4",
+            "logger.experiment_name=analyses"))
+    off = client.search_runs([client.get_experiment_by_name("analyses").experiment_id],
+                             "tags.analysis = 'off_task'")[0]
+    result = json.loads(Path(client.download_artifacts(off.info.run_id, "off_task/mmlu.json",
+                                                       str(tmp_path / "off"))).read_text())
+    assert off.data.tags["off_task"] == "mmlu" and result["source_task"] == "gsm8k" and result["n"] == 4
+    assert set(result["conditions"]) == {"none", "static", "crl"}
+    acc = {c: off.data.metrics[f"off_task/{c}/accuracy"] for c in ("none", "static", "crl")}
+    assert off.data.metrics["off_task/crl_minus_none"] == pytest.approx(acc["crl"] - acc["none"])
+    assert off.data.metrics["off_task/static_minus_none"] == pytest.approx(acc["static"] - acc["none"])
+    for cond in ("static", "crl"):
+        e = result["side_effects"][cond]
+        assert e["fixed"] - e["broken"] == round(4 * (acc[cond] - acc["none"])) and e["n"] == 4
+    with pytest.raises(CRLConfigError, match="not a task; valid: .*mmlu"):
+        run(cfg("mode=analyse", "analysis=off_task", "analysis.task=mmlu_pro", f"run_id={source}",
+                "logger.experiment_name=analyses"))
+    with pytest.raises(CRLConfigError, match="train or validation"):
+        run(cfg("mode=analyse", "analysis=off_task", "analysis.split=test", f"run_id={source}",
+                "logger.experiment_name=analyses"))
+
 
 def test_feature_effects_count_flips_against_the_unsteered_prompts():
     from crl_exp.analysis.top_features import feature_effects, most_used
@@ -326,6 +349,22 @@ def test_feature_effects_count_flips_against_the_unsteered_prompts():
     assert (five.fixed, five.broke, five.correct_steered, five.correct_unsteered) == (1, 1, 0.5, 0.5)
     assert five.reward_steered == pytest.approx(0.5) and five.reward_unsteered == pytest.approx(0.45)
     assert (nine.episodes, nine.fixed, nine.broke, nine.correct_unsteered) == (2, 0, 0, 0.5)
+
+
+def test_off_task_scoring_keeps_the_source_runs_prompt_template_unless_told():
+    from omegaconf import OmegaConf
+
+    from crl_exp.errors import CRLConfigError
+    from crl_exp.modes.analyse import off_task_config
+
+    chat_run = OmegaConf.create({"task": {"name": "xstest", "template": "chat"}})
+    base_run = OmegaConf.create({"task": {"name": "harmbench"}})
+    assert off_task_config(chat_run, "mmlu", None).template == "chat"
+    assert off_task_config(base_run, "mmlu", None).template == "base"
+    assert off_task_config(chat_run, "mmlu", "base").template == "base"
+    assert off_task_config(chat_run, "mmlu", None).name == "mmlu"
+    with pytest.raises(CRLConfigError, match="valid: bbq, gsm8k"):
+        off_task_config(chat_run, "nope", None)
 
 
 def test_corpus_top_contexts_are_the_strongest_sae_activations(tiny_lm, tmp_path):

@@ -99,6 +99,19 @@ def test_exhaustive_static_selection_tries_every_candidate_through_one_reward_ta
 
 
 # -------------------------------------------------------------------------------------------- intervals
+def test_side_effects_count_items_fixed_and_broken_against_no_steering():
+    from crl_exp.evaluation.comparison import side_effects
+
+    none = [{"id": i, "correct": c, "reward": r} for i, (c, r) in enumerate([(0, .2), (1, .9), (1, .8), (0, .1)])]
+    steered = [{"id": i, "correct": c, "reward": r} for i, (c, r) in enumerate([(1, .6), (0, .3), (1, .8), (0, .0)])]
+    got = side_effects(none, steered)
+    assert (got["fixed"], got["broken"], got["n"]) == (1, 1, 4)
+    assert got["ratio"] == 0.5 and got["reward_worse_share"] == 0.5  # .9 -> .3 and .1 -> .0; .8 -> .8 is not worse
+    assert math.isnan(side_effects(none, none)["ratio"])
+    with pytest.raises(ValueError, match="same examples"):
+        side_effects(none, steered[::-1])
+
+
 def test_newcombe_paired_interval_does_not_collapse_when_the_conditions_agree():
     """The recorded HarmBench case: 0 vs 0 refusals at n = 64 gave a bootstrap [0, 0]; Newcombe gives +-0.057."""
     lo, hi = newcombe_paired_interval(0, 0, 0, 64)

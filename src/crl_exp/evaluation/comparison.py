@@ -104,3 +104,19 @@ def detectable_effects(a: list[dict], b: list[dict], clusters: list[str], assume
             "mde_correct": mde_paired_binary(n / deff_correct, assumed_discordance),
             "mde_correct_observed": mde_paired_binary(n / deff_correct, discordance),
             "mde_reward": mde_paired_mean(n / deff_reward, sd)}
+
+
+def side_effects(base: list[dict], steered: list[dict]) -> dict[str, float]:
+    """A steered condition against no steering on the same examples (same order): items fixed (wrong -> right),
+    items broken (right -> wrong), the side-effect ratio broken / (fixed + broken) (nan when nothing changed) and
+    the share of examples whose reward the steering lowered. A net gain can hide many items broken."""
+    if [r["id"] for r in base] != [r["id"] for r in steered]:
+        raise ValueError("side effects need the same examples in the same order")
+    ok_base = [float(r["correct"]) > 0.5 for r in base]
+    ok = [float(r["correct"]) > 0.5 for r in steered]
+    fixed = sum(o and not b for o, b in zip(ok, ok_base, strict=True))
+    broken = sum(b and not o for o, b in zip(ok, ok_base, strict=True))
+    worse = sum(float(s["reward"]) < float(b["reward"]) - 1e-9 for s, b in zip(steered, base, strict=True))
+    return {"fixed": fixed, "broken": broken, "n": len(ok),
+            "ratio": broken / (fixed + broken) if fixed + broken else float("nan"),
+            "reward_worse_share": worse / len(ok) if ok else float("nan")}

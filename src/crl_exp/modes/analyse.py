@@ -1,7 +1,8 @@
 """``mode=analyse analysis=<name> run_id=...``: analyses of a finished ``mode=train`` run, read back from MLflow.
 
 * ``branch_points``: counterfactual continuations per token of the trained policy on held-out episodes;
-* ``top_features``: the policy's most-used held-out features, what they respond to and what they did.
+* ``top_features``: the policy's most-used held-out features, what they respond to and what they did;
+* ``off_task``: the policy scored on another task (default MMLU): what its steering costs elsewhere.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from crl_exp.analysis.branch_report import analyse_branches
 from crl_exp.analysis.runs import download_checkpoint, load_policy_state, load_run_config
@@ -24,12 +25,13 @@ from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig
 from crl_exp.episodes import build_env
 from crl_exp.errors import CRLConfigError
-from crl_exp.paths import default_data_dir
+from crl_exp.evaluation.off_task import format_off_task, score_off_task
+from crl_exp.paths import CONFIG_DIR, default_data_dir
 from crl_exp.saes.corpus import RESID_NORM_SOURCES, benchmark_corpus
 from crl_exp.tasks import build_task
 from crl_exp.tracking import RunTracker
 
-ANALYSES = ("branch_points", "top_features")
+ANALYSES = ("branch_points", "top_features", "off_task")
 
 
 def run(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
@@ -47,17 +49,71 @@ def run(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
     tracker.set_tags({"source_run_id": cfg.run_id, "analysis": acfg.name, "task": src.task.name})
     if acfg.name == "top_features":
         return top_features(client, src, cfg, tracker)
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = download_checkpoint(client, str(cfg.run_id), Path(tmp))
-        task = build_task(src.task, src.get("data_dir"))
-        env = build_env(src, task)
-        module = CRLModule(env.lm.d_model, env.sae.d_sae, config_dataclass(PolicyConfig, src.policy), config_dataclass(PPOConfig, src.ppo),
-                           masking_config(src.masking), int(src.budget.iterations), seed=int(src.seed))
-        load_policy_state(module, ckpt)
+    if acfg.name == "off_task":
+        return off_task(client, src, cfg, tracker)
+    task = build_task(src.task, src.get("data_dir"))
+    env, module = load_trained(client, src, str(cfg.run_id), task)
     if module.top_k != 1:
         raise CRLConfigError("Branch-point tracking needs a top-1 policy (one feature per token); this run used "
                              f"policy.top_k={module.top_k}")
     return analyse_branches(env, module, task, acfg, tracker, title=f"run {cfg.run_id}")
+
+
+def load_trained(client: MlflowClient, src: DictConfig, run_id: str, task):
+    """(env, module): the run's model, SAE and coefficient around ``task``, and its trained policy and mask."""
+    env = build_env(src, task)
+    module = CRLModule(env.lm.d_model, env.sae.d_sae, config_dataclass(PolicyConfig, src.policy),
+                       config_dataclass(PPOConfig, src.ppo), masking_config(src.masking), int(src.budget.iterations),
+                       seed=int(src.seed))
+    with tempfile.TemporaryDirectory() as tmp:
+        load_policy_state(module, download_checkpoint(client, run_id, Path(tmp)))
+    return env, module
+
+
+def off_task(client: MlflowClient, src: DictConfig, cfg: DictConfig, tracker: RunTracker) -> dict:
+    """Artifact ``off_task/<task>.json`` and metrics ``off_task/*``: the run's policy, its static feature and no
+    steering on ``analysis.task``'s ``analysis.split`` (seeded subset of ``analysis.limit``)."""
+    run_id, acfg = str(cfg.run_id), cfg.analysis
+    task_cfg = off_task_config(src, str(acfg.task), acfg.get("template"))
+    task = build_task(task_cfg, src.get("data_dir"))
+    split = str(acfg.split)
+    if split not in ("train", "validation"):
+        raise CRLConfigError(f"analysis.split={split!r}: off-task scoring reads train or validation (the test split "
+                             "is kept for the pre-registered comparisons)")
+    examples = task.split(split, acfg.get("limit"))
+    if not examples:
+        raise CRLConfigError(f"{task.name} {split} split is empty")
+    env, module = load_trained(client, src, run_id, task)
+    static = client.get_run(run_id).data.metrics.get("static/feature")
+    key = str(task_cfg.primary_metric).format(judge=task.judge.name if task.judge is not None else "")
+    result = score_off_task(env, module, examples, key, None if static is None else int(static),
+                            int(acfg.batch_size), int(src.eval.n_bootstrap), int(cfg.seed),
+                            float(src.eval.assumed_discordance))  # the source run's interval settings
+    result.update(source_task=src.task.name, split=split, source_run_id=run_id)
+    tracker.set_tags({"off_task": task.name})
+    tracker.log_metrics({f"off_task/{name}/{key}": s["metrics"][key] for name, s in result["conditions"].items()})
+    tracker.log_metrics({f"off_task/{name}": d[key]["delta"] for name, d in result["deltas"].items()})
+    tracker.log_metrics({f"off_task/{name}/ci_{end}": d[key]["ci95"][i] for name, d in result["deltas"].items()
+                         for i, end in enumerate(("low", "high"))})
+    table = (f"Run {run_id} ({src.task.name} policy, {src.model.name}, layer {src.sae.layer}) scored on "
+             f"{task.name} {split}:\n\n" + format_off_task(result))
+    print(table)
+    tracker.log_text(table, f"off_task/{task.name}.md")
+    tracker.log_dict(result, f"off_task/{task.name}.json")
+    return result
+
+
+def off_task_config(src: DictConfig, name: str, template: str | None) -> DictConfig:
+    """``conf/task/<name>.yaml``, rendered with the source run's prompt template (chat for an instruct-model run)
+    unless ``template`` says otherwise."""
+    path = CONFIG_DIR / "task" / f"{name}.yaml"
+    if not path.exists():
+        valid = sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml"))
+        raise CRLConfigError(f"analysis.task={name!r} is not a task; valid: {', '.join(valid)}")
+    task_cfg = OmegaConf.load(path)
+    with open_dict(task_cfg):
+        task_cfg.template = template or src.task.get("template", "base")
+    return task_cfg
 
 
 def top_features(client: MlflowClient, src: DictConfig, cfg: DictConfig, tracker: RunTracker) -> list[dict]:
