@@ -8,7 +8,8 @@ Usage:
     .venv/bin/python experiments/run_grid.py record EXPERIMENT [...] [--logs DIR]  # e.g. record answer_bbq grid/cpu_long
     .venv/bin/python experiments/run_grid.py report                # rewrite experiments/crl_results.md (and its figures)
     .venv/bin/python experiments/run_grid.py list                  # experiment files and the runs recorded from each
-    .venv/bin/python experiments/run_grid.py analyse KEY           # top features + branch points of a recorded run
+    .venv/bin/python experiments/run_grid.py analyse KEY [--only A,B]  # top features, branch points (+ off_task: MMLU
+                                                                   # under a safety policy) of a recorded run
     .venv/bin/python experiments/run_grid.py refresh               # re-read recorded runs from MLflow
 
 Each record holds the command, commit, seed, wall time (MLflow's start/end; peak RSS when ``--logs`` holds
@@ -201,13 +202,22 @@ def refresh() -> None:
         print(f"[{r['key']}] refreshed", flush=True)
 
 
-def analyse(key: str) -> None:
-    """The interpretability analyses of one recorded run (``mode=analyse``: top_features, branch_points), saved
-    as results/analyses/<key>.json with their commands and MLflow run ids."""
+SAFETY_TASKS = ("xstest", "harmbench")  # their policies are also scored on MMLU (analysis=off_task)
+
+
+def default_analyses(record: dict) -> tuple[str, ...]:
+    return ("top_features", "branch_points") + (("off_task",) if record["task"] in SAFETY_TASKS else ())
+
+
+def analyse(key: str, analyses: tuple[str, ...] | None = None) -> None:
+    """The analyses of one recorded run (``mode=analyse``: top_features, branch_points, and off_task for a safety
+    policy), saved in results/analyses/<key>.json with their commands and MLflow run ids; analyses already saved
+    there are kept unless run again."""
     record = json.loads((RESULTS / f"{key}.json").read_text())
     client = MlflowClient(resolve_tracking_uri(None))
-    out: dict[str, dict] = {}
-    for analysis in ("top_features", "branch_points"):
+    path = RESULTS / "analyses" / f"{key}.json"
+    out: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+    for analysis in analyses or default_analyses(record):
         cmd = [sys.executable, "-m", "crl_exp", "mode=analyse", f"analysis={analysis}", f"run_id={record['run_id']}",
                "logger.experiment_name=grid-analyses", f"logger.run_name={key}-{analysis}"]
         proc, wall, _ = timed_run(cmd)
@@ -217,13 +227,15 @@ def analyse(key: str) -> None:
         out[analysis] = {"command": " ".join([".venv/bin/python", *cmd[1:]]), "commit": git_commit(),
                          "run_id": run.info.run_id, "wall_s": round(wall, 1),
                          "metrics": dict(run.data.metrics), "printed": proc.stdout[-6000:]}
-        if analysis == "top_features":
+        artifact = {"top_features": "top_features/top_features.md", "off_task": "off_task/mmlu.json"}.get(analysis)
+        if artifact:
             with tempfile.TemporaryDirectory() as tmp:
-                out[analysis]["table"] = Path(client.download_artifacts(
-                    run.info.run_id, "top_features/top_features.md", tmp)).read_text()
-    (RESULTS / "analyses").mkdir(exist_ok=True)
-    (RESULTS / "analyses" / f"{key}.json").write_text(json.dumps(out, indent=1, default=float) + "\n")
-    print(out["top_features"]["table"])
+                text = Path(client.download_artifacts(run.info.run_id, artifact, tmp)).read_text()
+            out[analysis]["table" if analysis == "top_features" else "result"] = (
+                text if analysis == "top_features" else json.loads(text))
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(out, indent=1, default=float) + "\n")
+        print(out[analysis]["printed"][-2000:])
 
 
 def load_records() -> list[dict]:
@@ -436,21 +448,57 @@ def reference_section(members: list[dict], label: str) -> list[str]:
 
 
 def analysis_section(key: str, analyses: dict, record: dict) -> list[str]:
-    """Top features, branch points and the critic's outcome groups of one recorded run."""
-    tf, bp = analyses["top_features"], analyses["branch_points"]
-    branch_lines = [x for x in bp["printed"].splitlines() if "branch points in" in x or x.startswith("  episode")]
+    """Top features, branch points and the critic's outcome groups of one recorded run (those it has)."""
+    out = [f"## Interpretability: `{key}` (MLflow run `{record['run_id']}`)", "",
+           "The intervention report (HTML) is the run's artifact `interventions/report.html` (`make ui`).", ""]
+    if tf := analyses.get("top_features"):
+        out += [f"**Most-used features** (`{tf['command']}`, commit `{short(tf['commit'])}`, MLflow run "
+                f"`{tf['run_id']}`):", "", tf["table"].split("\n\n", 1)[-1].strip(), ""]
+    if bp := analyses.get("branch_points"):
+        branch_lines = [x for x in bp["printed"].splitlines() if "branch points in" in x or x.startswith("  episode")]
+        commit = f"commit `{short(bp['commit'])}`, " if bp.get("commit") else ""
+        out += [f"**Branch points** (`{bp['command']}`, {commit}MLflow run `{bp['run_id']}`; "
+                "its HTML report, with each episode's context, options and features' top contexts, is that run's "
+                "artifact):", "", "```", *branch_lines, "```", ""]
     critic = record.get("critic") or {}
     groups = ", ".join(f"{g} {critic.get(f'group_{g}', float('nan')):.0f}"
                        for g in ("correct", "incorrect", "corrected", "misguided"))
-    return [f"## Interpretability: `{key}` (MLflow run `{record['run_id']}`)", "",
-            "The intervention report (HTML) is the run's artifact `interventions/report.html` (`make ui`).", "",
-            f"**Most-used features** (`{tf['command']}`, commit `{short(tf['commit'])}`, MLflow run `{tf['run_id']}`):",
-            "", tf["table"].split("\n\n", 1)[-1].strip(), "",
-            f"**Branch points** (`{bp['command']}`, MLflow run `{bp['run_id']}`):", "", "```", *branch_lines, "```", "",
-            f"**Critic** on the {record['n_heldout']} held-out episodes: outcome groups {groups} (corrected = CRL "
-            f"right where unsteered was wrong, misguided = the reverse); V0 AUROC {critic.get('v0_auroc', float('nan')):.3f}, "
-            f"Brier {critic.get('v0_brier', float('nan')):.3f}; failures: {critic.get('policy_limitations', float('nan')):.0f} "
-            f"policy limitations, {critic.get('value_estimation_errors', float('nan')):.0f} value-estimation errors.", ""]
+    ev = (f"explained variance {critic['explained_variance']:.3f}; " if "explained_variance" in critic else "")
+    verdict = ("" if "analysable" not in critic else " (analysable)" if critic["analysable"]
+               else " (a critic this poor cannot split the two)")
+    return out + [
+        f"**Critic** on the {record['n_heldout']} held-out episodes: {ev}outcome groups {groups} (corrected = CRL "
+        f"right where unsteered was wrong, misguided = the reverse); V0 AUROC {critic.get('v0_auroc', float('nan')):.3f}, "
+        f"Brier {critic.get('v0_brier', float('nan')):.3f}; failures: {critic.get('policy_limitations', float('nan')):.0f} "
+        f"policy limitations, {critic.get('value_estimation_errors', float('nan')):.0f} value-estimation errors"
+        f"{verdict}.", ""]
+
+
+def off_task_section(answer: dict[str, list[dict]]) -> list[str]:
+    """MMLU accuracy under each safety policy of the answer (``analysis=off_task``): what steering costs elsewhere."""
+    rows = []
+    for members in answer.values():
+        for r in sorted(members, key=lambda x: x["seed"]):
+            path = RESULTS / "analyses" / f"{r['key']}.json"
+            off = json.loads(path.read_text()).get("off_task") if path.exists() else None
+            if not off:
+                continue
+            res, key = off["result"], off["result"]["primary_metric"]
+            c, d = res["conditions"], res["deltas"]
+            cell = lambda name: (f"{d[name][key]['delta']:+.3f} {_fmt_ci(*d[name][key]['ci95'])}"  # noqa: E731
+                                 if name in d else "-")
+            fx = res["side_effects"]["crl"]
+            rows.append(f"| `{r.get('group')}` | {r['seed']} | {res['n']} | {c['none']['metrics'][key]:.3f} | "
+                        f"{c['static']['metrics'][key]:.3f} | {c['crl']['metrics'][key]:.3f} | {cell('crl_minus_none')} "
+                        f"| {cell('static_minus_none')} | {fx['fixed']} / {fx['broken']} | `{off['run_id']}` |")
+    if not rows:
+        return []
+    return ["", f"What the safety policies cost elsewhere: MMLU ({res['split']} split, a seeded subset) under each "
+            "run's policy (greedy, its action space, mask off, its coefficient) and its static feature, against no "
+            "steering on the same prompts (`run_grid.py analyse <key>`: `mode=analyse analysis=off_task`); Newcombe "
+            "intervals on cluster-adjusted counts (clusters = subjects).", "",
+            "| group | seed | n | unsteered | static | CRL | CRL - none [95% CI] | static - none [95% CI] | "
+            "CRL fixed / broken | MLflow run |", "|---|---|---|---|---|---|---|---|---|---|", *rows]
 
 
 # ---------------------------------------------------------------------- the pre-registered answer (issue 27)
@@ -552,6 +600,7 @@ def answer_section(groups: dict[str, list[dict]]) -> list[str]:
                 effects.append(f"| {name} | {r['seed']} | {cond} | {e['fixed']} | {e['broken']} | "
                                f"{_fmt_mde(e['ratio'])} | {e['reward_worse_share']:.3f} |")
     out += behaviour_section(answer)
+    out += off_task_section(answer)
     out += ["", "Side effects against no steering on the same prompts (fixed: wrong unsteered, right steered; broken: the "
             "reverse; ratio = broken / (fixed + broken); reward worse = the share of prompts whose reward the steering "
             "lowered):", "", "| group | seed | condition | fixed | broken | side-effect ratio | reward worse |",
@@ -669,8 +718,12 @@ def main(argv: list[str]) -> None:
     elif argv[0] == "refresh":
         refresh()
     elif argv[0] == "analyse":
-        for key in argv[1:]:
-            analyse(key)
+        keys, only = argv[1:], None
+        if "--only" in keys:
+            i = keys.index("--only")
+            only, keys = tuple(keys[i + 1].split(",")), keys[:i] + keys[i + 2:]
+        for key in keys:
+            analyse(key, only)
     elif argv[0] == "report":
         print(write_report())
     else:

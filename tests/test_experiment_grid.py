@@ -147,3 +147,24 @@ def test_state_diversity_separates_a_shared_direction_from_prompt_specific_energ
     assert abs(row["mean_pairwise_cosine_standardised"]) < 0.1  # independent noise once standardised
     spread = module.diversity(torch.randn(16, 64))
     assert spread["mean_pairwise_cosine"] < 0.2 and spread["prompt_specific_energy_share"] > 0.85
+
+
+def test_the_answer_reports_mmlu_under_each_safety_policy_from_its_off_task_analysis(grid, tmp_path):
+    rec = record(0, 0.40, 0.38, 0.04)
+    rec["examples"]["untrained"] = outcomes(0.30)
+    rec.update(key="xstest_s0", task="xstest", group="answer_xstest", heldout_part="confirm")
+    (grid.RESULTS / "xstest_s0.json").write_text(json.dumps(rec))
+    text = grid.write_report(tmp_path / "out.md")
+    assert "What the safety policies cost elsewhere" not in text  # no off_task analysis yet: no table, no blank row
+    delta = lambda d: {"accuracy": {"delta": d, "ci95": [d - 0.03, d + 0.03]}}  # noqa: E731
+    result = {"task": "mmlu", "primary_metric": "accuracy", "n": 500, "split": "validation",
+              "conditions": {c: {"metrics": {"accuracy": v}} for c, v in (("none", .40), ("static", .38), ("crl", .35))},
+              "deltas": {"crl_minus_none": delta(-.05), "static_minus_none": delta(-.02)},
+              "side_effects": {"crl": {"fixed": 10, "broken": 35}, "static": {"fixed": 5, "broken": 15}}}
+    (grid.RESULTS / "analyses").mkdir()
+    (grid.RESULTS / "analyses" / "xstest_s0.json").write_text(json.dumps({"off_task": {"run_id": "off1",
+                                                                                      "result": result}}))
+    text = grid.write_report(tmp_path / "out.md")
+    row = next(x for x in text.splitlines() if x.startswith("| `answer_xstest` | 0 | 500 |"))
+    assert "| 0.400 | 0.380 | 0.350 | -0.050 [-0.080, -0.020] | -0.020 [-0.050, +0.010] | 10 / 35 | `off1` |" in row
+    assert "## Interpretability: `xstest_s0`" in text and "Branch points" not in text  # only what was analysed
