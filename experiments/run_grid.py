@@ -463,11 +463,12 @@ def analysis_section(key: str, analyses: dict, record: dict) -> list[str]:
     critic = record.get("critic") or {}
     groups = ", ".join(f"{g} {critic.get(f'group_{g}', float('nan')):.0f}"
                        for g in ("correct", "incorrect", "corrected", "misguided"))
+    n_logged = sum(critic.get(f"group_{g}", 0) for g in ("correct", "incorrect", "corrected", "misguided"))
     ev = (f"explained variance {critic['explained_variance']:.3f}; " if "explained_variance" in critic else "")
     verdict = ("" if "analysable" not in critic else " (analysable)" if critic["analysable"]
                else " (a critic this poor cannot split the two)")
     return out + [
-        f"**Critic** on the {record['n_heldout']} held-out episodes: {ev}outcome groups {groups} (corrected = CRL "
+        f"**Critic** on the {n_logged:.0f} held-out episodes of the intervention log: {ev}outcome groups {groups} (corrected = CRL "
         f"right where unsteered was wrong, misguided = the reverse); V0 AUROC {critic.get('v0_auroc', float('nan')):.3f}, "
         f"Brier {critic.get('v0_brier', float('nan')):.3f}; failures: {critic.get('policy_limitations', float('nan')):.0f} "
         f"policy limitations, {critic.get('value_estimation_errors', float('nan')):.0f} value-estimation errors"
