@@ -291,6 +291,9 @@ def test_layer_comparison_and_branch_analysis_from_mlflow_runs(tmp_path, tiny_mo
     assert analysis.data.metrics["branch/alternatives_evaluated"] == 2 * 2 * 3
     assert analysis.data.metrics["branch/controls_evaluated"] == 2 * 2
     assert analysis.data.metrics["branch/control_flips"] == 0
+    branch_html = Path(client.download_artifacts(analysis.info.run_id, "branch_points/report.html",
+                                                 str(tmp_path / "bp"))).read_text()
+    assert "top activating train contexts" in branch_html and ": &hellip;" in branch_html  # each feature's contexts
     with pytest.raises(CRLConfigError, match="Unknown MLflow run id"):
         run(cfg("mode=analyse", "run_id=0123456789abcdef", "logger.experiment_name=analyses"))
     with pytest.raises(CRLConfigError, match="not a CRL training run"):

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from crl_exp.analysis.branch_points import Episode, track_branches
 from crl_exp.analysis.intervention_log import log_rows, to_frame
 from crl_exp.analysis.report import episode_context, render_report
+from crl_exp.analysis.top_features import task_top_contexts
 from crl_exp.crl.rollout import policy_rollout
 from crl_exp.errors import CRLConfigError
 
@@ -53,8 +54,10 @@ def analyse_branches(env, module, task, acfg: DictConfig, tracker, title: str = 
     episodes = {i: {"prompt": r["prompt"], "question": r["question"], "answer": r["answer"],
                     "completion": r["completion"], **episode_context(ex)}
                 for i, (r, ex) in enumerate(zip(records, examples, strict=True))}
+    used = [int(f) for f in log["feature"].value_counts().index if int(f) >= 0] if len(log) else []
+    contexts = task_top_contexts(env.lm, env.sae.sae, env.sae.layer, task, used)
     (out / "report.html").write_text(render_report(log, episodes, f"Branch points: {task.name} {title}",
-                                                   branch_points=points))
+                                                   branch_points=points, feature_contexts=contexts))
     n_points = sum(len(v) for v in points.values())
     n_controls = sum(r["control"] for r in all_rows)
     tracker.log_metrics({"branch/episodes": len(examples), "branch/points": n_points,

@@ -19,6 +19,7 @@ import torch
 
 CONTEXT_TOKENS = 8  # tokens of context shown before an activating token
 CORPUS_TOKENS = 16384  # train-split tokens scanned for top activations
+PROFILE_TOKENS = 4096  # task train-text tokens scanned to profile the features a report shows
 
 
 @dataclass
@@ -65,6 +66,16 @@ def feature_effects(log: pd.DataFrame, crl: list[dict], unsteered: list[dict], f
 
 
 @torch.inference_mode()
+def task_top_contexts(lm, sae, layer: int, task, features: list[int],
+                      n_tokens: int = PROFILE_TOKENS) -> dict[int, list[tuple[float, str]]]:
+    """Each feature's strongest activations on the task's own train-split text (what a reader of an episode
+    report needs to judge a feature); empty when no feature was used."""
+    if not features:
+        return {}
+    return corpus_top_contexts(lm, sae, layer, [task.user_text(ex) for ex in task.split("train")], features,
+                               n_tokens=n_tokens)
+
+
 def corpus_top_contexts(lm, sae, layer: int, texts, features: list[int], n_tokens: int = CORPUS_TOKENS, k: int = 5,
                         context_size: int = 128, batch_size: int = 8) -> dict[int, list[tuple[float, str]]]:
     """Each feature's ``k`` strongest activations on ``texts`` with the context that led to them."""

@@ -27,7 +27,7 @@ from crl_exp.analysis.feature_profile import usage_weighted_syntactic_share
 from crl_exp.analysis.intervention_log import log_rows as intervention_rows
 from crl_exp.analysis.intervention_log import to_frame
 from crl_exp.analysis.report import episode_context, render_report
-from crl_exp.analysis.top_features import corpus_top_contexts
+from crl_exp.analysis.top_features import task_top_contexts
 from crl_exp.analysis.training_curve import plot_training_curve
 from crl_exp.crl.config import apply_budget, budget_config, config_dataclass, heldout_size, masking_config
 from crl_exp.crl.feature_selection import mean_reward, select_static_feature
@@ -71,7 +71,6 @@ from crl_exp.tracking.provenance import git_commit
 from crl_exp.tracking.sweep import config_hash
 
 log = logging.getLogger(__name__)
-PROFILE_TOKENS = 4096  # train-text tokens scanned to profile the features the policy used
 
 
 def table_scoring(cfg: DictConfig, one_token: bool, top_k: int, pool: list[int] | None) -> bool:
@@ -309,8 +308,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         tracker.log_metrics({"time/references_seconds": time.perf_counter() - phase})
         log.info("Reference rows (reward tables, ceiling) in %.0f s", time.perf_counter() - phase)
     usage = dict(Counter(f for f in greedy_features.tolist() if f != NO_FEATURE).most_common(50))
-    contexts = corpus_top_contexts(lm, sae.sae, sae.layer, [task.user_text(ex) for ex in task.split("train")],
-                                   list(usage), n_tokens=PROFILE_TOKENS) if usage else {}
+    contexts = task_top_contexts(lm, sae.sae, sae.layer, task, list(usage))
     logged_records = records if heldout_table is None else {k: v[:len(logged)] for k, v in records.items()}
     write_interpretability_outputs(tracker, task.name, log_rows, logged_records, out_dir,
                                    examples={ex.id: ex for ex in test_pool}, feature_contexts=contexts)
