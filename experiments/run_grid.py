@@ -475,6 +475,10 @@ def analysis_section(key: str, analyses: dict, record: dict) -> list[str]:
         f"{verdict}.", ""]
 
 
+def _delta_cell(deltas: dict, name: str, key: str) -> str:
+    return f"{deltas[name][key]['delta']:+.3f} {_fmt_ci(*deltas[name][key]['ci95'])}" if name in deltas else "-"
+
+
 def off_task_section(answer: dict[str, list[dict]]) -> list[str]:
     """MMLU accuracy under each safety policy of the answer (``analysis=off_task``): what steering costs elsewhere."""
     rows = []
@@ -486,12 +490,10 @@ def off_task_section(answer: dict[str, list[dict]]) -> list[str]:
                 continue
             res, key = off["result"], off["result"]["primary_metric"]
             c, d = res["conditions"], res["deltas"]
-            cell = lambda name: (f"{d[name][key]['delta']:+.3f} {_fmt_ci(*d[name][key]['ci95'])}"  # noqa: E731
-                                 if name in d else "-")
             fx = res["side_effects"]["crl"]
             rows.append(f"| `{r.get('group')}` | {r['seed']} | {res['n']} | {c['none']['metrics'][key]:.3f} | "
-                        f"{c['static']['metrics'][key]:.3f} | {c['crl']['metrics'][key]:.3f} | {cell('crl_minus_none')} "
-                        f"| {cell('static_minus_none')} | {fx['fixed']} / {fx['broken']} | `{off['run_id']}` |")
+                        f"{c['static']['metrics'][key]:.3f} | {c['crl']['metrics'][key]:.3f} | "
+                        f"{_delta_cell(d, 'crl_minus_none', key)} | {_delta_cell(d, 'static_minus_none', key)} | {fx['fixed']} / {fx['broken']} | `{off['run_id']}` |")
     if not rows:
         return []
     return ["", f"What the safety policies cost elsewhere: MMLU ({res['split']} split, a seeded subset) under each "
