@@ -99,6 +99,15 @@ def test_exhaustive_static_selection_tries_every_candidate_through_one_reward_ta
 
 
 # -------------------------------------------------------------------------------------------- intervals
+def test_share_of_a_gap_is_nan_where_the_reference_ties_the_baseline():
+    from crl_exp.stats import share_of_gap
+
+    assert share_of_gap(0.05, 0.1) == pytest.approx(0.5)
+    # a group oracle that picked the static feature everywhere: its "gap" is float noise (seen: 1e-10, which made
+    # a -199,337,723% recovery)
+    assert math.isnan(share_of_gap(-0.013, 6.5e-11)) and math.isnan(share_of_gap(0.01, -0.02))
+
+
 def test_side_effects_count_items_fixed_and_broken_against_no_steering():
     from crl_exp.evaluation.comparison import side_effects
 

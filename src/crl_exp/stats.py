@@ -193,3 +193,13 @@ def pool_seeds(deltas: Sequence[float], within_se: Sequence[float]) -> dict[str,
     half = math.sqrt((Z_95 * se_w) ** 2 + (t * se_b) ** 2)
     return {"delta": mean, "ci_low": mean - half, "ci_high": mean + half, "sd_seeds": math.sqrt(between),
             "seeds": k, "mde": half * (Z_95 + Z_80) / Z_95}
+
+
+GAP_TOLERANCE = 1e-4  # a reward gap smaller than this is float noise between equal policies (fp32 tables: ~1e-6)
+
+
+def share_of_gap(gain: float, gap: float) -> float:
+    """``gain / gap`` (what share of a reference's advantage over a baseline was recovered), nan where there is
+    no gap: a reference that ties the baseline (e.g. a group oracle that picks the static feature everywhere)
+    has nothing to recover, and dividing by its float noise would print a meaningless share."""
+    return gain / gap if gap > GAP_TOLERANCE else float("nan")

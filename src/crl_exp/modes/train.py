@@ -63,6 +63,7 @@ from crl_exp.evaluation.table_scoring import (
 )
 from crl_exp.modes.evaluation_log import log_evaluation
 from crl_exp.reward_table import RewardTable, reward_table
+from crl_exp.stats import share_of_gap
 from crl_exp.steering.controllers import RandomController
 from crl_exp.steering.hook import NO_FEATURE
 from crl_exp.tasks import build_task
@@ -393,10 +394,9 @@ def one_token_references(env, task, cfg: DictConfig, selection, ref_pool: list[i
     picks = [f == groups["best_feature"].get(ex.group) for f, ex in zip(greedy_first, test_pool, strict=True)]
     static, crl = results["static"]["metrics"]["reward"], results["crl"]["metrics"]["reward"]
     gap = groups["reward"] - static
-    learner = {"gap_recovered": (crl - static) / gap if gap > 0 else float("nan"),
+    learner = {"gap_recovered": share_of_gap(crl - static, gap),
                "group_best_pick_rate": sum(picks) / len(picks) if picks else float("nan"),
-               "ceiling_gap_recovered": (crl - static) / (ceiling_row["reward"] - static)
-               if ceiling_row["reward"] > static else float("nan")}
+               "ceiling_gap_recovered": share_of_gap(crl - static, ceiling_row["reward"] - static)}
     paired = {}
     if heldout_table.records is not None and records is not None:
         ceiling_records = heldout_table.cell_records(torch.tensor(ceiling_row["actions"]) + 1)
