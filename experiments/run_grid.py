@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -54,13 +55,28 @@ def experiment_files() -> list[str]:
     return sorted(n for n in names if n.startswith(("grid/", "answer_")))
 
 
-def mlflow_experiment_of(name: str) -> str:
-    """The MLflow experiment an experiment file logs to (its composed ``logger.experiment_name``)."""
+def _composed(name: str):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={name}"])
-    return str(cfg.logger.experiment_name)
+        return compose("config", overrides=[f"+experiment={name}"])
+
+
+def mlflow_experiment_of(name: str) -> str:
+    """The MLflow experiment an experiment file logs to (its composed ``logger.experiment_name``)."""
+    return str(_composed(name).logger.experiment_name)
+
+
+def run_name_pattern(name: str) -> re.Pattern:
+    """The run names an experiment file gives (its ``logger.run_name``, every ``${...}`` a wildcard): several
+    files may log to one MLflow experiment (answer_bbq and answer_bbq_pool128), and each records only its own."""
+    from omegaconf import OmegaConf
+
+    template = OmegaConf.to_container(_composed(name).logger, resolve=False).get("run_name")
+    if not template:
+        return re.compile(".*")
+    parts = re.split(r"\$\{[^}]*\}", str(template))
+    return re.compile(".+?".join(re.escape(p) for p in parts) + "$")
 
 
 def _artifact_json(client: MlflowClient, run_id: str, path: str):
@@ -162,9 +178,11 @@ def record(names: list[str], logs: Path | None) -> None:
             continue
         runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.mode = 'train'",
                                   order_by=["attributes.start_time DESC"])
+        mine = run_name_pattern(name)
         newest: dict[str, object] = {}
         for run in runs:
-            newest.setdefault(run.info.run_name, run)
+            if mine.match(run.info.run_name or ""):
+                newest.setdefault(run.info.run_name, run)
         for key, run in sorted(newest.items()):
             rss = logs / f"{key}.rss" if logs else None
             peak = (round(int(rss.read_text().split()[-1]) / 1024 ** 2, 2)
@@ -535,12 +553,14 @@ def decision(ci_low: float, ci_high: float) -> str:
 
 
 def behaviour_section(answer: dict[str, list[dict]]) -> list[str]:
-    """Per-token behaviour of the group where CRL did best against static (its first seed): which features it
-    steered with, how often, and what its critic could tell (explained variance stated)."""
+    """Per-token behaviour of the group where CRL did best against static (among the real tasks' groups with the
+    most seeds; its first seed): which features it steered with, how often, and what its critic could tell (explained variance stated)."""
     def gap(members: list[dict]) -> float:
         return sum(restat(r)["deltas"]["static"]["delta"] for r in members) / len(members)
 
     real = {k: v for k, v in answer.items() if v[0]["task"] != "known_answer"} or answer
+    most = max(len(v) for v in real.values())  # the pre-registered primary rows (3 seeds), not one-seed extras
+    real = {k: v for k, v in real.items() if len(v) == most}
     label, members = max(real.items(), key=lambda kv: gap(kv[1]))
     r = sorted(members, key=lambda x: x["seed"])[0]
     shares = r.get("feature_shares") or {}

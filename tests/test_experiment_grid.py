@@ -168,3 +168,13 @@ def test_the_answer_reports_mmlu_under_each_safety_policy_from_its_off_task_anal
     row = next(x for x in text.splitlines() if x.startswith("| `answer_xstest` | 0 | 500 |"))
     assert "| 0.400 | 0.380 | 0.350 | -0.050 [-0.080, -0.020] | -0.020 [-0.050, +0.010] | 10 / 35 | `off1` |" in row
     assert "## Interpretability: `xstest_s0`" in text and "Branch points" not in text  # only what was analysed
+
+
+def test_files_sharing_an_mlflow_experiment_record_only_their_own_runs(grid):
+    """answer_bbq and answer_bbq_pool128 both log to `answer-bbq`: recording one must not relabel the other's runs."""
+    assert grid.mlflow_experiment_of("answer_bbq") == grid.mlflow_experiment_of("answer_bbq_pool128")
+    bbq, pool = grid.run_name_pattern("answer_bbq"), grid.run_name_pattern("answer_bbq_pool128")
+    assert bbq.match("answer_bbq_s2") and not bbq.match("answer_bbq_pool128_s0")
+    assert pool.match("answer_bbq_pool128_s0") and not pool.match("answer_bbq_s0")
+    layers = grid.run_name_pattern("grid/layer_sweep")
+    assert layers.match("bbq_gemma3_cand32_layer6_s0") and not layers.match("bbq_gemma3_l12_cand32_s0")
