@@ -194,6 +194,12 @@ def test_held_out_statistics_are_clustered_and_binary_deltas_use_newcombe(data_d
     assert d["delta"] == 0 and d["method"] == "newcombe_clustered" and d["ci95"][0] < -0.04
     assert results["crl"]["clusters"] == len({r["cluster"] for r in crl}) < 60
     assert results["crl"]["ci95"]["accuracy"][0] < 1.0  # Wilson, not the bootstrap's [1, 1]
+    # a share a float32 mean cannot hold exactly (178 / 500) is still a binary metric: Newcombe, not the bootstrap
+    examples = task.heldout("dev", 500)
+    assert len(examples) == 500
+    _, deltas = compare(task, {"crl": records([1] * 178 + [0] * 322), "none": records([1] * 172 + [0] * 328)},
+                        "accuracy", 100, 0, 0.2)
+    assert deltas["none"]["accuracy"]["method"] == "newcombe_clustered"
 
 
 # ------------------------------------------------------------------------------------ held-out parts

@@ -38,7 +38,7 @@ def is_share_of_correct(task, records: list[dict], key: str) -> bool:
         return False
     value = task.metrics_from_records(records).get(key)
     share = sum(float(r["correct"]) > 0.5 for r in records) / len(records)
-    return value is not None and abs(value - share) < 1e-9
+    return value is not None and abs(value - share) < 1e-6  # a metric in float32 is off by ~1e-8, a share by >= 1/n
 
 
 def condition_summary(task, records: list[dict], key: str, n_boot: int, seed: int) -> dict[str, Any]:

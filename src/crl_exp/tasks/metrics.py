@@ -13,12 +13,13 @@ from torchmetrics.utilities import dim_zero_cat
 
 def grouped_mean(values: torch.Tensor, groups: torch.Tensor, group_names: list[str], prefix: str) -> dict[str, float]:
     """Micro mean, macro mean over non-empty groups, and the mean per group."""
-    out = {f"{prefix}": values.float().mean().item() if len(values) else float("nan")}
+    # float64: a share such as 178 / 500 must come out as that share (float32 is off by ~1e-8)
+    out = {f"{prefix}": values.double().mean().item() if len(values) else float("nan")}
     per = []
     for gi, name in enumerate(group_names):
         mask = groups == gi
         if mask.any():
-            m = values[mask].float().mean().item()
+            m = values[mask].double().mean().item()
             out[f"{prefix}/{name}"] = m
             per.append(m)
     if len(group_names) > 1 and per:
