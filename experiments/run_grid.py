@@ -381,6 +381,8 @@ def seed_rows(r: dict, s: dict, stale: dict[str, str]) -> list[str]:
     names = {"random": "random_dictionary" if "random" in stale or r["action_space"].startswith("full") else "random"}
     out = []
     for cond in conditions(r):
+        if cond == "random_dictionary" and names["random"] == "random_dictionary" and "random" in r["examples"]:
+            continue  # over the whole dictionary the two random rows are one row (same draws)
         c = s["conditions"][cond]
         mark = " (stale)" if cond == "crl" and "crl" in stale else ""
         if cond == "crl":
