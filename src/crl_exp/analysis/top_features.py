@@ -65,7 +65,6 @@ def feature_effects(log: pd.DataFrame, crl: list[dict], unsteered: list[dict], f
     return out
 
 
-@torch.inference_mode()
 def task_top_contexts(lm, sae, layer: int, task, features: list[int],
                       n_tokens: int = PROFILE_TOKENS) -> dict[int, list[tuple[float, str]]]:
     """Each feature's strongest activations on the task's own train-split text (what a reader of an episode
@@ -76,6 +75,7 @@ def task_top_contexts(lm, sae, layer: int, task, features: list[int],
                                n_tokens=n_tokens)
 
 
+@torch.inference_mode()
 def corpus_top_contexts(lm, sae, layer: int, texts, features: list[int], n_tokens: int = CORPUS_TOKENS, k: int = 5,
                         context_size: int = 128, batch_size: int = 8) -> dict[int, list[tuple[float, str]]]:
     """Each feature's ``k`` strongest activations on ``texts`` with the context that led to them."""
