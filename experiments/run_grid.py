@@ -411,16 +411,25 @@ def pooled(records: list[dict], stats: list[dict]) -> dict:
     """Over seeds (same held-out examples): each condition's mean and each CRL-minus-baseline delta pooled with
     ``crl_exp.stats.pool_seeds`` (Student's t over seeds, the shared example noise not divided by the seeds),
     the within-seed standard error read off each seed's clustered interval."""
-    from crl_exp.stats import Z_95, pool_seeds
-
     out = {"seeds": ",".join(str(r["seed"]) for r in records), "deltas": {}}
     out["means"] = {c: sum(s["conditions"][c]["value"] for s in stats) / len(stats) for c in conditions(records[0])}
     for base in [c for c in conditions(records[0]) if c != "crl"]:
         for metric, ci_key, delta_key in (("primary", "ci", "delta"), ("reward", "reward_ci", "reward_delta")):
-            deltas = [s["deltas"][base][delta_key] for s in stats]
-            ses = [(s["deltas"][base][ci_key][1] - s["deltas"][base][ci_key][0]) / (2 * Z_95) for s in stats]
-            out["deltas"][(metric, base)] = pool_seeds(deltas, ses)
+            out["deltas"][(metric, base)] = pool_intervals([s["deltas"][base][delta_key] for s in stats],
+                                                           [s["deltas"][base][ci_key] for s in stats])
     return out
+
+
+def pool_intervals(deltas: list[float], cis: list[tuple[float, float]]) -> dict[str, float]:
+    """``crl_exp.stats.pool_seeds`` with each seed's standard error read off its 95% interval; a single seed keeps
+    its own interval: Newcombe's is asymmetric near 0 or 1 (GSM8K exact match 0/64), and the symmetric interval
+    rebuilt from its width would misstate it. The MDE is what an interval of that width could detect."""
+    from crl_exp.stats import Z_95, pool_seeds
+
+    p = pool_seeds(deltas, [(hi - lo) / (2 * Z_95) for lo, hi in cis])
+    if len(deltas) == 1:
+        p["ci_low"], p["ci_high"] = cis[0]
+    return p
 
 
 def gap_recovered(r: dict) -> float:
@@ -590,8 +599,6 @@ def behaviour_section(answer: dict[str, list[dict]]) -> list[str]:
 
 def answer_section(groups: dict[str, list[dict]]) -> list[str]:
     """The pre-registered comparisons of every confirmation-scored group, one row per group, then side effects."""
-    from crl_exp.stats import Z_95, pool_seeds
-
     answer = {label: members for label, members in groups.items() if members[0].get("heldout_part") == "confirm"}
     if not answer:
         return []
@@ -617,8 +624,7 @@ def answer_section(groups: dict[str, list[dict]]) -> list[str]:
         for name in ("crl_minus_ceiling", "ceiling_minus_static"):
             per = [(r.get("reference_rows") or {}).get("paired", {}).get(name, {}).get(key) for r in members]
             if all(per):
-                ses = [(d["ci95"][1] - d["ci95"][0]) / (2 * Z_95) for d in per]
-                p = pool_seeds([d["delta"] for d in per], ses)
+                p = pool_intervals([d["delta"] for d in per], [tuple(d["ci95"]) for d in per])
                 cells.append(f"{p['delta']:+.3f} {_fmt_ci(p['ci_low'], p['ci_high'])}")
             else:
                 cells.append("-")

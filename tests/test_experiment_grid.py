@@ -178,3 +178,22 @@ def test_files_sharing_an_mlflow_experiment_record_only_their_own_runs(grid):
     assert pool.match("answer_bbq_pool128_s0") and not pool.match("answer_bbq_s0")
     layers = grid.run_name_pattern("grid/layer_sweep")
     assert layers.match("bbq_gemma3_cand32_layer6_s0") and not layers.match("bbq_gemma3_l12_cand32_s0")
+
+
+def test_a_single_seed_answer_row_keeps_newcombes_asymmetric_interval_at_the_floor(grid, tmp_path):
+    """GSM8K at 270M: CRL solves 0 of 64 and static 1. Rebuilding a symmetric interval from the Newcombe interval's
+    width (what pooling over seeds does) would put its upper end above what 1 discordant pair allows."""
+    from crl_exp.stats import newcombe_paired_interval
+
+    rec = record(0, 0.0, 1 / 64, 0.04)
+    for c, k in (("none", 3), ("random", 0), ("static", 1), ("crl", 0), ("untrained", 0)):
+        rec["examples"][c] = {"id": [f"ex{i}" for i in range(64)], "correct": [1.0] * k + [0.0] * (64 - k),
+                              "reward": [0.05] * 64}
+    rec.update(key="gsm8k_s0", task="gsm8k", group="answer_gsm8k", heldout_part="confirm",
+               primary_metric="exact_match", n_heldout=64)
+    (grid.RESULTS / "gsm8k_s0.json").write_text(json.dumps(rec))
+    text = grid.write_report(tmp_path / "out.md")
+    lo, hi = newcombe_paired_interval(0, 0, 1, 63)  # CRL right on none, static on 1: one discordant pair
+    assert hi + lo < -0.005  # asymmetric: further below the delta than above it
+    row = next(x for x in text.splitlines() if x.startswith("| `answer_gsm8k` | 0 | 64 |"))
+    assert f"| -0.016 [{lo:+.3f}, {hi:+.3f}] |" in row
