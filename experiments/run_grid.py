@@ -408,9 +408,8 @@ def seed_rows(r: dict, s: dict, stale: dict[str, str]) -> list[str]:
 
 
 def pooled(records: list[dict], stats: list[dict]) -> dict:
-    """Over seeds (same held-out examples): each condition's mean and each CRL-minus-baseline delta pooled with
-    ``crl_exp.stats.pool_seeds`` (Student's t over seeds, the shared example noise not divided by the seeds),
-    the within-seed standard error read off each seed's clustered interval."""
+    """Over seeds (same held-out examples): each condition's mean and each CRL-minus-baseline delta pooled by
+    ``pool_intervals`` (Student's t over seeds, the shared example noise not divided by the seeds)."""
     out = {"seeds": ",".join(str(r["seed"]) for r in records), "deltas": {}}
     out["means"] = {c: sum(s["conditions"][c]["value"] for s in stats) / len(stats) for c in conditions(records[0])}
     for base in [c for c in conditions(records[0]) if c != "crl"]:
