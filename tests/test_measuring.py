@@ -378,6 +378,38 @@ def test_the_ceiling_learns_what_the_state_makes_learnable_and_no_more(signal):
         assert row["reward"] <= static + 0.1
 
 
+def noisy_table(n: int, seed: int, n_actions: int = 33, d: int = 32):
+    """No learnable signal beyond one feature: column 3 pays 0.3 on average, every other column 0.25, each cell
+    with prompt-specific noise that random states cannot predict (what a softmax fit on 40 prompts overfits)."""
+    from crl_exp.reward_table import RewardTable
+
+    g = torch.Generator().manual_seed(seed)
+    reward = 0.25 + 0.1 * torch.randn(n, n_actions, generator=g)
+    reward[:, 3] += 0.05
+    return RewardTable(list(range(100, 100 + n_actions)), [f"p{seed}/{i}" for i in range(n)], reward,
+                       (reward > 0.3).float(), torch.zeros(n), torch.zeros(n), torch.randn(n, d, generator=g))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_ceiling_is_never_below_the_static_policy_on_validation(seed):
+    """The softmax class holds the static policy, so the best policy validation can find scores at least the static
+    feature there: the ceiling starts at that policy and keeps it unless a fit beats it on validation."""
+    from crl_exp.evaluation.ceiling import ceiling, fit_softmax_policy, greedy_score
+
+    train, validation, heldout = noisy_table(40, seed), noisy_table(64, seed + 10), noisy_table(64, seed + 20)
+    static = validation.best_column()
+    static_val = float(validation.reward[:, static].mean())
+    row = ceiling(train, validation, heldout, seed=seed)
+    assert row["static_column"] == static and row["static_validation_reward"] == pytest.approx(static_val)
+    assert row["validation_reward"] >= static_val - 1e-7
+    assert all(t["validation"]["reward"] <= row["validation_reward"] + 1e-7 for t in row["validation"])
+    if row["kind"] == "static":  # then the held-out row is the static feature, exactly
+        assert row["reward"] == pytest.approx(float(heldout.reward[:, static].mean()))
+    # what the old grid did: an unshrunk linear fit run to the end loses to static on validation here
+    *_, (_, policy, norm) = fit_softmax_policy(train.states, train.reward, "linear", 0.0, static)
+    assert greedy_score(policy, norm, validation)["reward"] < static_val
+
+
 # ------------------------------------------------------------------------------------ held-out from one table
 def test_every_condition_read_off_the_table_equals_its_rollout(tiny_lm):
     """The table-scored held-out comparison (evaluation/table_scoring.py) gives each condition exactly the records a

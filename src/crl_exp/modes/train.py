@@ -390,7 +390,8 @@ def one_token_references(env, task, cfg: DictConfig, selection, ref_pool: list[i
     train_examples = task.representative("train", budget_config(cfg.budget).reference_train_examples)
     train_table = reward_table(env, train_examples, ref_pool, desc="train reward table")
     groups = group_oracle(train_table, [e.group for e in train_examples], heldout_table, [e.group for e in test_pool])
-    ceiling_row = ceiling(train_table, val_table, heldout_table, seed=seed)
+    static_column = list(ref_pool).index(selection.feature) if selection.feature in ref_pool else None
+    ceiling_row = ceiling(train_table, val_table, heldout_table, seed=seed, static_column=static_column)
     picks = [f == groups["best_feature"].get(ex.group) for f, ex in zip(greedy_first, test_pool, strict=True)]
     static, crl = results["static"]["metrics"]["reward"], results["crl"]["metrics"]["reward"]
     gap = groups["reward"] - static
@@ -409,13 +410,20 @@ def one_token_references(env, task, cfg: DictConfig, selection, ref_pool: list[i
             "learner": learner, "paired": paired, "episodes": heldout_table.episodes + train_table.episodes}
 
 
+def ceiling_label(c: dict[str, Any]) -> str:
+    """What validation chose as the ceiling: the static policy itself, or a kind, shrinkage and stopping step."""
+    if c["kind"] == "static":
+        return "the static policy: no fit beat it on validation"
+    return f"{c['kind']}, shrinkage {c['shrinkage']:g}, {c['steps']} steps"
+
+
 def references_table(refs: dict[str, Any], results: dict, key: str) -> str:
     g, c, o, learner = refs["group_oracle"], refs["ceiling"], refs["oracle"], refs["learner"]
     rows = [("static (selected on validation)", results["static"]["metrics"].get(key), results["static"]["metrics"]["reward"], "-"),
             ("untrained control", results["untrained"]["metrics"].get(key), results["untrained"]["metrics"]["reward"], "-"),
             ("CRL", results["crl"]["metrics"].get(key), results["crl"]["metrics"]["reward"], "-"),
             ("group oracle (each group's best train feature)", g["accuracy"], g["reward"], "-"),
-            (f"ceiling ({c['kind']}, weight decay {c['weight_decay']:g}; fitted on {c['train_prompts']} train prompts)",
+            (f"ceiling ({ceiling_label(c)}; fitted on {c['train_prompts']} train prompts, chosen on validation)",
              c["accuracy"], c["reward"], str(c["distinct_actions"])),
             ("per-prompt oracle (reads the answers)", o["oracle_accuracy"], o["oracle_reward"], "-")]
     lines = [f"Reference rows on the same held-out prompts, from exact reward tables over the {o['candidates']}-feature "
