@@ -301,6 +301,39 @@ def test_critic_threshold_is_on_the_rewards_scale_and_a_poor_critic_is_not_analy
     assert math.isnan(poor.metrics["critic/value_error_share_of_failures"])
 
 
+@pytest.mark.parametrize("sigma", [0.5, 0.047])
+def test_a_perfect_critic_in_normalised_units_is_read_as_perfect(sigma):
+    """The critic learns rewards divided by their running std sigma (``CRLModule.scaled_rewards``): a critic that
+    predicts E[r] / sigma exactly must score explained variance ~1 once the log carries sigma (read in raw units it
+    scores -0.08 at sigma 0.5 and -329 at 0.047)."""
+    from crl_exp.analysis.critic import analyse_critic
+    from crl_exp.analysis.intervention_log import log_rows, to_frame
+
+    class Tok:
+        def decode(self, ids):
+            return "x"
+
+    g = torch.Generator().manual_seed(0)
+    expected = 0.2 + sigma * torch.rand(400, generator=g)  # E[r] per prompt
+    records = [{"id": f"p{i}", "reward": float(e), "correct": float(e > 0.2 + sigma / 2)} for i, e in enumerate(expected)]
+    trajectory = {"feature": torch.zeros(400, 1, dtype=torch.long), "prob": torch.full((400, 1), 0.5),
+                  "feature_act": torch.ones(400, 1), "value": (expected / sigma)[:, None]}
+    log = to_frame(log_rows(records, torch.ones(400, 1, dtype=torch.long), trajectory, torch.ones(400, 1, dtype=torch.bool),
+                            Tok(), value_scale=sigma))
+    report = analyse_critic(log, {f"p{i}": 0.0 for i in range(400)})
+    assert report.metrics["critic/explained_variance"] == pytest.approx(1.0, abs=1e-4)
+    assert report.metrics["critic/reward_scale"] == pytest.approx(sigma)
+    assert log["value"].iloc[0] == pytest.approx(float(expected[0]), rel=1e-5)  # V in reward units
+
+
+def test_reward_scale_is_what_the_critic_targets_were_divided_by():
+    module = CRLModule(8, 16, PolicyConfig(hidden=4), PPOConfig(norm_rewards=True), MaskingConfig(schedule="none"), 1)
+    assert module.reward_scale() == 1.0  # before any rollout
+    rewards = torch.tensor([0.1, 0.3, 0.2, 0.6])
+    scaled = module.scaled_rewards(rewards)
+    assert torch.allclose(scaled * module.reward_scale(), rewards, atol=1e-6) and module.reward_scale() < 0.5
+
+
 def test_syntactic_share_reads_top_activations_on_train_text():
     from crl_exp.analysis.feature_profile import usage_weighted_syntactic_share
 

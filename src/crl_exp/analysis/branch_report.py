@@ -34,7 +34,8 @@ def analyse_branches(env, module, task, acfg: DictConfig, tracker, title: str = 
         rollout = policy_rollout(task, env.lm, [ex], env.steerer, controller)
         (rec,), gen, traj, valid = rollout.records, rollout.generation, rollout.logged, rollout.valid
         records.append(rec)
-        log += log_rows([rec], gen.new_tokens, traj, valid, env.lm.tokenizer, episode_offset=i)
+        log += log_rows([rec], gen.new_tokens, traj, valid, env.lm.tokenizer, episode_offset=i,
+                        value_scale=module.reward_scale())
         episode = Episode(ex, gen.new_tokens[0][valid[0]].tolist(), traj["feature"][0][valid[0]].tolist(),
                           bool(rec["correct"] > 0.5))
         steps = list(range(min(len(episode.new_tokens), int(acfg.max_steps))))

@@ -9,7 +9,9 @@ midpoint between the mean return of successful and of failed episodes (a fixed 0
 policy limitation when the dense reward averages 0.2). A critic that explains less of the return than its mean
 does (explained variance < 0) cannot tell the two apart: the split is then not made, and the report says so.
 Calibration of V_0 against the return is reported as continuous figures as well (explained variance,
-correlation, AUROC for success).
+correlation, AUROC for success). Values and returns are compared in the reward's units: the intervention log's
+``value`` is the critic's output times the reward scale it was trained in (``value_scale``); explained variance is
+not scale-invariant, so a critic read in its own normalised units would look broken however good it is.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ def analyse_critic(log: pd.DataFrame, baseline_correct: dict[str, float], thresh
         "critic/value_error_share_of_failures": float((ep["failure_kind"] == "value_estimation_error").sum()
                                                        / failures) if failures and analysable else float("nan"),
         "critic/return_mean": float(ep["return"].mean()),
+        "critic/reward_scale": float(first["value_scale"].iloc[0]) if "value_scale" in first else float("nan"),
     }
     for g in ("correct", "incorrect", "corrected", "misguided"):
         metrics[f"critic/group_{g}"] = float((ep["group"] == g).sum())

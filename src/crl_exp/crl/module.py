@@ -146,7 +146,14 @@ class CRLModule(L.LightningModule):
         if not self.ppo_cfg.norm_rewards:
             return rewards
         self.reward_stats.update(rewards[:, None].double())
-        return rewards / float(torch.sqrt(self.reward_stats.var + 1e-8).item())
+        return rewards / self.reward_scale()
+
+    def reward_scale(self) -> float:
+        """sigma: what the critic's targets were divided by (1 without ``ppo.norm_rewards`` or before any
+        rollout). V times sigma is in the reward's units: every comparison of values with rewards uses it."""
+        if not self.ppo_cfg.norm_rewards or float(self.reward_stats.count) == 0:
+            return 1.0
+        return float(torch.sqrt(self.reward_stats.var + 1e-8).item())
 
     def training_step(self, batch: list, batch_idx: int) -> None:
         iteration = self.current_epoch
@@ -187,6 +194,7 @@ class CRLModule(L.LightningModule):
             if self.policy.noop_index is not None else 1.0,
             "train/mask_size": float(self.mask.mask_size),
             "train/mask_threshold": float(self.mask.threshold),
+            "train/reward_scale": self.reward_scale(),
             "train/steps_per_episode": valid.sum(1).float().mean().item(),
             "train/rollout_seconds": rollout_seconds,
             "train/update_seconds": update_seconds,

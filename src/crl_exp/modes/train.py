@@ -202,6 +202,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     controllers = {**baseline_controllers(env, action_features, selection.feature, seed), "untrained": control,
                    "crl": crl_controller}
     key = primary_key(task, cfg)
+    value_scale = module.reward_scale()  # the critic's unit: V * sigma is in reward units (intervention log)
+    tracker.log_metrics({"critic/reward_scale": value_scale})
     log_rows: list[dict] = []
     episodes_logged = [0]
 
@@ -209,7 +211,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         traj = crl_controller.trajectory_for_logs()
         crl_controller.steps = []
         log_rows.extend(intervention_rows(batch_records, gen.new_tokens, traj, gen.valid, lm.tokenizer,
-                                          episode_offset=episodes_logged[0]))
+                                          episode_offset=episodes_logged[0], value_scale=value_scale))
         episodes_logged[0] += len(batch_records)
 
     control_features: list[torch.Tensor] = []
@@ -241,7 +243,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         for start in tqdm(range(0, len(logged), bs), desc="intervention log", unit="batch"):
             batch = policy_rollout(task, lm, logged[start:start + bs], env.steerer, crl_controller)
             log_rows.extend(intervention_rows(batch.records, batch.generation.new_tokens, batch.logged, batch.valid,
-                                              lm.tokenizer, episode_offset=start))
+                                              lm.tokenizer, episode_offset=start, value_scale=value_scale))
             rolled += batch.records
         mismatch = check_against_rollouts(records["crl"][:len(logged)], rolled)
         tracker.log_metrics({"heldout/table_vs_rollout_max_abs_diff": mismatch})
