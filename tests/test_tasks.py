@@ -417,3 +417,18 @@ def test_static_selection_subset_covers_every_subject_and_category(data_dir, nam
     assert max(counts) - min(counts) <= 1  # as even as n allows
     assert len({ex.group for ex in train[:n]}) < len(groups)
     assert [ex.id for ex in task.representative("train", n)] == [ex.id for ex in subset]  # seeded, stable
+
+
+@pytest.mark.parametrize("name, n", [("bbq", 200), ("mmlu", 57), ("known_answer", 8)])
+def test_logged_samples_cover_every_group_not_the_first_in_file_order(data_dir, name, n):
+    """The intervention log, top features, critic groups and the table-vs-rollout check read ``analysis_sample``:
+    stratified over groups. The first prompts of a held-out subset (the old choice) are one BBQ category (Age),
+    the first MMLU subjects, and no professional_law for the known-answer task."""
+    task = make(name, data_dir)
+    pool = task.heldout("dev", 400 if name != "mmlu" else 600)
+    groups = {ex.group for ex in pool}
+    picked = [pool[i] for i in task.analysis_sample(pool, n)]
+    assert len(picked) == n and {ex.group for ex in picked} == groups
+    assert len({ex.group for ex in pool[:n]}) < len(groups)
+    assert task.analysis_sample(pool, n) == task.analysis_sample(pool, n)  # seeded, stable
+    assert sorted(task.analysis_sample(pool, None)) == list(range(len(pool)))  # an order of every example

@@ -71,8 +71,9 @@ def task_top_contexts(lm, sae, layer: int, task, features: list[int],
     report needs to judge a feature); empty when no feature was used."""
     if not features:
         return {}
-    return corpus_top_contexts(lm, sae, layer, [task.user_text(ex) for ex in task.split("train")], features,
-                               n_tokens=n_tokens)
+    train = task.split("train")  # in stratified order: the first n_tokens cover every group, not the first ones
+    texts = [task.user_text(train[i]) for i in task.analysis_sample(train, None)]
+    return corpus_top_contexts(lm, sae, layer, texts, features, n_tokens=n_tokens)
 
 
 @torch.inference_mode()

@@ -238,14 +238,15 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         speeds = {name: speed for name in records}
         chosen = {name: torch.tensor([NO_FEATURE if c == 0 else heldout_table.features[c - 1] for c in columns[name].tolist()])
                   for name in ("crl", "untrained")}
-        logged = test_pool[:int(cfg.eval.log_examples)]
+        logged_index = task.analysis_sample(test_pool, int(cfg.eval.log_examples))  # stratified, not file order
+        logged = [test_pool[i] for i in logged_index]
         rolled = []
         for start in tqdm(range(0, len(logged), bs), desc="intervention log", unit="batch"):
             batch = policy_rollout(task, lm, logged[start:start + bs], env.steerer, crl_controller)
             log_rows.extend(intervention_rows(batch.records, batch.generation.new_tokens, batch.logged, batch.valid,
                                               lm.tokenizer, episode_offset=start, value_scale=value_scale))
             rolled += batch.records
-        mismatch = check_against_rollouts(records["crl"][:len(logged)], rolled)
+        mismatch = check_against_rollouts([records["crl"][i] for i in logged_index], rolled)
         tracker.log_metrics({"heldout/table_vs_rollout_max_abs_diff": mismatch})
         if mismatch > table_tolerance(lm):
             raise RuntimeError(f"held-out reward table and rollouts disagree by {mismatch:.2e} (> {table_tolerance(lm)}) "
@@ -312,7 +313,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         log.info("Reference rows (reward tables, ceiling) in %.0f s", time.perf_counter() - phase)
     usage = dict(Counter(f for f in greedy_features.tolist() if f != NO_FEATURE).most_common(50))
     contexts = task_top_contexts(lm, sae.sae, sae.layer, task, list(usage))
-    logged_records = records if heldout_table is None else {k: v[:len(logged)] for k, v in records.items()}
+    logged_records = (records if heldout_table is None else
+                      {k: [v[i] for i in logged_index] for k, v in records.items()})
     write_interpretability_outputs(tracker, task.name, log_rows, logged_records, out_dir,
                                    examples={ex.id: ex for ex in test_pool}, feature_contexts=contexts)
     syntactic, per_feature = usage_weighted_syntactic_share(usage, contexts)

@@ -145,6 +145,13 @@ class Task(ABC):
                                               self.seed)
         return [examples[i] for i in keep]
 
+    def analysis_sample(self, examples: list[Example], n: int | None) -> list[int]:
+        """Indices of ``n`` of ``examples`` for a logged or analysed sample (intervention log, top features, critic
+        groups, the table-vs-rollout check), stratified by group: held-out subsets keep file order, so their first
+        ``n`` would be one BBQ category or the first MMLU subjects."""
+        order = splitting.stratified_order([e.id for e in examples], [str(e.group) for e in examples], self.seed)
+        return order if n is None else order[:n]
+
     def cluster(self, ex: Example) -> str:
         """The unit of near-twin examples (a BBQ template, an MMLU subject, an XSTest contrast pair, a HarmBench
         context): intervals resample whole clusters, and the dev/confirmation cut never splits one."""

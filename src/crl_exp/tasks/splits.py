@@ -38,19 +38,23 @@ def subsample(keys: list[str], n: int | None, seed: int) -> list[int]:
     return sorted(order[:n])
 
 
-def stratified_subsample(keys: list[str], groups: list[str], n: int | None, seed: int) -> list[int]:
-    """Indices of a seeded subset of size ``n`` that covers every group before any group gets a second member
-    (round robin over groups, each group and its members in hash order): a representative subset of a split whose
-    file order is grouped (MMLU subjects, BBQ categories), where the first rows would be one group."""
-    if n is None or n >= len(keys):
-        return list(range(len(keys)))
+def stratified_order(keys: list[str], groups: list[str], seed: int) -> list[int]:
+    """Every index once, round robin over groups (each group and its members in hash order): any prefix of it is a
+    stratified sample, every group present before any group gets a second member."""
     members: dict[str, list[int]] = {}
     for i in sorted(range(len(keys)), key=lambda i: unit_hash("strat:" + keys[i], seed)):
         members.setdefault(groups[i], []).append(i)
     queues = [members[g] for g in sorted(members, key=lambda g: unit_hash("group:" + g, seed))]
-    picked: list[int] = []
-    depth = 0
-    while len(picked) < n:
-        picked += [q[depth] for q in queues if depth < len(q)][: n - len(picked)]
-        depth += 1
-    return sorted(picked)
+    order: list[int] = []
+    for depth in range(max((len(q) for q in queues), default=0)):
+        order += [q[depth] for q in queues if depth < len(q)]
+    return order
+
+
+def stratified_subsample(keys: list[str], groups: list[str], n: int | None, seed: int) -> list[int]:
+    """Indices of a seeded subset of size ``n`` that covers every group before any group gets a second member
+    (``stratified_order``'s first ``n``), in file order: a representative subset of a split whose file order is
+    grouped (MMLU subjects, BBQ categories), where the first rows would be one group."""
+    if n is None or n >= len(keys):
+        return list(range(len(keys)))
+    return sorted(stratified_order(keys, groups, seed)[:n])
