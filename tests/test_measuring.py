@@ -444,6 +444,16 @@ def test_the_ceiling_is_never_below_the_static_policy_on_validation(seed):
 
 
 # ------------------------------------------------------------------------------------ held-out from one table
+def test_the_random_dictionary_row_is_drawn_per_seed():
+    """Each run seed scores its own sample of the dictionary (it was one fixed sample shared by every run)."""
+    from crl_exp.evaluation.table_scoring import dictionary_sample
+
+    pool = list(range(32))
+    draws = [dictionary_sample(4096, pool, 32, seed=s) for s in range(3)]
+    assert all(len(d) == 32 and not set(d) & set(pool) for d in draws)
+    assert len({tuple(d) for d in draws}) == 3 and draws[1] == dictionary_sample(4096, pool, 32, seed=1)
+
+
 def test_every_condition_read_off_the_table_equals_its_rollout(tiny_lm):
     """The table-scored held-out comparison (evaluation/table_scoring.py) gives each condition exactly the records a
     rollout of that condition gives: none, a static feature, a random pool feature and a greedy policy."""
@@ -464,7 +474,7 @@ def test_every_condition_read_off_the_table_equals_its_rollout(tiny_lm):
     env = class_planted_env(tiny_lm)
     prompts = env.task.split("train")
     pool = [1, 2, 5, 7]
-    dictionary = dictionary_sample(env.sae.d_sae, pool, 3)
+    dictionary = dictionary_sample(env.sae.d_sae, pool, 3, seed=0)
     assert len(dictionary) == 3 and not set(dictionary) & set(pool)
     table = reward_table(env, prompts, [*pool, *dictionary], keep_records=True)
     module = CRLModule(tiny_lm.d_model, env.sae.d_sae, PolicyConfig(hidden=16), PPOConfig(), MaskingConfig(), 2)

@@ -23,9 +23,10 @@ from crl_exp.steering.hook import NO_FEATURE
 UNSTEERED = 0  # column index of "no feature" in ``RewardTable.cell_records``
 
 
-def dictionary_sample(d_sae: int, exclude: list[int], k: int, seed: int = 0) -> list[int]:
-    """``k`` dictionary features outside ``exclude``, drawn once with a fixed seed (the same for every run seed,
-    so the table stays shared): the ``random_dictionary`` condition draws among them per prompt."""
+def dictionary_sample(d_sae: int, exclude: list[int], k: int, seed: int) -> list[int]:
+    """``k`` dictionary features outside ``exclude``, drawn per run seed: the ``random_dictionary`` condition draws
+    among them per prompt, so each seed's row is a fresh sample of the dictionary (not one fixed 32-feature set
+    shared by every run)."""
     g = torch.Generator().manual_seed(seed)
     banned = set(exclude)
     out: list[int] = []

@@ -224,7 +224,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     if table_scoring(cfg, one_token, module.top_k, pool):
         # every condition read off one exact reward table (evaluation/table_scoring.py); the intervention log rolls
         # the trained policy out on the first eval.log_examples prompts, which also re-checks the table
-        dictionary = dictionary_sample(sae.d_sae, list(pool), int(cfg.eval.random_dictionary_columns))
+        dictionary = dictionary_sample(sae.d_sae, list(pool), int(cfg.eval.random_dictionary_columns), seed)
         table_phase = time.perf_counter()
         heldout_table = reward_table(env, test_pool, [*pool, *dictionary], keep_records=True,
                                      desc="held-out reward table")
