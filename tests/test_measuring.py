@@ -519,3 +519,26 @@ def test_reward_tables_are_cached_under_everything_they_depend_on(tiny_lm, tmp_p
     assert len(list(tmp_path.glob("*.pt"))) == 2 and other.records is not None
     reward_table(env, prompts, [1, 2], use_cache=False)
     assert len(list(tmp_path.glob("*.pt"))) == 2
+
+
+def test_all_actions_update_reports_the_kl_of_the_step_it_took():
+    """approx_kl is KL(before || after) of each epoch's step; it was measured before the step, so one epoch always
+    reported 0 however far the policy moved."""
+    from crl_exp.crl.policy import ActorCritic
+    from crl_exp.crl.ppo import all_actions_update
+
+    torch.manual_seed(0)
+    policy = ActorCritic(8, 6, hidden=16)
+    cfg = PPOConfig(update_epochs=1, lr=0.05, ent_coef=0.0)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    states, features = torch.randn(16, 8), torch.arange(6)
+    rewards = torch.zeros(16, 6)
+    rewards[:, 2] = 1.0
+    allowed = torch.ones(6, dtype=torch.bool)
+    with torch.no_grad():
+        before = policy(states, allowed)[0].log_softmax(-1)
+    stats = all_actions_update(policy, optimizer, cfg, 0, states, rewards, features, allowed)
+    with torch.no_grad():
+        after = policy(states, allowed)[0].log_softmax(-1)
+    kl = float((before.exp() * (before - after)).sum(-1).mean())
+    assert kl > 1e-6 and stats["approx_kl"] == pytest.approx(kl, rel=1e-4)

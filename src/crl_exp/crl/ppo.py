@@ -258,10 +258,12 @@ def all_actions_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cf
                        allowed: torch.Tensor, backward=None) -> dict[str, float]:
     """The all-action policy gradient on one-token tasks: with the exact reward ``rewards[p, a]`` of every allowed
     action ``features[a]`` for each prompt state ``states[p]``, ascend the exact expected reward
-    ``sum_a pi(a|s) (r(s,a) - sum_b pi(b|s) r(s,b))`` plus the entropy bonus, for ``update_epochs`` full-batch
-    steps. No sampling noise, no ratio clipping (the objective is exact, not a surrogate); rewards are divided by
-    their within-prompt spread so the learning rate means the same on every task. The critic learns the policy's
-    expected reward (what the critic analyses read)."""
+    ``mean_p sum_a pi(a|s_p) r~(s_p, a)`` plus the entropy bonus, for ``update_epochs`` full-batch steps, where
+    ``r~ = (r - mean_a r(s_p, a)) / sd`` is the reward centred on each prompt's *uniform* mean (a per-prompt
+    constant: it leaves the gradient unchanged, since sum_a pi = 1) and divided by the centred rewards' spread, so
+    the learning rate means the same on every task. No sampling noise, no ratio clipping (the objective is exact,
+    not a surrogate). ``approx_kl`` is KL(pi_before || pi_after) measured after each epoch's step. The critic learns
+    the policy's expected reward in raw units (what the critic analyses read)."""
     check_finite(iteration, rewards=rewards)
     device = next(policy.parameters()).device
     states, rewards, features, allowed = (t.to(device) for t in (states, rewards, features, allowed))
@@ -282,8 +284,9 @@ def all_actions_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cf
         v_loss = 0.5 * ((values - expected.detach()) ** 2).mean()
         loss = -objective - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
         gradient_step(policy, optimizer, cfg, iteration, loss, backward)
-        with torch.no_grad():
-            kl = (old_logp.exp() * (old_logp - logp[:, features])).sum(-1).mean()
+        with torch.no_grad():  # after the step: how far the policy has moved from where the update began
+            new_logp = policy(states, allowed)[0].log_softmax(-1)[:, features]
+            kl = (old_logp.exp() * (old_logp - new_logp)).sum(-1).mean()
         for k, v in (("policy_loss", -objective), ("value_loss", v_loss), ("entropy", entropy),
                      ("expected_reward", expected.mean()), ("approx_kl", kl)):
             stats[k].append(v.item())
