@@ -11,6 +11,8 @@ Usage:
     .venv/bin/python experiments/run_grid.py analyse KEY [--only A,B]  # top features, branch points (+ off_task: MMLU
                                                                    # under a safety policy) of a recorded run
     .venv/bin/python experiments/run_grid.py refresh               # re-read recorded runs from MLflow
+    .venv/bin/python experiments/run_grid.py overlap [KEY ...]     # held-out ids earlier records already scored;
+                                                                   # writes confirmation_prior_scorings.json
 
 Each record holds the command, commit, seed, wall time (MLflow's start/end; peak RSS when ``--logs`` holds
 ``<run name>.rss`` from GNU time), the MLflow run id, the held-out comparison, the per-example correctness/reward of
@@ -42,6 +44,9 @@ from crl_exp.paths import CONFIG_DIR
 from crl_exp.stats import share_of_gap
 from crl_exp.tracking.mlflow_run import resolve_tracking_uri
 from crl_exp.tracking.provenance import git_commit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import answer_checks as checks  # noqa: E402  (a sibling module of this script)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -343,14 +348,14 @@ def validity(r: dict) -> dict[str, str]:
     return stale
 
 
-def restat(r: dict) -> dict:
+def restat(r: dict, clusters: list[str] | None = None) -> dict:
     """The fixed statistics of one recorded run, recomputed from its per-example outcomes with the evaluation
     library: each condition's share correct (Wilson on the cluster-adjusted n) and CRL minus each baseline (Newcombe
     on cluster-adjusted counts; the reward by cluster bootstrap), with the MDE at the assumed and observed discordance."""
     from crl_exp.evaluation.comparison import detectable_effects
     from crl_exp.stats import bootstrap_ci, paired_binary_interval, proportion_interval
 
-    clusters = clusters_for(r)
+    clusters = clusters_for(r) if clusters is None else clusters
     ex = r["examples"]
     recs = {c: [{"correct": float(k), "reward": float(v)} for k, v in zip(ex[c]["correct"], ex[c]["reward"], strict=True)]
             for c in ex}
@@ -596,6 +601,62 @@ def behaviour_section(answer: dict[str, list[dict]]) -> list[str]:
     return out
 
 
+def _pooled_static(members: list[dict], cluster_fn=None) -> str:
+    stats = [restat(r, cluster_fn(r) if cluster_fn else None) for r in members]
+    p = pooled(members, stats)["deltas"][("primary", "static")]
+    return f"{p['delta']:+.3f} {_fmt_ci(p['ci_low'], p['ci_high'])} (MDE {p['mde']:.3f})"
+
+
+def clustering_section(answer: dict[str, list[dict]]) -> list[str]:
+    """Both clusterings of the MMLU-based groups (issue 35): the known-answer task resamples questions (a deviation
+    from the pre-registered subject clusters), MMLU resamples subjects; the same strata argument applies to both."""
+    rows = []
+    for label, members in sorted(answer.items()):
+        if members[0]["task"] not in ("known_answer", "mmlu"):
+            continue
+        members = sorted(members, key=lambda r: r["seed"])
+        rows.append(f"| `{members[0].get('group') or label}` | {len(members)} | {members[0]['n_heldout']} | "
+                    f"{_pooled_static(members, checks.by_question)} | {_pooled_static(members, checks.by_subject)} |")
+    if not rows:
+        return []
+    out = ["", "### CRL - static under both clusterings (MMLU-based groups)", "",
+           "The known-answer task is scored resampling questions (`KnownAnswerTask.cluster`); the pre-registration "
+           "said subjects. MMLU is scored resampling subjects. In both the subjects are fixed strata present in every "
+           "sample (the held-out subsets are stratified by subject), so resampling questions is the defensible "
+           "variance, and four subjects cannot carry a cluster-robust one; both intervals are shown for both tasks.",
+           "", "| group | seeds | n | per question [95% CI] | by subject [95% CI] |", "|---|---|---|---|---|", *rows]
+    known = [m for m in answer.values() if m[0]["task"] == "known_answer"]
+    if known:
+        members = sorted(known[0], key=lambda r: r["seed"])
+        out += ["", "Known-answer task per class (mean over seeds): the static feature is one class's feature, so the "
+                "pooled accuracy delta is the confirmation part's share of the other classes; the reward-gap pass "
+                "mark (reference rows below) is the primary evidence.", "", *checks.class_rows(members)]
+    return out
+
+
+def prior_scorings_section(answer: dict[str, list[dict]]) -> list[str]:
+    """Confirmation ids that runs before the dev/confirmation cut had already scored, per group, and CRL - static
+    on the ids no earlier run scored (``run_grid.py overlap`` writes the companion record)."""
+    records = load_records()
+    rows = []
+    for label, members in sorted(answer.items()):
+        members = sorted(members, key=lambda r: r["seed"])
+        prior = checks.prior_scorings(records, members[0])
+        fresh = set(checks.heldout_ids(members[0])) - set(prior["ids"])
+        cell = (_pooled_static([checks.restricted(r, fresh) for r in members]) if prior["already_scored"] and fresh
+                else "same as above")
+        rows.append(f"| `{members[0].get('group') or label}` | {prior['n']} | {prior['already_scored']} | "
+                    f"{prior['scorings']} | {len(prior['by_record'])} | {cell} |")
+    return ["", "### Confirmation ids scored before the cut", "",
+            "Runs recorded before the dev/confirmation cut scored hash subsets of whole test splits; some of their "
+            "prompts lie in today's confirmation parts (a deviation from \"untouched\"; choices of the learner and "
+            "of the protocol were made with those runs in view). Counted from the records by `run_grid.py overlap` "
+            "(companion of the ledger: `experiments/confirmation_prior_scorings.json`); the last column rescores "
+            "CRL - static on the never-scored ids only.", "",
+            "| group | n | ids already scored | earlier scorings of them | earlier runs | CRL - static on the rest [95% CI] |",
+            "|---|---|---|---|---|---|", *rows]
+
+
 def answer_section(groups: dict[str, list[dict]]) -> list[str]:
     """The pre-registered comparisons of every confirmation-scored group, one row per group, then side effects."""
     answer = {label: members for label, members in groups.items() if members[0].get("heldout_part") == "confirm"}
@@ -622,9 +683,10 @@ def answer_section(groups: dict[str, list[dict]]) -> list[str]:
         cells = []
         for name in ("crl_minus_ceiling", "ceiling_minus_static"):
             per = [(r.get("reference_rows") or {}).get("paired", {}).get(name, {}).get(key) for r in members]
-            if all(per):
-                p = pool_intervals([d["delta"] for d in per], [tuple(d["ci95"]) for d in per])
-                cells.append(f"{p['delta']:+.3f} {_fmt_ci(p['ci_low'], p['ci_high'])}")
+            if all(per):  # Newcombe from the recorded margins (the records stored the cluster bootstrap)
+                per = [checks.ceiling_interval(r, name) for r in members]
+                p = pool_intervals([d for d, _ in per], [ci for _, ci in per])
+                cells.append(f"{p['delta']:+.3f} {_fmt_ci(p['ci_low'], p['ci_high'])} (old ceiling)")
             else:
                 cells.append("-")
         crl = sum(s["conditions"]["crl"]["value"] for s in stats) / len(stats)
@@ -638,6 +700,8 @@ def answer_section(groups: dict[str, list[dict]]) -> list[str]:
             for cond, e in side_effects(r).items():
                 effects.append(f"| {name} | {r['seed']} | {cond} | {e['fixed']} | {e['broken']} | "
                                f"{_fmt_mde(e['ratio'])} | {e['reward_worse_share']:.3f} |")
+    out += clustering_section(answer)
+    out += prior_scorings_section(answer)
     out += behaviour_section(answer)
     out += off_task_section(answer)
     out += ["", "Side effects against no steering on the same prompts (fixed: wrong unsteered, right steered; broken: the "
@@ -745,6 +809,16 @@ def write_report(path: Path = HERE / "crl_results.md") -> str:
 
 
 def main(argv: list[str]) -> None:
+    if argv and argv[0] == "overlap":
+        records = load_records()
+        for key in argv[1:] or [r["key"] for r in records if "jobs" not in r]:
+            r = next(x for x in records if x.get("key") == key)
+            p = checks.prior_scorings(records, r)
+            print(f"{key}: {p['already_scored']} of {p['n']} held-out ids already scored by earlier records "
+                  f"({p['scorings']} scorings: {p['by_record']})")
+        out = checks.write_prior_scorings(records)
+        print(f"wrote {checks.PRIOR_SCORINGS.relative_to(HERE.parent)} ({len(out)} confirmation runs)")
+        return
     if not argv or argv[0] not in ("record", "report", "list", "refresh", "analyse"):
         sys.exit(__doc__)
     if argv[0] == "record":

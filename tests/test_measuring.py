@@ -542,3 +542,12 @@ def test_all_actions_update_reports_the_kl_of_the_step_it_took():
         after = policy(states, allowed)[0].log_softmax(-1)
     kl = float((before.exp() * (before - after)).sum(-1).mean())
     assert kl > 1e-6 and stats["approx_kl"] == pytest.approx(kl, rel=1e-4)
+
+
+def test_earlier_scorings_count_what_a_run_shares_with_earlier_records():
+    from crl_exp.evaluation.ledger import earlier_scorings
+
+    out = earlier_scorings(["a", "b", "c", "d"], {"run1": ["a", "x"], "run2": ["a", "b"], "run3": ["y"]})
+    assert out["n"] == 4 and out["already_scored"] == 2 and out["scorings"] == 3
+    assert out["by_record"] == {"run1": 1, "run2": 2} and out["ids"] == ["a", "b"]
+    assert earlier_scorings(["a"], {})["already_scored"] == 0

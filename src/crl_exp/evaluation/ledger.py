@@ -33,3 +33,16 @@ def read_ledger(path: str | Path | None = None) -> list[dict]:
     if not ledger.exists():
         return []
     return [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
+
+
+def earlier_scorings(ids, earlier: dict[str, list[str]]) -> dict:
+    """How many of one run's held-out ``ids`` earlier scorings already saw: ``earlier`` maps a label (a recorded
+    run) to the ids it scored. The ledger counts confirmation scorings; runs before the dev/confirmation cut scored
+    hash subsets of whole test splits, so a confirmation part can hold ids that were scored (and that choices may
+    have been made on) before it existed. Returns n, the distinct ids already scored, the scorings summed over
+    labels and the overlap per label (labels with none left out)."""
+    ids = set(ids)
+    per = {label: len(ids & set(other)) for label, other in earlier.items()}
+    touched = set().union(*(ids & set(other) for other in earlier.values())) if earlier else set()
+    return {"n": len(ids), "already_scored": len(touched), "scorings": sum(per.values()),
+            "by_record": {k: v for k, v in sorted(per.items()) if v}, "ids": sorted(touched)}
