@@ -509,6 +509,10 @@ def analysis_section(key: str, analyses: dict, record: dict) -> list[str]:
     ev = (f"explained variance {critic['explained_variance']:.3f}; " if "explained_variance" in critic else "")
     verdict = ("" if "analysable" not in critic else " (analysable)" if critic["analysable"]
                else " (a critic this poor cannot split the two)")
+    if critic and "reward_scale" not in critic:  # before issue 35: values in normalised units, rewards raw
+        verdict += ("; **mixed units**: recorded before the log carried the reward scale, so explained variance, "
+                    "Brier and the split compare normalised values with raw rewards and do not measure the critic "
+                    "(not re-analysed: the intervention log is an MLflow artifact of the recording machine)")
     return out + [
         f"**Critic** on the {n_logged:.0f} held-out episodes of the intervention log: {ev}outcome groups {groups} (corrected = CRL "
         f"right where unsteered was wrong, misguided = the reverse); V0 AUROC {critic.get('v0_auroc', float('nan')):.3f}, "
@@ -589,7 +593,17 @@ def behaviour_section(answer: dict[str, list[dict]]) -> list[str]:
            f"{r.get('distinct_greedy_features', {}).get('untrained', '?')}).", "",
            "| feature | share of steered steps |", "|---|---|"]
     out += [f"| {f} | {v:.1%} |" for f, v in (shares.get("shares") or {}).items()]
+    logged = {i.split("/")[0] for i in r["examples"]["crl"]["id"][:int(shares.get("episodes") or 0)]}
+    every = {i.split("/")[0] for i in r["examples"]["crl"]["id"]}
+    if len(logged) < len(every):  # recorded before the logged sample was stratified (issue 35)
+        out += ["", f"**Not representative:** this run logged the first {shares.get('episodes')} held-out prompts in "
+                f"file order, which cover {len(logged)} of the {len(every)} groups ({', '.join(sorted(logged))}); "
+                f"runs since log a sample stratified over groups (`Task.analysis_sample`)."]
     ev = critic.get("explained_variance", float("nan"))
+    if "reward_scale" not in critic:
+        out += ["", "The critic figures below compare values in the critic's normalised units with raw rewards "
+                "(recorded before the log carried the reward scale): explained variance and the split are not "
+                "meaningful; the intervention logs are MLflow artifacts of the recording machine, not re-analysed here."]
     out += ["", f"Critic on those episodes: explained variance {ev:.3f} "
             f"({'analysable' if critic.get('analysable', 0) else 'too poor to split policy limits from value errors'}); "
             f"V0 AUROC {critic.get('v0_auroc', float('nan')):.3f}; outcome groups against no steering: "
