@@ -403,6 +403,7 @@ def test_the_ceiling_learns_what_the_state_makes_learnable_and_no_more(signal):
     heldout, held_groups = synthetic_table(80, signal, 2)
     oracle = group_oracle(train, train_groups, heldout, held_groups)
     assert oracle["reward"] == pytest.approx(1.0) and oracle["best_feature"] == {"c0": 10, "c1": 11}
+    assert oracle["reward_by_group"] == pytest.approx({"c0": 1.0, "c1": 1.0})
     static = float(heldout.reward[:, train.best_column()].mean())
     row = ceiling(train, validation, heldout)
     if signal:  # the class is in the state: the ceiling reaches the group oracle

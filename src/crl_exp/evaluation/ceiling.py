@@ -41,8 +41,11 @@ def group_oracle(train: RewardTable, train_groups: list[str], heldout: RewardTab
         best[g] = int((means == means.max()).nonzero()[0])
     columns = torch.tensor([best.get(g, overall) for g in heldout_groups])
     rows = torch.arange(len(heldout_groups))
-    return {"reward": float(heldout.reward[rows, columns].mean()), "accuracy": float(heldout.correct[rows, columns].mean()),
-            "best_feature": {g: heldout.features[c] for g, c in best.items()}}
+    paid = heldout.reward[rows, columns]
+    by_group = {g: float(paid[torch.tensor([i for i, x in enumerate(heldout_groups) if x == g])].mean())
+                for g in sorted(set(heldout_groups))}
+    return {"reward": float(paid.mean()), "accuracy": float(heldout.correct[rows, columns].mean()),
+            "best_feature": {g: heldout.features[c] for g, c in best.items()}, "reward_by_group": by_group}
 
 
 class SoftmaxPolicy(nn.Module):

@@ -307,7 +307,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         tracker.log_metrics({f"heldout/oracle/{k}": float(v) for k, v in oracle.items()})
         tracker.log_metrics({f"heldout/{name}/{k}": float(v) for name in ("group_oracle", "ceiling")
                              for k, v in refs[name].items() if isinstance(v, (int, float))})
-        tracker.log_metrics({f"learner/{k}": float(v) for k, v in refs["learner"].items()})
+        tracker.log_metrics({f"learner/{k}": float(v) for k, v in refs["learner"].items() if not isinstance(v, dict)})
     if refs is not None:
         tracker.log_metrics({"time/references_seconds": time.perf_counter() - phase})
         log.info("Reference rows (reward tables, ceiling) in %.0f s", time.perf_counter() - phase)
@@ -402,6 +402,12 @@ def one_token_references(env, task, cfg: DictConfig, selection, ref_pool: list[i
     learner = {"gap_recovered": share_of_gap(crl - static, gap),
                "group_best_pick_rate": sum(picks) / len(picks) if picks else float("nan"),
                "ceiling_gap_recovered": share_of_gap(crl - static, ceiling_row["reward"] - static)}
+    if records is not None:  # per group: the pass mark's gap, class by class (the pooled one hides the class mix)
+        learner["gap_recovered_by_group"] = {}
+        for g, oracle_g in groups["reward_by_group"].items():
+            idx = [i for i, ex in enumerate(test_pool) if ex.group == g]
+            mean = lambda name: sum(records[name][i]["reward"] for i in idx) / len(idx)  # noqa: E731
+            learner["gap_recovered_by_group"][g] = share_of_gap(mean("crl") - mean("static"), oracle_g - mean("static"))
     paired = {}
     if heldout_table.records is not None and records is not None:
         ceiling_records = heldout_table.cell_records(torch.tensor(ceiling_row["actions"]) + 1)
