@@ -509,7 +509,8 @@ def analysis_section(key: str, analyses: dict, record: dict) -> list[str]:
     ev = (f"explained variance {critic['explained_variance']:.3f}; " if "explained_variance" in critic else "")
     verdict = ("" if "analysable" not in critic else " (analysable)" if critic["analysable"]
                else " (a critic this poor cannot split the two)")
-    if critic and "reward_scale" not in critic:  # before issue 35: values in normalised units, rewards raw
+    if critic and "reward_scale" not in critic and record.get("advantage") != "all_actions":
+        # before issue 35, GAE/group critics (trained on rewards / sigma) were read against raw rewards
         verdict += ("; **mixed units**: recorded before the log carried the reward scale, so explained variance, "
                     "Brier and the split compare normalised values with raw rewards and do not measure the critic "
                     "(not re-analysed: the intervention log is an MLflow artifact of the recording machine)")
@@ -600,7 +601,7 @@ def behaviour_section(answer: dict[str, list[dict]]) -> list[str]:
                 f"file order, which cover {len(logged)} of the {len(every)} groups ({', '.join(sorted(logged))}); "
                 f"runs since log a sample stratified over groups (`Task.analysis_sample`)."]
     ev = critic.get("explained_variance", float("nan"))
-    if "reward_scale" not in critic:
+    if "reward_scale" not in critic and r.get("advantage") != "all_actions":
         out += ["", "The critic figures below compare values in the critic's normalised units with raw rewards "
                 "(recorded before the log carried the reward scale): explained variance and the split are not "
                 "meaningful; the intervention logs are MLflow artifacts of the recording machine, not re-analysed here."]
