@@ -23,19 +23,27 @@ def heldout_ids(r: dict) -> list[str]:
 
 
 @functools.cache
-def commit_time(commit: str) -> int:
-    """Commit time (seconds) of a recorded run's commit: what orders scorings that the ledger does not time."""
-    out = subprocess.run(["git", "log", "-1", "--format=%ct", commit], capture_output=True, text=True, cwd=HERE)
-    if out.returncode != 0 or not out.stdout.strip():
-        raise RuntimeError(f"commit {commit} of a recorded run is not in this repository's history: {out.stderr.strip()}")
-    return int(out.stdout.strip())
+def commit_time(commit: str) -> int | None:
+    """Commit time (seconds) of a recorded run's commit, None when this history does not hold it (then
+    ``scored_before`` orders by the dev/confirmation cut alone)."""
+    out = subprocess.run(["git", "log", "-1", "--format=%ct", commit, "--"], capture_output=True, text=True, cwd=HERE)
+    return int(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() else None
+
+
+def scored_before(o: dict, r: dict) -> bool:
+    """Whether record ``o`` scored its held-out ids before ``r``: runs before the dev/confirmation cut (no
+    ``heldout_part``) precede every run after it; within a phase, the earlier commit."""
+    phase_o, phase_r = bool(o.get("heldout_part")), bool(r.get("heldout_part"))
+    if phase_o != phase_r:
+        return phase_o < phase_r
+    t_o, t_r = commit_time(o["commit"]), commit_time(r["commit"])
+    return t_o is not None and t_r is not None and t_o < t_r
 
 
 def prior_scorings(records: list[dict], r: dict) -> dict:
-    """How many of ``r``'s held-out ids records of the same task made at earlier commits had already scored."""
-    t = commit_time(r["commit"])
+    """How many of ``r``'s held-out ids earlier records of the same task had already scored."""
     earlier = {o["key"]: heldout_ids(o) for o in records
-               if "jobs" not in o and o["task"] == r["task"] and o["key"] != r["key"] and commit_time(o["commit"]) < t}
+               if "jobs" not in o and o["task"] == r["task"] and o["key"] != r["key"] and scored_before(o, r)}
     return earlier_scorings(heldout_ids(r), earlier)
 
 

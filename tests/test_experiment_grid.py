@@ -197,3 +197,42 @@ def test_a_single_seed_answer_row_keeps_newcombes_asymmetric_interval_at_the_flo
     assert hi + lo < -0.005  # asymmetric: further below the delta than above it
     row = next(x for x in text.splitlines() if x.startswith("| `answer_gsm8k` | 0 | 64 |"))
     assert f"| -0.016 [{lo:+.3f}, {hi:+.3f}] |" in row
+
+
+def test_ceiling_intervals_are_newcombe_from_the_recorded_margins(grid):
+    """Records stored the ceiling's paired deltas as cluster bootstraps; the report rebuilds the 2x2 table from
+    n, the shares, the delta and the discordance and gives the Newcombe interval every other binary delta has."""
+    from crl_exp.stats import newcombe_paired_interval, paired_binary_interval
+
+    import answer_checks as checks
+
+    a = [True] * 300 + [False] * 200 + [True] * 60 + [False] * 40  # 600 paired outcomes
+    b = [True] * 250 + [True] * 50 + [False] * 200 + [False] * 60 + [True] * 40
+    n, delta = len(a), (sum(a) - sum(b)) / len(a)
+    discordance = sum(x != y for x, y in zip(a, b)) / n
+    counts = checks.counts_from_margins(n, sum(a) / n, delta, discordance)
+    e, f, g, h = counts
+    assert (e, f, g, h) == (sum(x and y for x, y in zip(a, b)), sum(x and not y for x, y in zip(a, b)),
+                            sum(y and not x for x, y in zip(a, b)), sum(not x and not y for x, y in zip(a, b)))
+    record = {"primary_metric": "accuracy", "results": {"crl": {"metrics": {"accuracy": sum(a) / n}}},
+              "reference_rows": {"ceiling": {"accuracy": sum(b) / n}, "paired": {"crl_minus_ceiling": {
+                  "accuracy": {"delta": delta, "ci95": [-0.9, 0.9], "method": "bootstrap_clustered"},
+                  "power": {"n": n, "discordance": discordance, "design_effect": 1.0}}}}}
+    d, ci = checks.ceiling_interval(record, "crl_minus_ceiling")
+    expected = paired_binary_interval(a, b)
+    assert d == pytest.approx(delta) and ci == pytest.approx((expected["ci_low"], expected["ci_high"]))
+    assert ci == pytest.approx(newcombe_paired_interval(*counts)) and ci[1] - ci[0] < 1.0
+
+
+def test_prior_scorings_count_ids_that_runs_before_the_cut_scored(grid):
+    import answer_checks as checks
+
+    def rec(key, part, ids, commit="0" * 40):
+        return {"key": key, "task": "bbq", "heldout_part": part, "commit": commit, "examples": {"crl": {"id": ids}}}
+
+    before = rec("old_s0", None, ["a", "b", "x"])
+    other = rec("mmlu_old", None, ["a"]) | {"task": "mmlu"}
+    answer = rec("answer_s0", "confirm", ["a", "b", "c"])
+    out = checks.prior_scorings([before, other, answer], answer)
+    assert out["already_scored"] == 2 and out["by_record"] == {"old_s0": 2}
+    assert checks.prior_scorings([before, answer], before)["already_scored"] == 0  # nothing came before it
