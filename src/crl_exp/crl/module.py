@@ -70,13 +70,15 @@ class PromptDataModule(L.LightningDataModule):
 
 class CRLModule(L.LightningModule):
     def __init__(self, d_model: int, d_sae: int, policy_cfg: PolicyConfig, ppo_cfg: PPOConfig, masking_cfg: MaskingConfig,
-                 total_iterations: int, seed: int = 0):
+                 total_iterations: int, seed: int = 0, action_directions: torch.Tensor | None = None):
+        """``action_directions``: the SAE's decoder rows [d_sae, d_model], needed by ``policy.head=embedding``."""
         super().__init__()
         self.automatic_optimization = False
         with torch.random.fork_rng():  # seeded init without touching the global RNG
             torch.manual_seed(seed)
             self.policy = ActorCritic(d_model, d_sae, policy_cfg.hidden, policy_cfg.shared_trunk, policy_cfg.obs_norm,
-                                      policy_cfg.noop_action)
+                                      policy_cfg.noop_action, policy_cfg.head, action_directions,
+                                      policy_cfg.embedding_dim)
         self.ppo_cfg, self.total_iterations, self.seed = ppo_cfg, total_iterations, seed
         self.top_k = policy_cfg.top_k
         if not 1 <= self.top_k <= d_sae or (masking_cfg.schedule != "none" and self.top_k > masking_cfg.min_unmasked):

@@ -1,7 +1,7 @@
 """The CRL actor-critic: a small MLP over the normalised residual state.
 
 Actor: one ``Linear`` head over the SAE's features (a masked categorical; logits of masked features are
--inf). Critic: a value head on its own trunk (default) or on the actor's trunk (``shared_trunk``). Init follows
+-inf), or with ``policy.head=embedding`` logits that are inner products with the features' decoder directions. Critic: a value head on its own trunk (default) or on the actor's trunk (``shared_trunk``). Init follows
 CleanRL (orthogonal weights, actor head gain 0.01: a near-uniform initial policy) except the value head, also at
 gain 0.01: at gain 1 the untrained critic's outputs dwarf the reward spread between actions, so nearly all of the
 first advantages' variance is critic error pushed into the actor as random preferences (docs/design.md §3).
@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.distributions import Categorical
 
+from crl_exp.errors import CRLConfigError
+
 
 @dataclass
 class PolicyConfig:
@@ -40,8 +42,20 @@ class PolicyConfig:
     # an explicit "leave this token alone" action (index d_sae): AFM never masks it, and the share of steered
     # tokens is logged; a policy forced to steer every token cannot say "not here"
     noop_action: bool = False
+    # the actor's head over the features: "independent" (the paper's: one free logit per feature, Linear(hidden,
+    # d_sae)) or "embedding" (logit_f = <q(s), e_f> + b_f with e_f feature f's unit decoder direction, projected to
+    # embedding_dim when set: a sampled feature moves every feature whose direction is alike)
+    head: str = "independent"
+    embedding_dim: int | None = None  # null: the decoder rows themselves (d_model dims)
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise CRLConfigError(f"policy.head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.embedding_dim is not None and self.embedding_dim < 1:
+            raise CRLConfigError(f"policy.embedding_dim must be >= 1 or null, got {self.embedding_dim}")
 
 
+HEADS = ("independent", "embedding")
 VALUE_HEAD_GAIN = 0.01  # the untrained critic predicts ~0, not +-0.6 (see the module doc)
 
 
@@ -89,9 +103,36 @@ class RunningObsNorm(nn.Module):
         self.count.copy_(total)
 
 
+class EmbeddingHead(nn.Module):
+    """Action-embedding actor head: logits_f = <q(h), e_f> + b_f over fixed feature embeddings ``e_f`` (unit decoder
+    directions, optionally through a seeded random projection). Every feature's logit moves with q, so what one
+    sampled feature teaches reaches the features whose directions are alike: the sample-sharing that an
+    independent logit per feature (``Linear(hidden, d_sae)``, 0.2 draws per action at 832 episodes over 4,096) lacks.
+    The no-op (if any) has no direction: its logit is its bias alone. ``q`` starts at gain 0.01 (a near-uniform
+    policy, as the independent head)."""
+
+    def __init__(self, hidden: int, directions: torch.Tensor, n_extra: int = 0, embedding_dim: int | None = None,
+                 seed: int = 0):
+        super().__init__()
+        e = nn.functional.normalize(directions.detach().float(), dim=-1)
+        if embedding_dim is not None and embedding_dim < e.shape[1]:
+            g = torch.Generator().manual_seed(seed)
+            projection = torch.linalg.qr(torch.randn(e.shape[1], embedding_dim, generator=g))[0]
+            e = nn.functional.normalize(e @ projection, dim=-1)
+        e = e * math.sqrt(e.shape[1])  # unit-variance logits for a unit-variance q
+        self.register_buffer("embeddings", torch.cat([e, torch.zeros(n_extra, e.shape[1])]), persistent=False)
+        self.query = nn.Linear(hidden, e.shape[1], bias=False)
+        nn.init.orthogonal_(self.query.weight, 0.01)
+        self.bias = nn.Parameter(torch.zeros(len(self.embeddings)))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.query(h) @ self.embeddings.T + self.bias
+
+
 class ActorCritic(nn.Module):
     def __init__(self, d_model: int, d_sae: int, hidden: int = 256, shared_trunk: bool = False, obs_norm: bool = False,
-                 noop_action: bool = False):
+                 noop_action: bool = False, head: str = "independent", action_directions: torch.Tensor | None = None,
+                 embedding_dim: int | None = None):
         super().__init__()
         self.d_model, self.d_sae = d_model, d_sae
         self.noop_index = d_sae if noop_action else None  # the last logit: no steering
@@ -99,7 +140,14 @@ class ActorCritic(nn.Module):
         self.obs_norm = RunningObsNorm(d_model) if obs_norm else None
         self.actor_trunk = _trunk(d_model, hidden)
         self.critic_trunk = None if shared_trunk else _trunk(d_model, hidden)
-        self.actor_head = _layer(nn.Linear(hidden, d_sae + int(noop_action)), 0.01)
+        if head == "embedding":
+            if action_directions is None or tuple(action_directions.shape) != (d_sae, d_model):
+                raise ValueError(f"policy.head=embedding needs the SAE's decoder directions [{d_sae}, {d_model}]")
+            self.actor_head = EmbeddingHead(hidden, action_directions, int(noop_action), embedding_dim)
+        elif head == "independent":
+            self.actor_head = _layer(nn.Linear(hidden, d_sae + int(noop_action)), 0.01)
+        else:
+            raise ValueError(f"unknown actor head {head!r}: one of {', '.join(HEADS)}")
         self.value_head = _layer(nn.Linear(hidden, 1), VALUE_HEAD_GAIN)
 
     def forward(self, state: torch.Tensor, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

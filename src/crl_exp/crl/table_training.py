@@ -28,13 +28,15 @@ def greedy_reward(policy: ActorCritic, table: RewardTable, allowed: torch.Tensor
 
 def train_on_table(train: RewardTable, policy_cfg: PolicyConfig, ppo_cfg: PPOConfig, iterations: int,
                    prompts_per_iteration: int, group_size: int, d_sae: int, seed: int = 0,
-                   evaluate: RewardTable | None = None) -> list[dict[str, float]]:
+                   evaluate: RewardTable | None = None,
+                   action_directions: torch.Tensor | None = None) -> list[dict[str, float]]:
     """Train a fresh policy on ``train`` (the pool = its features); after every iteration, record the episodes
     spent so far and the greedy reward on ``evaluate``. ``group_size`` episodes per prompt for gae/group."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         policy = ActorCritic(train.states.shape[1], d_sae, policy_cfg.hidden, policy_cfg.shared_trunk,
-                             policy_cfg.obs_norm)
+                             policy_cfg.obs_norm, head=policy_cfg.head, action_directions=action_directions,
+                             embedding_dim=policy_cfg.embedding_dim)
     advantage = resolve_advantage(ppo_cfg.advantage, True, group_size)
     cfg = replace(ppo_cfg, advantage=advantage)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps)

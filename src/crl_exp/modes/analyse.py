@@ -64,7 +64,7 @@ def load_trained(client: MlflowClient, src: DictConfig, run_id: str, task):
     env = build_env(src, task)
     module = CRLModule(env.lm.d_model, env.sae.d_sae, config_dataclass(PolicyConfig, src.policy),
                        config_dataclass(PPOConfig, src.ppo), masking_config(src.masking), int(src.budget.iterations),
-                       seed=int(src.seed))
+                       seed=int(src.seed), action_directions=env.sae.sae.W_dec.detach().cpu())
     with tempfile.TemporaryDirectory() as tmp:
         load_policy_state(module, download_checkpoint(client, run_id, Path(tmp)))
     return env, module

@@ -164,7 +164,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     tracker.log_metrics({"time/static_selection_seconds": time.perf_counter() - phase})
     log.info("Static feature selected in %.0f s", time.perf_counter() - phase)
     module = CRLModule(lm.d_model, sae.d_sae, policy_cfg, ppo_cfg, masking_config(cfg.masking), iterations,
-                       seed=seed).attach(env)
+                       seed=seed, action_directions=sae.sae.W_dec.detach().cpu()).attach(env)
     module.run_id = tracker.run_id
     if pool is not None:
         module.mask.restrict(pool)
