@@ -74,3 +74,40 @@ def test_embedding_head_logits_are_inner_products_with_decoder_directions():
         PolicyConfig(head="tree")
     projected = ActorCritic(8, 50, hidden=16, head="embedding", action_directions=directions, embedding_dim=4)
     assert projected.actor_head.embeddings.shape == (50, 4)
+
+
+def test_afm_relative_to_uniform_acts_near_uniform_over_a_16k_dictionary():
+    """Near uniform over 16,384 features every share is ~6e-5: a 0.4 share (the old adaptive default) never masks
+    anything (``train/mask_size`` was 0 on every recorded generating run); a threshold in multiples of the uniform
+    share masks the features chosen far more often than uniform, and only those."""
+    from crl_exp.crl.masking import AdaptiveFeatureMask, MaskingConfig
+
+    d_sae = 16384
+    g = torch.Generator().manual_seed(0)
+    picks = torch.cat([torch.randint(0, d_sae, (3072,), generator=g), torch.full((40,), 7), torch.full((30,), 11)])
+    old = AdaptiveFeatureMask(d_sae, MaskingConfig(schedule="fixed", threshold=0.4, min_threshold=0.4))
+    new = AdaptiveFeatureMask(d_sae, MaskingConfig(schedule="fixed", threshold=12.8, min_threshold=12.8,
+                                                   relative_to="uniform"))
+    for mask in (old, new):
+        mask.update(picks, entropy=9.0)
+    assert old.mask_size == 0
+    assert new.effective_threshold == pytest.approx(12.8 / d_sae)
+    assert not new.allowed()[7] and not new.allowed()[11] and new.mask_size <= 4
+    with pytest.raises(CRLConfigError, match="could mask all"):
+        MaskingConfig(schedule="fixed", threshold=0.9, min_threshold=0.9, relative_to="uniform").validate(d_sae)
+
+
+def test_the_shipped_masking_presets_act_at_dictionary_scale():
+    from hydra import compose, initialize_config_dir
+
+    from crl_exp.crl.config import masking_config
+    from crl_exp.crl.masking import AdaptiveFeatureMask
+    from crl_exp.paths import CONFIG_DIR
+
+    for name in ("adaptive", "fixed", "decaying"):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=["mode=train", f"masking={name}"])
+        mask = AdaptiveFeatureMask(4096, masking_config(cfg.masking))
+        assert mask.effective_threshold < 0.01, name  # a share reachable near uniform over 4,096 features
+        mask.restrict(list(range(32)))
+        assert mask.effective_threshold == pytest.approx(float(cfg.masking.threshold) / 32)

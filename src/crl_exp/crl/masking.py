@@ -12,6 +12,11 @@ threshold follows the schedule:
                 back up when above, within [``min_threshold``, ``threshold``];
 * ``module:function``  any threshold rule in its own module (see ARCHITECTURE.md, "add a masking schedule").
 
+``relative_to`` sets the threshold's unit: ``share`` (a share of all selections, the paper's; 0.2 is unreachable
+near uniform over a dictionary: 1/4,096 is 0.00024) or ``uniform`` (a multiple of the uniform share
+1/|action space|: 8 masks a feature chosen 8x as often as uniform would, at any dictionary size). The logged
+``train/mask_threshold`` is always the effective share.
+
 At least ``min_unmasked`` features always stay available (the least selected ones are released first), and
 a schedule that could mask every feature is refused when the config is read.
 """
@@ -39,6 +44,7 @@ class MaskingConfig:
     min_unmasked: int = 16
     target_entropy: float = 1.0
     adapt_rate: float = 0.8
+    relative_to: str = "share"  # the unit of threshold/min_threshold: "share" or "uniform" (x 1/|action space|)
     # The headline rule, fixed before any run it scores: held-out greedy CRL with the end-of-training mask off
     # (the mask is exploration pressure whose last contents depend on where training stopped in the masking
     # period). Greedy with the mask on is always reported beside it; both stay inside the action space.
@@ -52,9 +58,14 @@ class MaskingConfig:
         if not 1 <= self.min_unmasked < d_sae:
             raise CRLConfigError(f"masking.min_unmasked={self.min_unmasked} must be in [1, {d_sae - 1}]: otherwise "
                                  f"every feature could be masked")
+        if self.relative_to not in ("share", "uniform"):
+            raise CRLConfigError(f"masking.relative_to must be share or uniform, got {self.relative_to!r}")
         lowest = self.threshold if self.schedule == "fixed" else self.min_threshold
         # Shares sum to 1, so at most floor(1/lowest) features can be above the threshold at once.
-        if lowest <= 0 or 1.0 / lowest >= d_sae:
+        if self.relative_to == "uniform":
+            if lowest <= 1:
+                raise CRLConfigError(f"masking threshold {lowest} x uniform could mask all features (needs > 1)")
+        elif lowest <= 0 or 1.0 / lowest >= d_sae:
             raise CRLConfigError(f"masking threshold {lowest} could mask all {d_sae} features (needs > 1/d_sae)")
         if self.period < 1 or not 0 <= self.ema < 1 or not 0 < self.decay <= 1:
             raise CRLConfigError("masking needs period >= 1, 0 <= ema < 1 and 0 < decay <= 1")
@@ -121,6 +132,13 @@ class AdaptiveFeatureMask:
         return (self.masked_until <= self.iteration) & self.candidates
 
     @property
+    def effective_threshold(self) -> float:
+        """The selection share above which a feature is masked (``relative_to=uniform``: threshold / |space|)."""
+        if self.cfg.relative_to == "uniform":
+            return self.threshold / max(1, int(self.candidates.sum()))
+        return self.threshold
+
+    @property
     def mask_size(self) -> int:
         """Candidates masked now."""
         return int((self.candidates & ~self.allowed()).sum())
@@ -134,7 +152,7 @@ class AdaptiveFeatureMask:
         if self.rule is None:
             return
         self.threshold = float(self.rule(self.cfg, self.threshold, self.iteration, entropy))
-        over = (self.share > self.threshold) & self.allowed()
+        over = (self.share > self.effective_threshold) & self.allowed()
         self.masked_until[over] = self.iteration + self.cfg.period
         self._keep_minimum_available()
 

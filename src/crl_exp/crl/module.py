@@ -195,7 +195,7 @@ class CRLModule(L.LightningModule):
             "train/steered_share": float((chosen != self.policy.noop_index).float().mean())
             if self.policy.noop_index is not None else 1.0,
             "train/mask_size": float(self.mask.mask_size),
-            "train/mask_threshold": float(self.mask.threshold),
+            "train/mask_threshold": float(self.mask.effective_threshold),
             "train/reward_scale": self.reward_scale(),
             "train/steps_per_episode": valid.sum(1).float().mean().item(),
             "train/rollout_seconds": rollout_seconds,
@@ -256,7 +256,7 @@ class CRLModule(L.LightningModule):
             "train/steered_share": float((greedy != self.policy.noop_index).float().mean())
             if self.policy.noop_index is not None else 1.0,
             "train/mask_size": float(self.mask.mask_size),
-            "train/mask_threshold": float(self.mask.threshold),
+            "train/mask_threshold": float(self.mask.effective_threshold),
             "train/rollout_seconds": rollout_seconds,
             "train/update_seconds": update_seconds,
             "train/update_to_rollout": update_seconds / rollout_seconds,
