@@ -552,3 +552,14 @@ def test_earlier_scorings_count_what_a_run_shares_with_earlier_records():
     assert out["n"] == 4 and out["already_scored"] == 2 and out["scorings"] == 3
     assert out["by_record"] == {"run1": 1, "run2": 2} and out["ids"] == ["a", "b"]
     assert earlier_scorings(["a"], {})["already_scored"] == 0
+
+
+def test_gap_recovered_is_stated_only_where_the_gap_exceeds_the_mde():
+    """make train printed "CRL recovered -1744% of the static-to-group-oracle reward gap" for a gap inside the
+    noise; a share is now stated only for a gap larger than the held-out set's reward MDE."""
+    from crl_exp.modes.train import gap_sentence
+
+    assert "no share of it is stated" in gap_sentence("group-oracle", 0.001, -2.29, 0.006)
+    assert "%" not in gap_sentence("group-oracle", 0.001, -2.29, 0.006)
+    assert "CRL recovered 88% of the static-to-group-oracle reward gap" in gap_sentence("group-oracle", 0.25, 0.88, 0.01)
+    assert "no share" in gap_sentence("ceiling", float("nan"), float("nan"), 0.01)
