@@ -32,8 +32,9 @@ browser:
 test: install browser
 	$(PY) -m pytest -q --durations=15
 
+# the fast tier a contributor runs every few minutes: tiny random models, no subprocesses, no real models
 test-unit: install
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -m "not slow" --durations=5
 
 test-integration: install
 	$(PY) -m pytest -q -m integration

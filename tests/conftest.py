@@ -33,13 +33,21 @@ def tiny_model_dir(tmp_path) -> Path:
 
 @pytest.fixture
 def data_dir() -> Path:
+    """The benchmark files. Absent, a contributor's run skips these tests with the reason; CI (``CI=true``, what
+    ``.ci/run`` runs under) fails instead, so a missing folder can never pass CI silently."""
     if not DATA_DIR.is_dir():
-        pytest.fail(f"benchmark data not found at {DATA_DIR}: set CRL_DATA_DIR to the benchmarks folder")
+        message = f"benchmark data not found at {DATA_DIR}: set CRL_DATA_DIR to the benchmarks folder"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
     return DATA_DIR
 
 
 def pytest_collection_modifyitems(config, items):
-    """Integration tests (real packaged models) are slow too: ``-m "not slow"`` is the fast unit set."""
+    """Integration tests (real packaged models) are slow too: ``-m "not slow"`` is the fast unit set; tests that
+    read the benchmark files carry the ``data`` marker."""
     for item in items:
         if item.get_closest_marker("integration"):
             item.add_marker(pytest.mark.slow)
+        if "data_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.data)
