@@ -33,3 +33,17 @@ def test_the_data_marker_and_the_timeout_are_configured(pytestconfig):
     markers = "\n".join(pytestconfig.getini("markers"))
     assert "data:" in markers and "slow:" in markers
     assert float(pytestconfig.getini("timeout")) > 0
+
+
+def test_runs_are_named_after_what_they_ran():
+    from hydra import compose, initialize_config_dir
+
+    from crl_exp.paths import CONFIG_DIR
+    from crl_exp.tracking.mlflow_run import descriptive_run_name
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        train = compose("config", overrides=["+experiment=bbq_layer12", "policy.action_pool=32", "seed=3"])
+        steer = compose("config", overrides=["mode=steer"])
+    name = descriptive_run_name(train)
+    assert name.startswith("train-bbq-gemma3_270m-L12-pool32-") and name.endswith("-s3")
+    assert descriptive_run_name(steer).startswith("steer-")

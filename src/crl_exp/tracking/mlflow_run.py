@@ -108,6 +108,21 @@ def existing_run(client: MlflowClient, run_id: str | None):
         return None
 
 
+def descriptive_run_name(cfg: DictConfig) -> str:
+    """A run named after what it ran (``logger.run_name`` overrides it): mode, task, model, layer, and for
+    training the action space, estimator and seed, e.g. ``train-bbq-gemma3_270m-L12-pool32-auto-s0``."""
+    def pick(key: str):
+        return OmegaConf.select(cfg, key, default=None)
+
+    parts = [str(pick("mode") or "run"), pick("task.name"), pick("model.name")]
+    layer = pick("sae.layer")
+    parts.append(f"L{layer}" if layer is not None else None)
+    if str(pick("mode")) == "train":
+        pool = pick("policy.action_pool")
+        parts += [f"pool{pool}" if pool else "dict", pick("ppo.advantage"), f"s{pick('seed')}"]
+    return "-".join(str(p) for p in parts if p not in (None, ""))
+
+
 @contextmanager
 def start_tracked_run(cfg: DictConfig, run_name: str | None = None, output_dir: str | Path | None = None,
                       tags: dict[str, Any] | None = None, resume_run_id: str | None = None) -> Iterator[RunTracker]:
@@ -134,7 +149,7 @@ def start_tracked_run(cfg: DictConfig, run_name: str | None = None, output_dir: 
         params = {k: v for k, v in flatten(resolved).items() if k not in resumed.data.params}
         config_file = "config_resumed.yaml"
     else:
-        run = client.create_run(exp_id, run_name=run_name or lcfg.get("run_name") or None,
+        run = client.create_run(exp_id, run_name=run_name or lcfg.get("run_name") or descriptive_run_name(cfg),
                                 tags={"mode": str(cfg.mode), "git_commit": git_commit(),
                                       "outputs_dir": str(output_dir or ""), "config_hash": config_hash(cfg),
                                       **({"resumed_from_run": resume_run_id} if resume_run_id else {}),
