@@ -5,7 +5,8 @@ exactly: 33 episodes per prompt), at the PPO defaults chosen by ``experiments/le
 learner trains on the known-answer train table (``crl.table_training``: the update functions of ``mode=train``,
 rewards read off the exact table) and its greedy policy is scored on the dev part of the test split after every
 iteration. Reports the episodes each estimator needs to recover 80% of the held-out gap between the best static
-feature and the class oracle (both chosen on train), and writes a PNG of the curves.
+feature and the class oracle (both chosen on train), per seed too, with each seed's final entropy and how often
+its greedy policy picks each class's oracle feature (premature convergence shows there), and writes a PNG.
 
 Usage: .venv/bin/python benchmarks/learning_efficiency.py [--iterations 40]
 Writes benchmarks/results/learning_efficiency_<commit>.json and .png.
@@ -56,8 +57,15 @@ def main(argv: list[str]) -> None:
         mean = [sum(c[i]["greedy_reward"] for c in curves) / len(curves) for i in range(args.iterations)]
         episodes = [curves[0][i]["episodes"] for i in range(args.iterations)]
         reached = next((e for e, r in zip(episodes, mean, strict=True) if r >= target), None)
+        per_class = [{g: sum(c[-1]["greedy_features"][i] == f for i, e in enumerate(examples) if e.group == g)
+                      / sum(e.group == g for e in examples) for g, f in oracle["best_feature"].items()} for c in curves]
         results[estimator] = {"episodes": episodes, "mean_heldout_reward": mean,
                               "per_seed": [[row["greedy_reward"] for row in c] for c in curves],
+                              "per_seed_episodes_to_80pct_gap": [
+                                  next((e for e, row in zip(episodes, c, strict=True) if row["greedy_reward"] >= target),
+                                       None) for c in curves],
+                              "final_entropy": [c[-1]["entropy"] for c in curves],
+                              "final_class_feature_pick_rate": per_class,
                               "episodes_to_80pct_gap": reached, "final": mean[-1]}
         print(f"{estimator:12s} final {mean[-1]:.3f}; 80% of the gap ({target:.3f}) after "
               f"{reached if reached is not None else 'never'} episodes", flush=True)
@@ -67,7 +75,7 @@ def main(argv: list[str]) -> None:
               "machine": machine_capability(),
               "seeds": list(SEEDS), "heldout": {"part": "dev", "n": len(examples)}, "train_prompts": len(train.example_ids),
               "prompts_per_iteration": args.prompts, "static": static, "class_oracle": oracle["reward"],
-              "target_80pct": target, "unsteered": float(heldout.unsteered_reward.mean()), "estimators": results}
+              "class_features": oracle["best_feature"], "target_80pct": target, "unsteered": float(heldout.unsteered_reward.mean()), "estimators": results}
     out.with_suffix(".json").write_text(json.dumps(record, indent=1))
     import matplotlib
 

@@ -80,5 +80,10 @@ def train_on_table(train: RewardTable, policy_cfg: PolicyConfig, ppo_cfg: PPOCon
         row = {"iteration": iteration, "episodes": episodes}
         if evaluate is not None:
             row["greedy_reward"] = greedy_reward(policy, evaluate, allowed, columns)
+            if iteration == iterations - 1:  # where it ended: each held-out prompt's greedy feature, and entropy
+                with torch.no_grad():
+                    logits = policy(evaluate.states, allowed)[0]
+                    row["greedy_features"] = logits.argmax(-1).tolist()
+                    row["entropy"] = float(torch.distributions.Categorical(logits=logits).entropy().mean())
         history.append(row)
     return history
