@@ -72,7 +72,7 @@ def task_top_contexts(lm, sae, layer: int, task, features: list[int],
     if not features:
         return {}
     train = task.split("train")  # in stratified order: the first n_tokens cover every group, not the first ones
-    texts = [task.user_text(train[i]) for i in task.analysis_sample(train, None)]
+    texts = (task.user_text(train[i]) for i in task.analysis_sample(train, None))  # lazily: read up to n_tokens
     return corpus_top_contexts(lm, sae, layer, texts, features, n_tokens=n_tokens)
 
 
