@@ -432,3 +432,16 @@ def test_logged_samples_cover_every_group_not_the_first_in_file_order(data_dir, 
     assert len({ex.group for ex in pool[:n]}) < len(groups)
     assert task.analysis_sample(pool, n) == task.analysis_sample(pool, n)  # seeded, stable
     assert sorted(task.analysis_sample(pool, None)) == list(range(len(pool)))  # an order of every example
+
+
+def test_gsm8k_prompts_reuse_one_exemplar_block(data_dir, monkeypatch):
+    """Every GSM8K prompt starts with the same exemplar block: it is built once, not by re-reading the 7k-row train
+    split for each prompt (which made a third of a tiny-model training run's time)."""
+    task = make("gsm8k", data_dir)
+    train = task.split("train", 50)
+    first = task.user_text(train[0])
+    calls = []
+    monkeypatch.setattr(task, "split", lambda *a, **k: calls.append(a) or [])
+    texts = [task.user_text(ex) for ex in train]
+    assert not calls and texts[0] == first
+    assert all(t.startswith(task.few_shot_prefix(train[0])) for t in texts) and first.count("Question:") == len(task.cfg.shot_rows) + 1
