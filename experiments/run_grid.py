@@ -649,10 +649,9 @@ def clustering_section(answer: dict[str, list[dict]]) -> list[str]:
     return out
 
 
-def prior_scorings_section(answer: dict[str, list[dict]]) -> list[str]:
+def prior_scorings_section(answer: dict[str, list[dict]], records: list[dict]) -> list[str]:
     """Confirmation ids that runs before the dev/confirmation cut had already scored, per group, and CRL - static
     on the ids no earlier run scored (``run_grid.py overlap`` writes the companion record)."""
-    records = load_records()
     rows = []
     for label, members in sorted(answer.items()):
         members = sorted(members, key=lambda r: r["seed"])
@@ -716,7 +715,7 @@ def answer_section(groups: dict[str, list[dict]]) -> list[str]:
                 effects.append(f"| {name} | {r['seed']} | {cond} | {e['fixed']} | {e['broken']} | "
                                f"{_fmt_mde(e['ratio'])} | {e['reward_worse_share']:.3f} |")
     out += clustering_section(answer)
-    out += prior_scorings_section(answer)
+    out += prior_scorings_section(answer, [r for members in groups.values() for r in members])
     out += behaviour_section(answer)
     out += off_task_section(answer)
     out += ["", "Side effects against no steering on the same prompts (fixed: wrong unsteered, right steered; broken: the "

@@ -1,7 +1,8 @@
 """The CRL actor-critic: a small MLP over the normalised residual state.
 
 Actor: one ``Linear`` head over the SAE's features (a masked categorical; logits of masked features are
--inf), or with ``policy.head=embedding`` logits that are inner products with the features' decoder directions. Critic: a value head on its own trunk (default) or on the actor's trunk (``shared_trunk``). Init follows
+-inf), or with ``policy.head=embedding`` logits that are inner products with the features' decoder directions.
+Critic: a value head on its own trunk (default) or on the actor's trunk (``shared_trunk``). Init follows
 CleanRL (orthogonal weights, actor head gain 0.01: a near-uniform initial policy) except the value head, also at
 gain 0.01: at gain 1 the untrained critic's outputs dwarf the reward spread between actions, so nearly all of the
 first advantages' variance is critic error pushed into the actor as random preferences (docs/design.md §3).

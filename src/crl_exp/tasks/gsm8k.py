@@ -91,8 +91,7 @@ class GSM8KTask(Task):
         """The exemplars: the same for every question, built once (every prompt's text starts with it: rebuilding
         it per call copied the 7k-row train split each time, a third of a tiny-model training run's time)."""
         if self._prefix is None:
-            if self._by_split is None:
-                self._by_split = self._load()  # loading the splits sets the exemplars aside
+            self.split("train")  # loads the splits, which sets the exemplars aside
             shots = sorted(self._shots, key=lambda e: list(self.cfg.shot_rows).index(int(e.id.split("/")[1])))
             self._prefix = "".join(f"Question: {s.question}\nAnswer: {s.meta['solution']}\n\n" for s in shots)
         return self._prefix
