@@ -335,7 +335,7 @@ def validity(r: dict) -> dict[str, str]:
     stale = {}
     if r.get("heldout_part"):
         return stale
-    pooled = str(r.get("action_space", "")).startswith("candidates:")
+    pooled = str(r.get("action_space", "")).startswith(("action_pool:", "candidates:"))  # the tag's old name too
     if pooled and (r.get("masked_action_share") or 0) != 0:
         stale["crl"] = (f"greedy actions left the trained action space ({r['masked_action_share']:.0%} outside the "
                         f"pool or on masked features); the mask-on greedy score below stays inside it")

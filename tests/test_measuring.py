@@ -84,7 +84,7 @@ def test_random_baseline_draws_from_the_action_space_and_the_dictionary_row_from
 def test_exhaustive_static_selection_tries_every_candidate_through_one_reward_table(tiny_lm):
     """One-token tasks: every candidate's validation reward from the shared-prefix table equals the reward of the
     same feature steered in ordinary batches, and the selection picks the best of all of them."""
-    from crl_exp.crl.feature_selection import select_static_feature, try_features
+    from crl_exp.evaluation.static_baseline import select_static_feature, try_features
 
     from helpers import PLANTED, planted_env
 
@@ -557,7 +557,7 @@ def test_earlier_scorings_count_what_a_run_shares_with_earlier_records():
 def test_gap_recovered_is_stated_only_where_the_gap_exceeds_the_mde():
     """make train printed "CRL recovered -1744% of the static-to-group-oracle reward gap" for a gap inside the
     noise; a share is now stated only for a gap larger than the held-out set's reward MDE."""
-    from crl_exp.modes.train import gap_sentence
+    from crl_exp.evaluation.references import gap_sentence
 
     assert "no share of it is stated" in gap_sentence("group-oracle", 0.001, -2.29, 0.006)
     assert "%" not in gap_sentence("group-oracle", 0.001, -2.29, 0.006)

@@ -1,4 +1,4 @@
-"""Typed (structured) configs: the dataclasses behind ``ppo/``, ``masking/``, ``policy/``, ``budget/`` and
+"""Typed (structured) configs: the dataclasses behind ``ppo/``, ``masking/``, ``policy/``, ``budget/``, ``eval/`` and
 ``sae.training`` (``sae=trained``).
 
 Each default is defined once, in its dataclass; the YAML files of those groups start from the registered
@@ -14,9 +14,10 @@ from crl_exp.crl.config import BudgetConfig
 from crl_exp.crl.masking import MaskingConfig
 from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig
+from crl_exp.evaluation.config import EvalConfig
 from crl_exp.saes.training import SAETrainingSettings
 
-STRUCTURED = {"ppo": PPOConfig, "masking": MaskingConfig, "policy": PolicyConfig, "budget": BudgetConfig}
+STRUCTURED = {"ppo": PPOConfig, "masking": MaskingConfig, "policy": PolicyConfig, "budget": BudgetConfig, "eval": EvalConfig}
 
 
 def register_configs() -> None:

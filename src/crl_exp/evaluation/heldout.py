@@ -7,7 +7,7 @@ Conditions (same held-out examples, same coefficient):
   among these features matter?);
 * ``random_dictionary``: a uniformly random feature from the whole SAE dictionary (does steering with any
   feature at all matter?);
-* ``static``: the best single feature, selected on train/validation (``crl.feature_selection``);
+* ``static``: the best single feature, selected on train/validation (``evaluation.static_baseline``);
 * ``untrained``: the policy's initial weights (same seed, same action space, greedy; with the trained run's
   observation statistics), the control for "the policy learned to condition on the prompt";
 * ``crl``: the trained policy, greedy, inside its action space; with the end-of-training Adaptive Feature Mask

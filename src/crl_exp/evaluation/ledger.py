@@ -11,15 +11,19 @@ import json
 import time
 from pathlib import Path
 
-from crl_exp.paths import PROJECT_ROOT
+from crl_exp.paths import default_cache_dir
 
-DEFAULT_LEDGER = PROJECT_ROOT / "experiments" / "confirmation_ledger.jsonl"
+
+def default_ledger() -> Path:
+    """Where a run records its confirmation scorings when ``eval.ledger`` names no file: the cache folder, never
+    the checkout (the recorded answer's configs name ``experiments/confirmation_ledger.jsonl`` themselves)."""
+    return default_cache_dir() / "confirmation_ledger.jsonl"
 
 
 def record_confirmation(path: str | Path | None, *, task: str, config_hash: str, commit: str, seed: int, n: int,
                         run_id: str | None, mode: str) -> dict:
     """Append one line to the ledger (created if missing) and return it."""
-    ledger = Path(path) if path else DEFAULT_LEDGER
+    ledger = Path(path) if path else default_ledger()
     ledger.parent.mkdir(parents=True, exist_ok=True)
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "task": task, "mode": mode,
              "config_hash": config_hash, "commit": commit, "seed": seed, "n": n, "run_id": run_id}
@@ -29,7 +33,7 @@ def record_confirmation(path: str | Path | None, *, task: str, config_hash: str,
 
 
 def read_ledger(path: str | Path | None = None) -> list[dict]:
-    ledger = Path(path) if path else DEFAULT_LEDGER
+    ledger = Path(path) if path else default_ledger()
     if not ledger.exists():
         return []
     return [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]

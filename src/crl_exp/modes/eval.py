@@ -9,8 +9,9 @@ from omegaconf import DictConfig
 
 from crl_exp.episodes import run_episodes, summarize
 from crl_exp.errors import CRLConfigError
-from crl_exp.evaluation.ledger import record_confirmation
-from crl_exp.modes.evaluation_log import format_table, log_evaluation
+from crl_exp.evaluation.config import eval_config
+from crl_exp.evaluation.heldout_comparison import heldout_examples
+from crl_exp.evaluation.condition_log import format_table, log_evaluation
 from crl_exp.runtime import load_model, load_sae_for
 from crl_exp.steering.factory import build_steerer
 from crl_exp.tasks import build_task
@@ -21,15 +22,15 @@ from crl_exp.tracking.sweep import config_hash
 
 def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     """Evaluate ``cfg.task`` on ``cfg.eval.split``; returns metrics, CIs, speed and split sizes."""
-    ecfg = cfg.eval
+    ecfg = eval_config(cfg.eval)
     task = build_task(cfg.task, cfg.get("data_dir"))
     if ecfg.split == "test":  # the test split is scored by parts: dev unless the confirmation part is asked for
-        examples = task.heldout(str(ecfg.heldout), ecfg.get("limit"))
-        if ecfg.heldout == "confirm":
-            record_confirmation(ecfg.get("ledger"), task=task.name, config_hash=config_hash(cfg), commit=git_commit(),
-                                seed=int(cfg.seed), n=len(examples), run_id=tracker.run_id, mode="eval")
+        provenance = {"config_hash": config_hash(cfg), "commit": git_commit(), "seed": int(cfg.seed),
+                      "run_id": tracker.run_id, "mode": "eval"}
+        examples = heldout_examples(task, ecfg, ecfg.limit, confirmed=bool(cfg.get("confirm", False)),
+                                    provenance=provenance)
     else:
-        examples = task.split(ecfg.split, ecfg.get("limit"))
+        examples = task.split(ecfg.split, ecfg.limit)
     if not examples:
         raise CRLConfigError(f"{task.name} {ecfg.split} split is empty (after subsets)")
     tracker.log_metrics({f"data/{s}_size": n for s, n in task.split_sizes().items()})
@@ -40,10 +41,10 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         sae = load_sae_for(cfg, lm, tracker)
         steerer, controller = build_steerer(cfg.steering, lm, sae, seed=int(cfg.seed))
     t0 = time.perf_counter()
-    records, speed = run_episodes(task, lm, examples, int(ecfg.batch_size), steerer, controller,
+    records, speed = run_episodes(task, lm, examples, ecfg.batch_size, steerer, controller,
                                   desc=f"{task.name}/{ecfg.split} steering={cfg.steering.kind}")
     speed["eval_seconds"] = time.perf_counter() - t0
-    metrics, cis = summarize(task, records, int(ecfg.n_bootstrap), int(cfg.seed))
+    metrics, cis = summarize(task, records, ecfg.n_bootstrap, int(cfg.seed))
     prefix = f"eval/{task.name}/{ecfg.split}/{cfg.steering.kind}"
     log_evaluation(tracker, prefix, metrics, cis, records, speed)
     print(f"{task.name} | split={ecfg.split} (n={len(examples)}) | steering={cfg.steering.kind} | "

@@ -15,14 +15,16 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from crl_exp.episodes import rollout_batch
 from crl_exp.reward_table import RewardTable, reward_table
-from crl_exp.steering.controllers import StaticController
+from crl_exp.errors import CRLConfigError
+from crl_exp.steering.controllers import RandomController, StaticController
 from crl_exp.steering.hook import NO_FEATURE
 
 log = logging.getLogger(__name__)
@@ -132,3 +134,61 @@ def select_static_feature(env, train_examples, validation_examples, candidates: 
              len(results), len(validation_examples))
     return StaticSelection(best, results[best], results, {f: float(score[f]) for f in tried},
                            unsteered, pool, ranked_cost + trials, table)
+
+
+@dataclass
+class Baselines:
+    """What ``measure_baselines`` fixes before training: the static selection, its validation prompts, CRL's action
+    space (``pool``: the restricted action pool, None = the whole dictionary) and the reference rewards the training
+    curve shows."""
+
+    selection: StaticSelection
+    validation: list
+    action_space: list[int]
+    pool: list[int] | None
+    references: dict[str, float] = field(default_factory=dict)
+    episodes: int = 0  # episodes spent selecting and measuring the references
+
+
+def measure_baselines(env, budget, action_pool: int | None, seed: int, tracker=None) -> Baselines:
+    """The static baseline (train ranking, validation trials) and CRL's action space: with ``action_pool=N`` (or a
+    task that defines its own pool) the top-N of the static ranking, else the dictionary. One-token tasks try every
+    feature of that action space (one exact reward table), on more validation prompts. Logs ``static/*``,
+    ``reference/*`` and ``heldout/static_feature.json`` when a tracker is given."""
+    task, sae, sf = env.task, env.sae, budget.static_feature
+    one_token = task.max_new_tokens == 1
+    phase = time.perf_counter()
+    fixed_pool = task.action_pool()  # a task designed for its own action space (known_answer)
+    if fixed_pool is not None and action_pool not in (None, len(fixed_pool)):
+        raise CRLConfigError(f"task={task.name} defines its action pool ({len(fixed_pool)} features): leave "
+                             f"policy.action_pool unset")
+    n_pool = len(fixed_pool) if fixed_pool is not None else action_pool
+    n_tried = n_pool if one_token and n_pool else int(sf.candidates)
+    validation = task.representative("validation", int(sf.validation_examples if one_token else sf.train_examples))
+    selection = select_static_feature(
+        env, task.representative("train", int(sf.train_examples)), validation, n_tried, int(budget.eval_batch_size),
+        pool_size=max(n_pool or 0, sf.oracle_candidates), exhaustive=one_token, fixed_pool=fixed_pool)
+    pool = selection.pool[:n_pool] if n_pool else None
+    action_space = pool if pool is not None else list(range(sae.d_sae))
+    if selection.table is not None and selection.table.features == list(action_space):
+        random_reward = float(selection.table.reward.mean())  # uniform over the pool, exactly, from the table
+    else:
+        random_reward = mean_reward(env, validation, RandomController(sae.d_sae, seed=seed, features=action_space),
+                                    int(budget.eval_batch_size))
+    references = {"static": selection.validation_reward, "none": selection.unsteered_train_reward,
+                  "random": random_reward}
+    out = Baselines(selection, validation, action_space, pool, references, selection.episodes + len(validation))
+    if tracker is not None:
+        tracker.log_dict({"feature": selection.feature, "validation_reward": selection.validation_reward,
+                          "candidates": selection.candidates, "correlations": selection.correlations,
+                          "unsteered_train_reward": selection.unsteered_train_reward, "pool": selection.pool,
+                          "action_space": pool, "exhaustive": one_token, "validation_prompts": len(validation),
+                          "episodes_selecting": out.episodes}, "heldout/static_feature.json")
+        tracker.log_metrics({"static/feature": selection.feature,
+                             "static/validation_reward": selection.validation_reward,
+                             "static/candidates_tried": float(len(selection.candidates)),
+                             "static/episodes_selecting": out.episodes})
+        tracker.log_metrics({f"reference/{k}_reward": v for k, v in references.items()})
+        tracker.log_metrics({"time/static_selection_seconds": time.perf_counter() - phase})
+    log.info("Static feature selected in %.0f s", time.perf_counter() - phase)
+    return out
