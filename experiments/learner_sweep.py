@@ -45,8 +45,8 @@ def task_tables(name: str = "known_answer", train_n: int = 240, validation_n: in
     the 32 features ranked as ``mode=train`` ranks them), cached."""
     from hydra import compose, initialize_config_dir
 
-    from crl_exp.evaluation.static_baseline import candidate_pool, rank_features
     from crl_exp.episodes import build_env
+    from crl_exp.evaluation.static_baseline import candidate_pool, rank_features
     from crl_exp.paths import CONFIG_DIR, default_cache_dir
     from crl_exp.reward_table import RewardTable, reward_table
     from crl_exp.tasks import build_task

@@ -39,9 +39,9 @@ from crl_exp.analysis.training_curve import plot_training_curves
 from crl_exp.crl.config import BudgetConfig
 from crl_exp.crl.policy import PolicyConfig
 from crl_exp.evaluation.comparison import side_effects as against_none
-from crl_exp.modes.analyse import read_examples
 from crl_exp.paths import CONFIG_DIR
-from crl_exp.stats import share_of_gap
+from crl_exp.stats import pool_seed_intervals, share_of_gap
+from crl_exp.tracking.artifacts import read_examples
 from crl_exp.tracking.mlflow_run import resolve_tracking_uri
 from crl_exp.tracking.provenance import git_commit
 
@@ -425,15 +425,9 @@ def pooled(records: list[dict], stats: list[dict]) -> dict:
 
 
 def pool_intervals(deltas: list[float], cis: list[tuple[float, float]]) -> dict[str, float]:
-    """``crl_exp.stats.pool_seeds`` with each seed's standard error read off its 95% interval; a single seed keeps
-    its own interval: Newcombe's is asymmetric near 0 or 1 (GSM8K exact match 0/64), and the symmetric interval
-    rebuilt from its width would misstate it. The MDE is what an interval of that width could detect."""
-    from crl_exp.stats import Z_95, pool_seeds
-
-    p = pool_seeds(deltas, [(hi - lo) / (2 * Z_95) for lo, hi in cis])
-    if len(deltas) == 1:
-        p["ci_low"], p["ci_high"] = cis[0]
-    return p
+    """The one seed pooling (``crl_exp.stats.pool_seed_intervals``), the same interval ``mode=compare_sweep``
+    prints."""
+    return pool_seed_intervals(deltas, cis)
 
 
 def gap_recovered(r: dict) -> float:

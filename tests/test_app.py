@@ -144,7 +144,7 @@ def test_paper_configs_compose():
      r"a rollout of 8192 rows x \(3200 prompt \+ 1 new\) tokens of gemma3_270m needs an estimated \d+\.\d GiB "
      r"\(weights 1.00 GiB, kv_cache .*more than the .* GiB of available RAM"),
     (["+experiment=gsm8k_layer12", "budget.max_memory_gb=1"], r"more than the 1.0 GiB allowed by budget.max_memory_gb"),
-    (["+experiment=mmlu_layer12", "policy.action_pool=8"], r"policy.action_pool=8 must be in \[1, d_sae\] and exceed"),
+    (["+experiment=mmlu_layer12", "policy.action_pool=8"], r"policy.action_pool=8 must exceed masking.min_unmasked=\d+"),
     (["+experiment=mmlu_layer12", "policy.action_pool=5000"], r"policy.action_pool=5000 must be in"),
 ])
 def test_incompatible_training_configs_fail_before_loading(tmp_path, overrides, message):
@@ -190,17 +190,7 @@ def test_every_config_option_composes_and_passes_preflight(group, option, tmp_pa
         write_gemma_scope_2_folder(tmp_path / "scope2", 64)
         overrides += ["model=hf", f"model.path={tiny_model_dir}", f"sae.path={tmp_path / 'scope2'}", "sae.layer=1"]
     cfg = compose_cfg(overrides + [f"cache_dir={tmp_path / 'cache'}"])
-    renamed = {("mode", "analyze"): "mode=analyse", ("steering", "fixed"): "steering=static"}.get((group, option))
-    if renamed:  # kept one release, refused with the new name before anything loads
-        with pytest.raises(CRLConfigError, match=f"is now {renamed}"):
-            preflight(cfg)
-        return
     preflight(cfg)
-
-
-def test_a_renamed_key_is_refused_with_its_new_name():
-    with pytest.raises(CRLConfigError, match=r"policy.candidates is now policy.action_pool: use policy.action_pool=32"):
-        preflight(compose_cfg(["+experiment=bbq_layer12", "policy.candidates=32"]))
 
 
 def test_a_misspelled_typed_key_fails_at_composition_with_its_name():
@@ -337,3 +327,29 @@ def test_paper_budget_fits_one_80gb_gpu_for_every_task(task):
     if task == "mmlu":  # the 5-shot prompts make it the largest
         with pytest.raises(CRLConfigError, match=r"needs an estimated .* GiB"):
             check_rollout_memory(compose_cfg([*overrides, "budget.max_memory_gb=16"]))
+
+
+def test_mode_eval_reports_the_primary_metric_with_the_interval_mode_train_uses(tmp_path, tiny_model_dir,
+                                                                                 tiny_sae_dir, data_dir):
+    """mode=eval and mode=train share ``condition_summary``: the primary metric's interval is the clustered
+    proportion interval, not a bootstrap of the same share (what the old ``episodes.summarize`` gave)."""
+    from crl_exp.evaluation.comparison import clusters_of
+    from crl_exp.modes.eval import run as run_eval
+    from crl_exp.stats import proportion_interval
+    from crl_exp.tracking import start_tracked_run
+
+    db = tmp_path / "db"
+    cfg = compose_cfg(["mode=eval", "task=bbq", "model=hf", f"model.path={tiny_model_dir}", "sae=local",
+                       f"sae.path={tiny_sae_dir[0]}", "sae.layer=1", "steering=none", "eval.split=validation",
+                       "eval.limit=12", "eval.n_bootstrap=50", f"logger.tracking_uri=sqlite:///{db}",
+                       f"data_dir={data_dir}", f"cache_dir={tmp_path / 'cache'}"])
+    with start_tracked_run(cfg) as tracker:
+        result = run_eval(cfg, tracker)
+        run_id = tracker.run_id
+    table = json.loads(Path(MlflowClient(f"sqlite:///{db}").download_artifacts(
+        run_id, "eval/bbq/validation/none/examples.json", str(tmp_path))).read_text())
+    records = [dict(zip(table["columns"], row)) for row in table["data"]] if "columns" in table else [
+        {k: table[k][i] for k in table} for i in range(len(table["id"]))]
+    expected = proportion_interval([float(r["correct"]) > 0.5 for r in records], clusters_of(records))
+    assert result["n"] == len(records) == 12
+    assert result["ci95"]["accuracy"] == pytest.approx(list(expected))

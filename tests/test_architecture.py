@@ -14,10 +14,10 @@ import crl_exp
 PACKAGE = Path(crl_exp.__file__).parent
 # Lower number = lower layer. tracking is a leaf: it needs nothing but the base modules.
 LAYERS = {
-    "errors": 0, "paths": 0, "cache_integrity": 0, "tracking": 0, "stats": 0,
+    "errors": 0, "structured": 0, "paths": 0, "cache_integrity": 0, "tracking": 0, "stats": 0,
     "tasks": 1,
     "models": 2, "saes": 2, "steering": 2,
-    "generation": 3, "episodes": 3, "runtime": 3, "reward_table": 3, "known_answer": 3,
+    "generation": 3, "episodes": 3, "runtime": 3, "reward_table": 3, "known_answer_design": 3,
     "crl": 4,
     "analysis": 5,
     "evaluation": 6,

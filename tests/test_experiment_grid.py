@@ -202,18 +202,18 @@ def test_a_single_seed_answer_row_keeps_newcombes_asymmetric_interval_at_the_flo
 def test_ceiling_intervals_are_newcombe_from_the_recorded_margins(grid):
     """Records stored the ceiling's paired deltas as cluster bootstraps; the report rebuilds the 2x2 table from
     n, the shares, the delta and the discordance and gives the Newcombe interval every other binary delta has."""
-    from crl_exp.stats import newcombe_paired_interval, paired_binary_interval
-
     import answer_checks as checks
+
+    from crl_exp.stats import newcombe_paired_interval, paired_binary_interval
 
     a = [True] * 300 + [False] * 200 + [True] * 60 + [False] * 40  # 600 paired outcomes
     b = [True] * 250 + [True] * 50 + [False] * 200 + [False] * 60 + [True] * 40
     n, delta = len(a), (sum(a) - sum(b)) / len(a)
-    discordance = sum(x != y for x, y in zip(a, b)) / n
+    discordance = sum(x != y for x, y in zip(a, b, strict=True)) / n
     counts = checks.counts_from_margins(n, sum(a) / n, delta, discordance)
     e, f, g, h = counts
-    assert (e, f, g, h) == (sum(x and y for x, y in zip(a, b)), sum(x and not y for x, y in zip(a, b)),
-                            sum(y and not x for x, y in zip(a, b)), sum(not x and not y for x, y in zip(a, b)))
+    assert (e, f, g, h) == (sum(x and y for x, y in zip(a, b, strict=True)), sum(x and not y for x, y in zip(a, b, strict=True)),
+                            sum(y and not x for x, y in zip(a, b, strict=True)), sum(not x and not y for x, y in zip(a, b, strict=True)))
     record = {"primary_metric": "accuracy", "results": {"crl": {"metrics": {"accuracy": sum(a) / n}}},
               "reference_rows": {"ceiling": {"accuracy": sum(b) / n}, "paired": {"crl_minus_ceiling": {
                   "accuracy": {"delta": delta, "ci95": [-0.9, 0.9], "method": "bootstrap_clustered"},
@@ -236,3 +236,18 @@ def test_prior_scorings_count_ids_that_runs_before_the_cut_scored(grid):
     out = checks.prior_scorings([before, other, answer], answer)
     assert out["already_scored"] == 2 and out["by_record"] == {"old_s0": 2}
     assert checks.prior_scorings([before, answer], before)["already_scored"] == 0  # nothing came before it
+
+
+def test_compare_sweep_and_the_recorded_report_pool_seeds_the_same_way(grid):
+    """One seed pooling: the sweep table and the recorded report give the same interval for the same seeds."""
+    from crl_exp.analysis.sweep_table import seed_aggregate
+
+    deltas, cis = [0.02, -0.01, 0.05], [(-0.03, 0.07), (-0.05, 0.04), (0.0, 0.09)]
+    rows = [{"task": "bbq", "layer": "12", "masking": "none", "seed": s, "delta_vs_static": d,
+             "delta_vs_static_ci_low": lo, "delta_vs_static_ci_high": hi}
+            for s, d, (lo, hi) in zip(range(3), deltas, cis)]
+    (agg,) = seed_aggregate(rows)
+    report = grid.pool_intervals(deltas, cis)
+    assert agg["crl_minus_static"] == pytest.approx(report["delta"])
+    assert (agg["crl_minus_static_ci_low"], agg["crl_minus_static_ci_high"]) == pytest.approx(
+        (report["ci_low"], report["ci_high"]))

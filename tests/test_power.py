@@ -46,6 +46,7 @@ def test_heldout_power_reports_the_mde_at_the_assumed_and_the_observed_discordan
 
 def test_seed_aggregate_mean_spread_and_a_ci_with_seed_variance():
     from crl_exp.analysis.sweep_table import seed_aggregate
+    from crl_exp.stats import t_975
 
     z = 1.959963984540054
     rows = [{"task": "bbq", "layer": "12", "masking": "adaptive", "seed": s, "delta_vs_static": d,
@@ -54,7 +55,9 @@ def test_seed_aggregate_mean_spread_and_a_ci_with_seed_variance():
     (agg,) = seed_aggregate(rows)
     assert agg["seeds"] == "0,1,2" and agg["crl_minus_static"] == pytest.approx(0.03)
     assert agg["crl_minus_static_sd_seeds"] == pytest.approx(0.02)
-    se = math.sqrt(0.02 ** 2 + 0.02 ** 2 / 3)  # example sampling + between-seed variance / n_seeds
-    assert agg["crl_minus_static_ci_low"] == pytest.approx(0.03 - z * se)
-    assert agg["crl_minus_static_ci_high"] == pytest.approx(0.03 + z * se)
+    # example sampling (shared examples: not divided by the seeds) at z, between-seed spread / n_seeds at t_2
+    half = math.sqrt((z * 0.02) ** 2 + (t_975(2) * 0.02 / math.sqrt(3)) ** 2)
+    assert agg["crl_minus_static_ci_low"] == pytest.approx(0.03 - half)
+    assert agg["crl_minus_static_ci_high"] == pytest.approx(0.03 + half)
     assert "crl_minus_none" not in agg  # no such deltas logged
+

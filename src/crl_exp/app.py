@@ -45,21 +45,12 @@ MODES: dict[str, str] = {
 }
 
 
-# old names -> new ones (one word per idea): refused with the new name, kept one release
-RENAMED_MODES = {"analyze": "analyse"}
-RENAMED_STEERING = {"fixed": "static"}
-
-
 def runner(mode: str) -> Callable[[DictConfig, RunTracker], object]:
     return importlib.import_module(f"crl_exp.modes.{MODES[mode]}").run
 
 
 def preflight(cfg: DictConfig) -> str | None:
     """All checks that need no weights. Returns the MLflow run a resumed checkpoint was logging to (or None)."""
-    if cfg.get("steering") is not None and cfg.steering.get("kind") in RENAMED_STEERING:
-        raise CRLConfigError(f"steering={cfg.steering.kind} is now steering={RENAMED_STEERING[cfg.steering.kind]}")
-    if cfg.mode in RENAMED_MODES:
-        raise CRLConfigError(f"mode={cfg.mode} is now mode={RENAMED_MODES[cfg.mode]} (one spelling throughout)")
     if cfg.mode not in MODES:
         raise CRLConfigError(f"Unknown mode {cfg.mode!r}; valid modes: {', '.join(MODES)}")
     check_tracking_uri(cfg.logger.get("tracking_uri"))
@@ -74,7 +65,7 @@ def preflight(cfg: DictConfig) -> str | None:
     n_layers = peek_n_layers(cfg.model)
     for layer in [cfg.sae.layer, *(cfg.sae.get("layers") or [])]:
         validate_layer(layer, n_layers)
-    preflight_sae(cfg.sae, cfg.model.get("d_model"))
+    preflight_sae(cfg.sae, cfg.model.d_model)
     ensure_writable_dir(cfg.cache_dir or default_cache_dir(), "cache")
     if cfg.model.source == "gguf_package":
         package_folder(cfg.model.package)
@@ -150,13 +141,8 @@ def check_budget(cfg: DictConfig) -> None:
     d_sae = int(cfg.sae.training.d_sae) if cfg.sae.source == "trained" else None
     masking = masking_config(cfg.masking)
     masking.validate(d_sae or 16384)
-    if policy.candidates is not None:
-        raise CRLConfigError(f"policy.candidates is now policy.action_pool: use policy.action_pool={policy.candidates}")
-    if policy.action_pool is not None and not (
-            (masking.schedule == "none" or policy.action_pool > masking.min_unmasked)
-            and 1 <= policy.action_pool <= (d_sae or policy.action_pool)):
-        raise CRLConfigError(f"policy.action_pool={policy.action_pool} must be in [1, d_sae] and exceed "
-                             f"masking.min_unmasked={masking.min_unmasked} (or use masking=none)")
+    if policy.action_pool is not None:
+        masking.check_action_pool(policy.action_pool, d_sae)
     check_rollout_memory(cfg)
 
 
@@ -170,7 +156,7 @@ def check_rollout_memory(cfg: DictConfig) -> None:
     budget, task = cfg.budget, cfg.task
     episodes, eval_rows = int(budget.episodes_per_iteration), int(budget.eval_batch_size)
     new_tokens = capped_new_tokens(budget, task)
-    prompt_tokens = int(task.get("max_prompt_tokens") or 2048)
+    prompt_tokens = int(task.max_prompt_tokens)
     # grouped training prefills one prompt at a time; ungrouped training and evaluation prefill a whole batch
     prefill_rows = max(eval_rows, 1 if int(budget.group_size) > 1 else episodes)
     estimate = rollout_memory(shape, max(episodes, eval_rows), prompt_tokens, new_tokens, prefill_rows)
@@ -208,7 +194,7 @@ def available_ram() -> int:
 def peek_model_shape(model_cfg: DictConfig) -> ModelShape | None:
     """The model's shape from its config node, or from its config.json (no weights) for ``model=hf``."""
     keys = ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "n_params")
-    if all(model_cfg.get(k) for k in keys):
+    if all(model_cfg[k] for k in keys):
         return ModelShape(**{k: int(model_cfg[k]) for k in keys}, dtype=str(model_cfg.dtype))
     hf_cfg = read_hf_config(model_cfg)
     return shape_from_hf_config(hf_cfg, str(model_cfg.dtype)) if hf_cfg is not None else None
@@ -216,7 +202,7 @@ def peek_model_shape(model_cfg: DictConfig) -> ModelShape | None:
 
 def read_hf_config(model_cfg: DictConfig):
     """The transformers config of a ``model=hf`` model (config.json only), or ``None`` for other sources."""
-    if model_cfg.source != "hf" or not model_cfg.get("path"):
+    if model_cfg.source != "hf" or not model_cfg.path:
         return None
     return _hf_config(str(model_cfg.path))
 
@@ -234,7 +220,7 @@ def _hf_config(path: str):
 
 def peek_n_layers(model_cfg: DictConfig) -> int | None:
     """Layer count from the config, or from the model's config.json (no weights) for arbitrary HF models."""
-    if model_cfg.get("n_layers"):
+    if model_cfg.n_layers:
         return int(model_cfg.n_layers)
     hf_cfg = read_hf_config(model_cfg)
     if hf_cfg is None:

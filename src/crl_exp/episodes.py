@@ -23,7 +23,6 @@ from crl_exp.models import LoadedModel
 from crl_exp.paths import default_cache_dir
 from crl_exp.runtime import load_model, load_sae_for
 from crl_exp.saes import LoadedSAE
-from crl_exp.stats import bootstrap_ci
 from crl_exp.steering.factory import steering_directions
 from crl_exp.steering.hook import ResidualSteerer
 from crl_exp.tasks import Task
@@ -67,7 +66,7 @@ def build_env(cfg: DictConfig, task: Task, tracker=None) -> SteeringEnv:
         tracker.log_metrics({"steer/coefficient": env.coefficient,
                              "steer/distance": float(directions.distance(env.coefficient)),
                              "steer/decoder_norm_mean": directions.decoder_norms.mean().item()})
-    designer = task.cfg.get("designer")  # tasks made from the loaded model and SAE (task=known_answer)
+    designer = getattr(task.cfg, "designer", None)  # tasks made from the loaded model and SAE (task=known_answer)
     if designer:
         module, _, name = str(designer).partition(":")
         getattr(importlib.import_module(module), name)(env, cfg, tracker)
@@ -100,12 +99,12 @@ def option_probabilities(logits: torch.Tensor, logsumexp: torch.Tensor, owner: t
 def render_prompt(task: Task, lm: LoadedModel, ex: Example) -> str:
     """The task text in the task's template: ``base`` (``base_template`` around the text) or ``chat``."""
     text = task.user_text(ex)
-    if task.cfg.get("template", "base") == "chat":
+    if task.cfg.template == "chat":
         if not lm.tokenizer.chat_template:
             raise CRLConfigError(f"task.template=chat but {lm.name} has no chat template; use task.template=base")
         return lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                 add_generation_prompt=True)
-    return str(task.cfg.get("base_template") or "{text}").format(text=text)
+    return str(task.cfg.base_template or "{text}").format(text=text)
 
 
 def prompt_prefix(task: Task, ex: Example, prompt: str) -> str | None:
@@ -122,7 +121,7 @@ def rollout_batch(task: Task, lm: LoadedModel, batch: list[Example], steerer=Non
     """Generate and score one batch; returns (per-example records, the ``Generation``). ``share_prefix``: one
     unsteered prefill per distinct prompt (see ``generate``), for groups of episodes of the same prompt.
     ``cache_prefixes``: start prompts from their task's cached few-shot prefix (exact; off only to measure)."""
-    chat = task.cfg.get("template", "base") == "chat"
+    chat = task.cfg.template == "chat"
     letter_ids = owner = None
     n_groups = 0
     groups = task.scored_token_groups(lm.tokenizer, batch)
@@ -157,7 +156,7 @@ def observed_states(env: SteeringEnv, examples: list[Example], batch_size: int) 
     from crl_exp.steering.controllers import StaticController
     from crl_exp.steering.hook import NO_FEATURE
 
-    chat = env.task.cfg.get("template", "base") == "chat"
+    chat = env.task.cfg.template == "chat"
     out = []
     env.steerer.record_states = True
     try:
@@ -191,11 +190,3 @@ def run_episodes(task: Task, lm: LoadedModel, examples: list[Example], batch_siz
         n_tokens += gen.n_generated
     return records, {"generate_seconds": seconds, "generated_tokens": n_tokens,
                      "tokens_per_second": n_tokens / seconds if seconds else float("nan")}
-
-
-def summarize(task: Task, records: list[dict[str, Any]], n_boot: int, seed: int) -> tuple[dict, dict]:
-    """Point metrics and percentile-bootstrap 95% CIs, resampling whole clusters (``Task.cluster``)."""
-    metrics = task.metrics_from_records(records)
-    cis = bootstrap_ci(len(records), lambda idx: task.metrics_from_records([records[i] for i in idx.tolist()]),
-                       n_boot=n_boot, seed=seed, clusters=[r.get("cluster", r["id"]) for r in records])
-    return metrics, cis

@@ -195,6 +195,16 @@ def pool_seeds(deltas: Sequence[float], within_se: Sequence[float]) -> dict[str,
             "seeds": k, "mde": half * (Z_95 + Z_80) / Z_95}
 
 
+def pool_seed_intervals(deltas: Sequence[float], cis: Sequence[tuple[float, float]]) -> dict[str, float]:
+    """``pool_seeds`` with each seed's standard error read off its 95% interval: the one seed pooling of
+    ``mode=compare_sweep`` and the recorded report. A single seed keeps its own interval (Newcombe's is asymmetric
+    near 0 or 1, and a symmetric one rebuilt from its width would misstate it)."""
+    pooled = pool_seeds(deltas, [(hi - lo) / (2 * Z_95) for lo, hi in cis])
+    if len(deltas) == 1:
+        pooled["ci_low"], pooled["ci_high"] = cis[0]
+    return pooled
+
+
 GAP_TOLERANCE = 1e-4  # a reward gap smaller than this is float noise between equal policies (fp32 tables: ~1e-6)
 
 

@@ -127,7 +127,7 @@ def track_branches(task: Task, lm, steerer: ResidualSteerer, policy: ActorCritic
     ``allowed``: the policy's action space (alternatives and greedy continuations stay inside it)."""
     ex = episode.example
     prompt = render_prompt(task, lm, ex)
-    chat = task.cfg.get("template", "base") == "chat"
+    chat = task.cfg.template == "chat"
     prompt_ids = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=not chat).input_ids.to(lm.device)
     P, T = prompt_ids.shape[1], len(episode.new_tokens)
     full = torch.cat([prompt_ids, torch.tensor([episode.new_tokens[:-1]], device=lm.device, dtype=torch.long)], 1)

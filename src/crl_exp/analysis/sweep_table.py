@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 from mlflow.tracking import MlflowClient
 
 from crl_exp.errors import CRLConfigError
+from crl_exp.stats import pool_seed_intervals
 
 KEYS = ("task", "layer", "masking", "seed", "mode")
 
@@ -53,11 +52,10 @@ def job_row(run) -> dict:
     return row
 
 
-def seed_aggregate(rows: list[dict], z: float = 1.959963984540054) -> list[dict]:
-    """Per (task, layer, masking) over its seeds: each CRL-minus-baseline delta's mean over seeds and spread,
-    with a 95% CI that includes seed variance: se^2 = mean over seeds of the per-seed se^2 (example sampling,
-    read off each seed's paired-bootstrap CI; the seeds share their held-out examples, so it is not divided by
-    the number of seeds) + the between-seed variance / n_seeds."""
+def seed_aggregate(rows: list[dict]) -> list[dict]:
+    """Per (task, layer, masking) over its seeds: each CRL-minus-baseline delta pooled by
+    ``stats.pool_seed_intervals`` (the report's pooling: Student's t for the between-seed part, each seed's
+    example-sampling error read off its interval and not divided by the seeds, which share their examples)."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row.get(k) for k in ("task", "layer", "masking")), []).append(row)
@@ -66,20 +64,15 @@ def seed_aggregate(rows: list[dict], z: float = 1.959963984540054) -> list[dict]
         agg = {"task": task, "layer": layer, "masking": masking, "seeds": ",".join(sorted(str(r.get("seed"))
                                                                                           for r in members))}
         for base in ("none", "static", "random"):
-            lo_key, hi_key = f"delta_vs_{base}_ci_low", f"delta_vs_{base}_ci_high"
-            lo_key, hi_key = ("delta_ci_low", "delta_ci_high") if base == "none" else (lo_key, hi_key)
-            found = [r for r in members if r.get(f"delta_vs_{base}") is not None]
+            lo_key, hi_key = ("delta_ci_low", "delta_ci_high") if base == "none" else (
+                f"delta_vs_{base}_ci_low", f"delta_vs_{base}_ci_high")
+            found = [r for r in members if r.get(f"delta_vs_{base}") is not None
+                     and r.get(lo_key) is not None and r.get(hi_key) is not None]
             if not found:
                 continue
-            deltas = [float(r[f"delta_vs_{base}"]) for r in found]
-            ses = [(float(r[hi_key]) - float(r[lo_key])) / (2 * z) for r in found
-                   if r.get(lo_key) is not None and r.get(hi_key) is not None]
-            n = len(deltas)
-            mean = sum(deltas) / n
-            between = sum((d - mean) ** 2 for d in deltas) / (n - 1) if n > 1 else 0.0
-            within = sum(se ** 2 for se in ses) / len(ses) if ses else 0.0
-            se = math.sqrt(within + between / n)
-            agg.update({f"crl_minus_{base}": mean, f"crl_minus_{base}_sd_seeds": math.sqrt(between),
-                        f"crl_minus_{base}_ci_low": mean - z * se, f"crl_minus_{base}_ci_high": mean + z * se})
+            pooled = pool_seed_intervals([float(r[f"delta_vs_{base}"]) for r in found],
+                                         [(float(r[lo_key]), float(r[hi_key])) for r in found])
+            agg.update({f"crl_minus_{base}": pooled["delta"], f"crl_minus_{base}_sd_seeds": pooled["sd_seeds"],
+                        f"crl_minus_{base}_ci_low": pooled["ci_low"], f"crl_minus_{base}_ci_high": pooled["ci_high"]})
         out.append(agg)
     return out

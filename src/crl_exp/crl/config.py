@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from crl_exp.crl.masking import MaskingConfig
 from crl_exp.errors import CRLConfigError
+from crl_exp.structured import to_dataclass
 
 
 def _check(key: str, value: Any, nullable: bool = False) -> None:
@@ -83,13 +84,7 @@ def validate_budget(node: Any) -> None:
 
 def config_dataclass(cls, node) -> Any:
     """A dataclass from a config node (or a plain dict), refusing unknown keys."""
-    if isinstance(node, DictConfig):
-        node = OmegaConf.to_container(node, resolve=True)
-    data = dict(node)
-    unknown = set(data) - set(cls.__dataclass_fields__)
-    if unknown:
-        raise CRLConfigError(f"Unknown {cls.__name__} keys: {sorted(unknown)}")
-    return cls(**data)
+    return to_dataclass(cls, node)
 
 
 def masking_config(node: DictConfig) -> MaskingConfig:

@@ -70,6 +70,15 @@ class MaskingConfig:
         if self.period < 1 or not 0 <= self.ema < 1 or not 0 < self.decay <= 1:
             raise CRLConfigError("masking needs period >= 1, 0 <= ema < 1 and 0 < decay <= 1")
 
+    def check_action_pool(self, size: int, d_sae: int | None = None) -> None:
+        """A restricted action pool must fit the dictionary and leave AFM something to keep unmasked (the one
+        check: preflight calls it for ``policy.action_pool``, ``restrict`` for a task's own pool)."""
+        if not 1 <= size <= (d_sae or size):
+            raise CRLConfigError(f"policy.action_pool={size} must be in [1, d_sae={d_sae}]")
+        if not (self.schedule == "none" or size > self.min_unmasked):
+            raise CRLConfigError(f"policy.action_pool={size} must exceed masking.min_unmasked={self.min_unmasked} "
+                                 f"(or use masking=none), or AFM could mask every feature of it")
+
 
 # ---------------------------------------------------------------- schedules
 # A schedule is a threshold rule: (config, current threshold, iteration, policy entropy) -> next threshold.
@@ -117,31 +126,29 @@ class AdaptiveFeatureMask:
         self.masked_until = torch.zeros(d_sae, dtype=torch.long)
         self.iteration = 0
         self.threshold = cfg.threshold
-        self.candidates = torch.ones(d_sae, dtype=torch.bool)  # the action space AFM works within
+        self.action_pool = torch.ones(d_sae, dtype=torch.bool)  # the action space AFM works within
 
     def restrict(self, features: list[int]) -> None:
         """Limit the action space to ``features`` for good (``policy.action_pool``); AFM masks within them."""
-        if self.cfg.schedule != "none" and len(features) <= self.cfg.min_unmasked:
-            raise CRLConfigError(f"policy.action_pool={len(features)} must exceed masking.min_unmasked="
-                                 f"{self.cfg.min_unmasked}, or AFM could mask every candidate")
-        self.candidates = torch.zeros(self.d_sae, dtype=torch.bool)
-        self.candidates[torch.tensor(features, dtype=torch.long)] = True
+        self.cfg.check_action_pool(len(features), self.d_sae)
+        self.action_pool = torch.zeros(self.d_sae, dtype=torch.bool)
+        self.action_pool[torch.tensor(features, dtype=torch.long)] = True
 
     def allowed(self) -> torch.Tensor:
         """Bool [d_sae]: features the policy may pick this iteration."""
-        return (self.masked_until <= self.iteration) & self.candidates
+        return (self.masked_until <= self.iteration) & self.action_pool
 
     @property
     def effective_threshold(self) -> float:
         """The selection share above which a feature is masked (``relative_to=uniform``: threshold / |space|)."""
         if self.cfg.relative_to == "uniform":
-            return self.threshold / max(1, int(self.candidates.sum()))
+            return self.threshold / max(1, int(self.action_pool.sum()))
         return self.threshold
 
     @property
     def mask_size(self) -> int:
-        """Candidates masked now."""
-        return int((self.candidates & ~self.allowed()).sum())
+        """Features of the action pool masked now."""
+        return int((self.action_pool & ~self.allowed()).sum())
 
     def update(self, features: torch.Tensor, entropy: float) -> None:
         """Feed the features selected this iteration (any shape) and the mean policy entropy."""
@@ -160,18 +167,17 @@ class AdaptiveFeatureMask:
         allowed = self.allowed()
         missing = self.cfg.min_unmasked - int(allowed.sum())
         if missing > 0:
-            masked = (self.candidates & ~allowed).nonzero().flatten()
+            masked = (self.action_pool & ~allowed).nonzero().flatten()
             release = masked[self.share[masked].argsort()[:missing]]
             self.masked_until[release] = self.iteration
 
     def state_dict(self) -> dict[str, Any]:
         return {"share": self.share.clone(), "masked_until": self.masked_until.clone(), "iteration": self.iteration,
-                "threshold": self.threshold, "candidates": self.candidates.clone()}
+                "threshold": self.threshold, "action_pool": self.action_pool.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.share = state["share"].clone()
         self.masked_until = state["masked_until"].clone()
         self.iteration = int(state["iteration"])
         self.threshold = float(state["threshold"])
-        if "candidates" in state:  # checkpoints before policy.action_pool existed: the full dictionary
-            self.candidates = state["candidates"].clone()
+        self.action_pool = state["action_pool"].clone()

@@ -36,7 +36,6 @@ class PolicyConfig:
     # null: the whole SAE dictionary is the action space (the paper). N: only the N features most correlated with
     # reward on a stratified train subset (CorrSteer's ranking, the static baseline's pool); AFM masks within them
     action_pool: int | None = None
-    candidates: int | None = None  # renamed action_pool: refused with the new name (kept one release)
     # per-dimension running mean/variance standardisation of the LayerNorm'd state (CleanRL's NormalizeObservation),
     # updated from each iteration's rollout states after its PPO update, frozen in evaluation, kept in checkpoints
     obs_norm: bool = False

@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from crl_exp.errors import CRLConfigError
+from crl_exp.structured import to_dataclass
 
 SPLITS = ("train", "validation", "test")
 HELDOUT_PARTS = ("dev", "confirm", "all")
@@ -80,10 +79,4 @@ class EvalConfig:
 
 def eval_config(node: Any) -> EvalConfig:
     """The typed, validated ``eval/`` node (an ``EvalConfig`` passes through)."""
-    if isinstance(node, EvalConfig):
-        return node
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-    unknown = sorted(set(data) - set(EvalConfig.__dataclass_fields__))
-    if unknown:
-        raise CRLConfigError(f"unknown eval key(s) {unknown}")
-    return EvalConfig(**data)
+    return to_dataclass(EvalConfig, node, "eval")

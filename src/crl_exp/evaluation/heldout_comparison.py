@@ -96,7 +96,7 @@ def heldout_comparison(env, module, initial_policy, examples: list, scorer: Scor
         log_evaluation(tracker, f"heldout/{name}", res["metrics"], res["ci95"], records[name], scored.speeds[name])
     log_deltas(tracker, deltas)
     greedy = scored.greedy_features
-    shares = action_shares(greedy[greedy != NO_FEATURE].tolist(), module.mask.candidates, module.mask.allowed())
+    shares = action_shares(greedy[greedy != NO_FEATURE].tolist(), module.mask.action_pool, module.mask.allowed())
     tracker.log_metrics({f"heldout/crl/{k}": v for k, v in shares.items()})
     variants = scorer.variants(env, module, examples, scored, key, setup.sampled_seeds, setup.with_mask,
                                shares["final_mask_blocked_share"])
@@ -108,7 +108,7 @@ def heldout_comparison(env, module, initial_policy, examples: list, scorer: Scor
     if task.max_new_tokens == 1 and setup.oracle_candidates:  # one-token tasks: a candidate costs one table row
         phase = time.perf_counter()
         sel = baselines.selection
-        refs = one_token_references(env, task, sel, baselines.pool or sel.pool[:setup.oracle_candidates],
+        refs = one_token_references(env, task, sel, baselines.action_pool or sel.ranking[:setup.oracle_candidates],
                                     baselines.validation, examples, results, greedy.tolist(), setup.seed,
                                     setup.reference_train_examples, scored.table, records=records, key=key,
                                     n_boot=settings.n_bootstrap, assumed_discordance=settings.assumed_discordance)
@@ -132,7 +132,7 @@ def heldout_comparison(env, module, initial_policy, examples: list, scorer: Scor
     print(markdown)
     tracker.log_text(markdown, "heldout/comparison.md")
     summary = {"task": task.name, "primary_metric": key, "n_heldout": len(examples), "heldout_part": setup.part,
-               "scoring": scorer.name, "action_space": baselines.pool, "advantage": setup.advantage,
+               "scoring": scorer.name, "action_space": baselines.action_pool, "advantage": setup.advantage,
                "distinct_greedy_features": scored.distinct, "steered_share": scored.steered_share,
                "results": results, "crl_variants": variants, **shares, "headline_with_mask": setup.with_mask,
                "oracle": oracle, "deltas": deltas,

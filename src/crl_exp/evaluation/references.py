@@ -49,8 +49,8 @@ def one_token_references(env, task, selection, ref_pool: list[int], validation: 
         learner["gap_recovered_by_group"] = {}
         for g, oracle_g in groups["reward_by_group"].items():
             idx = [i for i, ex in enumerate(test_pool) if ex.group == g]
-            mean = lambda name: sum(records[name][i]["reward"] for i in idx) / len(idx)  # noqa: E731
-            learner["gap_recovered_by_group"][g] = share_of_gap(mean("crl") - mean("static"), oracle_g - mean("static"))
+            crl_g, static_g = (sum(records[name][i]["reward"] for i in idx) / len(idx) for name in ("crl", "static"))
+            learner["gap_recovered_by_group"][g] = share_of_gap(crl_g - static_g, oracle_g - static_g)
     paired = {}
     if heldout_table.records is not None and records is not None:
         ceiling_records = heldout_table.cell_records(torch.tensor(ceiling_row["actions"]) + 1)

@@ -126,7 +126,7 @@ class TableScorer:
     dictionary features (``evaluation/table_scoring.py``); the trained policy is also rolled out on ``log_examples``
     stratified prompts for the intervention log, which re-checks the table within ``tolerance``."""
 
-    pool: list[int]
+    action_pool: list[int]
     dictionary_columns: int
     log_examples: int
     batch_size: int
@@ -134,13 +134,13 @@ class TableScorer:
     name: str = "reward_table"
 
     def score(self, env, examples: list, conditions: Conditions) -> Scored:
-        task, lm, seed = env.task, env.lm, conditions.seed
-        dictionary = dictionary_sample(env.sae.d_sae, list(self.pool), self.dictionary_columns, seed)
+        task, seed = env.task, conditions.seed
+        dictionary = dictionary_sample(env.sae.d_sae, list(self.action_pool), self.dictionary_columns, seed)
         t0 = time.perf_counter()
-        table = reward_table(env, examples, [*self.pool, *dictionary], keep_records=True,
+        table = reward_table(env, examples, [*self.action_pool, *dictionary], keep_records=True,
                              desc="held-out reward table")
         columns = {"none": torch.zeros(len(examples), dtype=torch.long),
-                   "random": random_columns(table, list(self.pool), seed),
+                   "random": random_columns(table, list(self.action_pool), seed),
                    "random_dictionary": random_columns(table, dictionary, seed),
                    "static": feature_columns(table, torch.full((len(examples),), conditions.static_feature)),
                    "untrained": policy_columns(conditions.untrained, table),
@@ -181,14 +181,14 @@ def table_tolerance(lm) -> float:
     return 1e-4 if next(lm.model.parameters()).dtype == torch.float32 else 3e-2
 
 
-def choose_scorer(settings, env, top_k: int, pool: list[int] | None, batch_size: int) -> Scorer:
+def choose_scorer(settings, env, top_k: int, action_pool: list[int] | None, batch_size: int) -> Scorer:
     """The reward-table scorer where it is exact and affordable (``eval.table_scoring=auto``: a one-token task,
     one feature per step, a pool of at most ``eval.table_max_features``), else rollouts."""
     mode = str(settings.table_scoring)
     if mode not in ("auto", "false", "False"):
         raise CRLConfigError(f"eval.table_scoring must be auto or false, got {mode!r}")
     one_token = env.task.max_new_tokens == 1
-    if mode == "auto" and one_token and top_k == 1 and pool is not None and len(pool) <= settings.table_max_features:
-        return TableScorer(list(pool), settings.random_dictionary_columns, settings.log_examples, batch_size,
+    if mode == "auto" and one_token and top_k == 1 and action_pool is not None and len(action_pool) <= settings.table_max_features:
+        return TableScorer(list(action_pool), settings.random_dictionary_columns, settings.log_examples, batch_size,
                            table_tolerance(env.lm))
     return RolloutScorer(batch_size, share_prefill=top_k == 1)

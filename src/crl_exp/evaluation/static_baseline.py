@@ -22,8 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from crl_exp.episodes import rollout_batch
-from crl_exp.reward_table import RewardTable, reward_table
 from crl_exp.errors import CRLConfigError
+from crl_exp.reward_table import RewardTable, reward_table
 from crl_exp.steering.controllers import RandomController, StaticController
 from crl_exp.steering.hook import NO_FEATURE
 
@@ -37,7 +37,7 @@ class StaticSelection:
     candidates: dict[int, float]  # feature -> validation reward when steered
     correlations: dict[int, float]
     unsteered_train_reward: float
-    pool: list[int]  # features ranked by correlation with reward (best first), or the task's own pool
+    ranking: list[int]  # features ranked by correlation with reward (best first), or the task's own action pool
     episodes: int  # episodes spent selecting (train ranking + validation trials)
     table: RewardTable | None = None  # the validation reward table of an exhaustive selection
 
@@ -139,13 +139,13 @@ def select_static_feature(env, train_examples, validation_examples, candidates: 
 @dataclass
 class Baselines:
     """What ``measure_baselines`` fixes before training: the static selection, its validation prompts, CRL's action
-    space (``pool``: the restricted action pool, None = the whole dictionary) and the reference rewards the training
+    space and the reference rewards the training
     curve shows."""
 
     selection: StaticSelection
     validation: list
-    action_space: list[int]
-    pool: list[int] | None
+    action_space: list[int]  # the features CRL chooses among
+    action_pool: list[int] | None  # the restricted action pool (policy.action_pool), None = the whole dictionary
     references: dict[str, float] = field(default_factory=dict)
     episodes: int = 0  # episodes spent selecting and measuring the references
 
@@ -163,13 +163,13 @@ def measure_baselines(env, budget, action_pool: int | None, seed: int, tracker=N
         raise CRLConfigError(f"task={task.name} defines its action pool ({len(fixed_pool)} features): leave "
                              f"policy.action_pool unset")
     n_pool = len(fixed_pool) if fixed_pool is not None else action_pool
-    n_tried = n_pool if one_token and n_pool else int(sf.candidates)
+    n_tried = n_pool if one_token and n_pool else int(sf.candidates)  # one-token tasks try the whole pool
     validation = task.representative("validation", int(sf.validation_examples if one_token else sf.train_examples))
     selection = select_static_feature(
         env, task.representative("train", int(sf.train_examples)), validation, n_tried, int(budget.eval_batch_size),
         pool_size=max(n_pool or 0, sf.oracle_candidates), exhaustive=one_token, fixed_pool=fixed_pool)
-    pool = selection.pool[:n_pool] if n_pool else None
-    action_space = pool if pool is not None else list(range(sae.d_sae))
+    pool = selection.ranking[:n_pool] if n_pool else None
+    action_space = pool if pool is not None else list(range(sae.d_sae))  # the dictionary when unrestricted
     if selection.table is not None and selection.table.features == list(action_space):
         random_reward = float(selection.table.reward.mean())  # uniform over the pool, exactly, from the table
     else:
@@ -181,7 +181,7 @@ def measure_baselines(env, budget, action_pool: int | None, seed: int, tracker=N
     if tracker is not None:
         tracker.log_dict({"feature": selection.feature, "validation_reward": selection.validation_reward,
                           "candidates": selection.candidates, "correlations": selection.correlations,
-                          "unsteered_train_reward": selection.unsteered_train_reward, "pool": selection.pool,
+                          "unsteered_train_reward": selection.unsteered_train_reward, "ranking": selection.ranking,
                           "action_space": pool, "exhaustive": one_token, "validation_prompts": len(validation),
                           "episodes_selecting": out.episodes}, "heldout/static_feature.json")
         tracker.log_metrics({"static/feature": selection.feature,

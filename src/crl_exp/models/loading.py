@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from crl_exp.cache_integrity import commit, staging_dir, verify_manifest
 from crl_exp.errors import CRLConfigError, MissingDependencyError
 from crl_exp.models.architecture import model_dims
+from crl_exp.models.config import model_config
 from crl_exp.models.hardware import auto_dtype, machine_capability, native_bf16, screened_head_default
 from crl_exp.paths import default_cache_dir, ensure_writable_dir
 
@@ -77,9 +78,10 @@ def load_language_model(cfg: Any, cache_dir: str | Path | None = None) -> Loaded
 
     ``cache_dir`` holds converted checkpoints (default: ``$CRL_CACHE_DIR`` or ``~/.cache/crl_exp``).
     """
-    source = cfg.get("source", "hf")
-    device = resolve_device(cfg.get("device", "cpu"))
-    requested = str(cfg.get("dtype", "float32"))
+    cfg = model_config(cfg)
+    source = cfg.source
+    device = resolve_device(cfg.device)
+    requested = str(cfg.dtype)
     dtype = auto_dtype(device) if requested == "auto" else resolve_dtype(requested)
     if requested == "auto":
         log.info("model.dtype=auto: %s on %s (native bf16: %s)", dtype, device, native_bf16(device))
@@ -87,18 +89,15 @@ def load_language_model(cfg: Any, cache_dir: str | Path | None = None) -> Loaded
     if source == "gguf_package":
         cache_root = Path(cache_dir or default_cache_dir())
         path, info = ensure_converted_gguf_package(
-            package=cfg.package, name=cfg.name, cache_root=cache_root, pad_token=cfg.get("pad_token")
+            package=cfg.package, name=cfg.name, cache_root=cache_root, pad_token=cfg.pad_token
         )
     elif source == "hf":
         path, info = str(cfg.path), {"converted": False}
-    else:
-        raise CRLConfigError(f"Unknown model.source {source!r}; use 'gguf_package' or 'hf'")
-    model, tokenizer = load_hf_checkpoint(path, dtype=dtype, device=device, revision=cfg.get("revision"))
+    model, tokenizer = load_hf_checkpoint(path, dtype=dtype, device=device, revision=cfg.revision)
     n_layers, d_model = model_dims(model)
     seconds = time.perf_counter() - t0
     log.info("Loaded %s from %s in %.1fs (%d layers, d_model %d)", cfg.name, path, seconds, n_layers, d_model)
-    screened = cfg.get("screened_greedy_head")
-    screened = screened_head_default(device) if screened is None else bool(screened)
+    screened = screened_head_default(device) if cfg.screened_greedy_head is None else bool(cfg.screened_greedy_head)
     info = {**info, "dtype": str(dtype).removeprefix("torch."), "screened_greedy_head": screened,
             "machine": machine_capability()}
     log.info("Greedy decoding head: %s", "screened (bf16 screen, fp32 settle)" if screened else "plain fp32")

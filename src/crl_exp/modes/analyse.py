@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from crl_exp.analysis.branch_report import analyse_branches
+from crl_exp.analysis.config import OffTaskConfig, TopFeaturesConfig, analysis_config
 from crl_exp.analysis.runs import download_checkpoint, load_policy_state, load_run_config
 from crl_exp.analysis.top_features import as_json, corpus_top_contexts, effects_table, feature_effects, most_used
 from crl_exp.crl.config import apply_budget, config_dataclass, masking_config
@@ -25,32 +25,30 @@ from crl_exp.crl.policy import PolicyConfig
 from crl_exp.crl.ppo import PPOConfig
 from crl_exp.episodes import build_env
 from crl_exp.errors import CRLConfigError
+from crl_exp.evaluation.config import eval_config
 from crl_exp.evaluation.off_task import format_off_task, score_off_task
 from crl_exp.paths import CONFIG_DIR, default_data_dir
 from crl_exp.saes.corpus import RESID_NORM_SOURCES, benchmark_corpus
 from crl_exp.tasks import build_task
 from crl_exp.tracking import RunTracker
-
-ANALYSES = ("branch_points", "top_features", "off_task")
+from crl_exp.tracking.artifacts import read_examples
 
 
 def run(cfg: DictConfig, tracker: RunTracker) -> list[dict]:
-    if cfg.analysis.name not in ANALYSES:
-        raise CRLConfigError(f"Unknown analysis {cfg.analysis.name!r}; valid: {', '.join(ANALYSES)}")
+    acfg = analysis_config(cfg.analysis)  # typed: unknown names and bad values refused here
     if not cfg.get("run_id"):
         raise CRLConfigError("mode=analyse needs run_id=<MLflow run id of a mode=train run>")
     client = MlflowClient(tracker.tracking_uri)
     src = load_run_config(client, str(cfg.run_id))
-    acfg = cfg.analysis
     with open_dict(src):
         src.data_dir = cfg.get("data_dir") or src.get("data_dir")
         src.cache_dir = cfg.get("cache_dir") or src.get("cache_dir")
     apply_budget(src)
     tracker.set_tags({"source_run_id": cfg.run_id, "analysis": acfg.name, "task": src.task.name})
     if acfg.name == "top_features":
-        return top_features(client, src, cfg, tracker)
+        return top_features(client, src, cfg, acfg, tracker)
     if acfg.name == "off_task":
-        return off_task(client, src, cfg, tracker)
+        return off_task(client, src, cfg, acfg, tracker)
     task = build_task(src.task, src.get("data_dir"))
     env, module = load_trained(client, src, str(cfg.run_id), task)
     if module.top_k != 1:
@@ -70,25 +68,21 @@ def load_trained(client: MlflowClient, src: DictConfig, run_id: str, task):
     return env, module
 
 
-def off_task(client: MlflowClient, src: DictConfig, cfg: DictConfig, tracker: RunTracker) -> dict:
+def off_task(client: MlflowClient, src: DictConfig, cfg: DictConfig, acfg: OffTaskConfig, tracker: RunTracker) -> dict:
     """Artifact ``off_task/<task>.json`` and metrics ``off_task/*``: the run's policy, its static feature and no
     steering on ``analysis.task``'s ``analysis.split`` (seeded subset of ``analysis.limit``)."""
-    run_id, acfg = str(cfg.run_id), cfg.analysis
-    task_cfg = off_task_config(src, str(acfg.task), acfg.get("template"))
+    run_id = str(cfg.run_id)
+    task_cfg = off_task_config(src, acfg.task, acfg.template)
     task = build_task(task_cfg, src.get("data_dir"))
-    split = str(acfg.split)
-    if split not in ("train", "validation"):
-        raise CRLConfigError(f"analysis.split={split!r}: off-task scoring reads train or validation (the test split "
-                             "is kept for the pre-registered comparisons)")
-    examples = task.split(split, acfg.get("limit"))
+    split = acfg.split
+    examples = task.split(split, acfg.limit)
     if not examples:
         raise CRLConfigError(f"{task.name} {split} split is empty")
     env, module = load_trained(client, src, run_id, task)
     static = client.get_run(run_id).data.metrics.get("static/feature")
-    key = str(task_cfg.primary_metric).format(judge=task.judge.name if task.judge is not None else "")
+    key, settings = task.primary_key, eval_config(src.eval)  # the source run's interval settings
     result = score_off_task(env, module, examples, key, None if static is None else int(static),
-                            int(acfg.batch_size), int(src.eval.n_bootstrap), int(cfg.seed),
-                            float(src.eval.assumed_discordance))  # the source run's interval settings
+                            acfg.batch_size, settings.n_bootstrap, int(cfg.seed), settings.assumed_discordance)
     result.update(source_task=src.task.name, split=split, source_run_id=run_id)
     tracker.set_tags({"off_task": task.name})
     tracker.log_metrics({f"off_task/{name}/{key}": s["metrics"][key] for name, s in result["conditions"].items()})
@@ -116,9 +110,10 @@ def off_task_config(src: DictConfig, name: str, template: str | None) -> DictCon
     return task_cfg
 
 
-def top_features(client: MlflowClient, src: DictConfig, cfg: DictConfig, tracker: RunTracker) -> list[dict]:
+def top_features(client: MlflowClient, src: DictConfig, cfg: DictConfig, acfg: TopFeaturesConfig,
+                 tracker: RunTracker) -> list[dict]:
     """Artifacts ``top_features/top_features.{md,json}`` of this run; the table is also printed."""
-    run_id, acfg = str(cfg.run_id), cfg.analysis
+    run_id = str(cfg.run_id)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             log = pd.read_parquet(client.download_artifacts(run_id, "interventions/intervention_log.parquet", tmp))
@@ -126,13 +121,13 @@ def top_features(client: MlflowClient, src: DictConfig, cfg: DictConfig, tracker
                          for c in ("crl", "none"))
         except MlflowException as exc:
             raise CRLConfigError(f"Run {run_id} has no held-out intervention log/examples: was it finished?") from exc
-    features = most_used(log, int(acfg.n_features))
+    features = most_used(log, acfg.n_features)
     effects = feature_effects(log, crl, none, features)
     task = build_task(src.task, src.get("data_dir"))
     env = build_env(src, task)
     texts = benchmark_corpus(src.get("data_dir") or default_data_dir(), RESID_NORM_SOURCES)
     contexts = corpus_top_contexts(env.lm, env.sae.sae, int(src.sae.layer), texts, features,
-                                   n_tokens=int(acfg.corpus_tokens))
+                                   n_tokens=acfg.corpus_tokens)
     for f, e in effects.items():
         e.top_contexts = contexts[f]
     ordered = [effects[f] for f in features]
@@ -142,9 +137,3 @@ def top_features(client: MlflowClient, src: DictConfig, cfg: DictConfig, tracker
     tracker.log_text(table, "top_features/top_features.md")
     tracker.log_dict(as_json(ordered), "top_features/top_features.json")
     return as_json(ordered)
-
-
-def read_examples(path: str) -> list[dict]:
-    """An MLflow table artifact (columns + rows) as one dict per held-out example."""
-    table = json.loads(Path(path).read_text())
-    return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]

@@ -7,11 +7,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from crl_exp.episodes import run_episodes, summarize
+from crl_exp.episodes import run_episodes
 from crl_exp.errors import CRLConfigError
+from crl_exp.evaluation.comparison import condition_summary
+from crl_exp.evaluation.condition_log import format_table, log_evaluation
 from crl_exp.evaluation.config import eval_config
 from crl_exp.evaluation.heldout_comparison import heldout_examples
-from crl_exp.evaluation.condition_log import format_table, log_evaluation
 from crl_exp.runtime import load_model, load_sae_for
 from crl_exp.steering.factory import build_steerer
 from crl_exp.tasks import build_task
@@ -44,7 +45,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     records, speed = run_episodes(task, lm, examples, ecfg.batch_size, steerer, controller,
                                   desc=f"{task.name}/{ecfg.split} steering={cfg.steering.kind}")
     speed["eval_seconds"] = time.perf_counter() - t0
-    metrics, cis = summarize(task, records, ecfg.n_bootstrap, int(cfg.seed))
+    summary = condition_summary(task, records, task.primary_key, ecfg.n_bootstrap, int(cfg.seed))  # as mode=train
+    metrics, cis = summary["metrics"], summary["ci95"]
     prefix = f"eval/{task.name}/{ecfg.split}/{cfg.steering.kind}"
     log_evaluation(tracker, prefix, metrics, cis, records, speed)
     print(f"{task.name} | split={ecfg.split} (n={len(examples)}) | steering={cfg.steering.kind} | "

@@ -15,9 +15,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from crl_exp.crl.config import apply_budget
-from crl_exp.evaluation.static_baseline import mean_reward, rank_features, select_static_feature
 from crl_exp.episodes import build_env
 from crl_exp.errors import CRLConfigError
+from crl_exp.evaluation.static_baseline import mean_reward, rank_features, select_static_feature
 from crl_exp.steering.controllers import RandomController
 from crl_exp.tasks import build_task
 from crl_exp.tracking import RunTracker

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from crl_exp.analysis.branch_report import analyse_branches
+from crl_exp.analysis.config import analysis_config
 from crl_exp.analysis.training_curve import plot_training_curve
 from crl_exp.crl.config import apply_budget, budget_config, config_dataclass, heldout_size, masking_config
 from crl_exp.crl.module import CRLModule, PromptDataModule
@@ -34,11 +35,6 @@ from crl_exp.tracking.provenance import git_commit
 from crl_exp.tracking.sweep import config_hash
 
 log = logging.getLogger(__name__)
-
-
-def primary_key(task, cfg: DictConfig) -> str:
-    judge = task.judge.name if task.judge is not None else ""
-    return str(cfg.task.primary_metric).format(judge=judge)
 
 
 def output_dir(tracker: RunTracker) -> Path:
@@ -65,13 +61,13 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     module = CRLModule(env.lm.d_model, env.sae.d_sae, policy_cfg, ppo_cfg, masking_config(cfg.masking),
                        budget.iterations, seed=seed, action_directions=env.sae.sae.W_dec.detach().cpu()).attach(env)
     module.run_id = tracker.run_id
-    if baselines.pool is not None:
-        module.mask.restrict(baselines.pool)
+    if baselines.action_pool is not None:
+        module.mask.restrict(baselines.action_pool)
     initial_policy = copy.deepcopy(module.policy)  # the untrained control
     if policy_cfg.obs_norm:
         train_states = task.representative("train", int(budget.static_feature.train_examples) * 2)
         module.warm_up_obs_norm(observed_states(env, train_states, int(budget.eval_batch_size)))
-    n_pool = len(baselines.pool) if baselines.pool is not None else None
+    n_pool = len(baselines.action_pool) if baselines.action_pool is not None else None
     tracker.set_tags({"action_space": f"action_pool:{n_pool}" if n_pool else f"full:{env.sae.d_sae}"})
     out_dir = output_dir(tracker)
     logger = RunOwnedMLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=tracker.tracking_uri,
@@ -92,7 +88,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
         tracker.log_artifact(out_dir / "checkpoints" / "last.ckpt", "checkpoints")
     sel, one_token = baselines.selection, task.max_new_tokens == 1
     setup = ComparisonSetup(
-        key=primary_key(task, cfg), part=settings.heldout, seed=seed, batch_size=int(budget.eval_batch_size),
+        key=task.primary_key, part=settings.heldout, seed=seed, batch_size=int(budget.eval_batch_size),
         sampled_seeds=budget.eval_sampled_seeds, reference_train_examples=budget.reference_train_examples,
         oracle_candidates=budget.static_feature.oracle_candidates, with_mask=bool(cfg.masking.eval_with_mask),
         advantage=ppo_cfg.advantage, noop_action=policy_cfg.noop_action,
@@ -103,9 +99,10 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                       f"{', exhaustive over the action space' if one_token and n_pool else ''})."],
         extra_summary={"episodes": {"crl_training": module.episodes_seen, "static_selecting": baselines.episodes},
                        "train_history": module.history, "config": OmegaConf.to_container(cfg, resolve=True)})
-    scorer = choose_scorer(settings, env, module.top_k, baselines.pool, setup.batch_size)
+    scorer = choose_scorer(settings, env, module.top_k, baselines.action_pool, setup.batch_size)
     summary = heldout_comparison(env, module, initial_policy, examples, scorer, baselines, settings, setup, tracker,
                                  out_dir)
-    if cfg.analysis.get("at_end_of_training") and module.top_k == 1:
-        analyse_branches(env, module, task, cfg.analysis, tracker, title="(end of training)")
+    branch_cfg = analysis_config(cfg.analysis)
+    if getattr(branch_cfg, "at_end_of_training", False) and module.top_k == 1:
+        analyse_branches(env, module, task, branch_cfg, tracker, title="(end of training)")
     return summary

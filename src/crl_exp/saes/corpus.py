@@ -48,8 +48,7 @@ def _task_train(name: str):
         from crl_exp.tasks import build_task
 
         cfg = OmegaConf.load(CONFIG_DIR / "task" / f"{name}.yaml")
-        cfg.pop("defaults", None)  # a judge is not needed to read prompts
-        cfg.judge = OmegaConf.load(CONFIG_DIR / "task" / "judge" / "string_match.yaml")
+        cfg.pop("defaults", None)  # the typed node's default judge is enough to read prompts
         task = build_task(cfg, root)
         for ex in task.split("train"):
             yield task.user_text(ex)

@@ -41,8 +41,10 @@ def task_class(cfg: Any) -> type[Task]:
 def build_task(cfg: Any, data_dir: str | Path | None) -> Task:
     """The task a ``task/`` config node names; refusal tasks get the configured judge."""
     cls = task_class(cfg)
-    judge = build_judge(cfg.judge) if cls.kind == "refusal" else None
-    return cls(cfg, data_dir or default_data_dir(), judge=judge)
+    task = cls(cfg, data_dir or default_data_dir())  # the task types its node (tasks/config.py)
+    if cls.kind == "refusal":
+        task.judge = build_judge(task.cfg.judge)
+    return task
 
 
 __all__ = ["TASKS", "Example", "Task", "build_task"]

@@ -18,27 +18,28 @@ import torch
 
 from crl_exp.errors import CRLConfigError
 from crl_exp.tasks import splits as splitting
+from crl_exp.tasks.config import TaskConfig, typed_task_node
 from crl_exp.tasks.schema import LETTERS, Example
 
 log = logging.getLogger(__name__)
 
 MALFORMED_ERRORS = (KeyError, ValueError, TypeError, IndexError, AttributeError)
 HELDOUT_PARTS = ("dev", "confirm", "all")
-DEFAULT_CONFIRM_FRACTION = 0.5  # share of the test split's clusters kept for confirmation
 
 
 class Task(ABC):
     """Base class; subclasses set ``name``/``kind`` and implement reading, normalising, prompting, scoring."""
+    config_class = TaskConfig  # the typed task/ node (tasks/config.py)
 
     name: str = ""
     kind: str = ""  # multiple_choice | generation | refusal
     folder: str = ""
 
     def __init__(self, cfg: Any, data_dir: str | Path | None = None, judge=None):
-        self.cfg = cfg
+        self.cfg = typed_task_node(self.config_class, cfg)  # every field present and validated: no .get defaults
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.judge = judge
-        self.seed = int(cfg.get("split_seed", 0))
+        self.seed = int(self.cfg.split_seed)
         self.n_malformed = 0
         self.malformed_examples: list[str] = []
         self._by_split: dict[str, list[Example]] | None = None
@@ -92,19 +93,16 @@ class Task(ABC):
         import datasets
 
         hub = self.cfg.hub
-        data_files = hub.get("data_files")
+        data_files = hub.data_files
         kwargs = {"data_files": dict(data_files)} if data_files else {}
         if name is None:
-            name = hub.get("name")
+            name = hub.name
         return datasets.load_dataset(str(hub.path), name, split=split, **kwargs)
 
     def _load(self) -> dict[str, list[Example]]:
-        source = self.cfg.get("source", "local")
-        if source not in ("local", "hub"):
-            raise CRLConfigError(f"task.source must be 'local' or 'hub', got {source!r}")
-        rows = self.read_local() if source == "local" else self.read_hub()
+        rows = self.read_local() if self.cfg.source == "local" else self.read_hub()
         by_split: dict[str, list[Example]] = {s: [] for s in splitting.SPLITS}
-        requested = set(self.cfg.get(self.subset_key) or []) if self.subset_key else set()
+        requested = set(self.cfg[self.subset_key] or []) if self.subset_key else set()
         seen: set[str] = set()
         for index, (upstream_split, row) in enumerate(rows):
             try:
@@ -169,7 +167,7 @@ class Task(ABC):
         ``eval.heldout=confirm``, for the recorded answer). ``all`` is the whole split."""
         if part not in HELDOUT_PARTS:
             raise CRLConfigError(f"eval.heldout={part!r}: valid parts are {', '.join(HELDOUT_PARTS)}")
-        fraction = float(self.cfg.get("confirm_fraction", DEFAULT_CONFIRM_FRACTION))
+        fraction = float(self.cfg.confirm_fraction)
         examples = [ex for ex in self.split("test")
                     if part == "all" or (splitting.unit_hash("confirm:" + self.confirm_unit(ex), self.seed) < fraction)
                     == (part == "confirm")]
@@ -191,12 +189,18 @@ class Task(ABC):
         return None
 
     @property
+    def primary_key(self) -> str:
+        """The metric a comparison decides on (``task.primary_metric``, ``{judge}`` filled in with the judge)."""
+        judge = self.judge.name if self.judge is not None else ""
+        return str(self.cfg.primary_metric).format(judge=judge)
+
+    @property
     def max_new_tokens(self) -> int:
         return int(self.cfg.max_new_tokens)
 
     @property
     def stop_strings(self) -> list[str]:
-        return list(self.cfg.get("stop_strings") or [])
+        return list(self.cfg.stop_strings or [])
 
     def option_letters(self, ex: Example) -> str:
         return LETTERS[: len(ex.choices)]

@@ -24,6 +24,7 @@ import torch
 
 from crl_exp.errors import CRLConfigError
 from crl_exp.tasks import splits as splitting
+from crl_exp.tasks.config import BBQConfig
 from crl_exp.tasks.metrics import ANTI_BIASED, BIASED, INVALID, UNKNOWN, BBQBiasScore, bbq_bias_scores
 from crl_exp.tasks.multiple_choice import MultipleChoiceTask, options_block
 from crl_exp.tasks.schema import LETTERS, Example
@@ -57,6 +58,7 @@ def answer_roles(row: dict[str, Any]) -> tuple[int, int | None]:
 
 
 class BBQTask(MultipleChoiceTask):
+    config_class = BBQConfig  # the typed task/ node (tasks/config.py)
     name = "bbq"
     folder = "bbq"
     subset_key = "categories"
@@ -75,9 +77,9 @@ class BBQTask(MultipleChoiceTask):
                             yield "all", {"_error": f"bad JSON in {path.name}: {exc}"}
 
     def read_hub(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        categories = list(self.cfg.get("categories") or self.cfg.hub.categories)
+        categories = list(self.cfg.categories or self.cfg.hub.categories)
         for category in categories:
-            for row in self.hub_dataset(str(self.cfg.hub.get("split", "test")), name=category):
+            for row in self.hub_dataset(str(self.cfg.hub.split or "test"), name=category):
                 yield "all", dict(row)
 
     def to_example(self, upstream_split: str, row: dict[str, Any], index: int) -> Example:
@@ -105,7 +107,7 @@ class BBQTask(MultipleChoiceTask):
         return ex.meta["template"]
 
     def keep(self, ex: Example) -> bool:
-        conditions = self.cfg.get("conditions") or ["ambig", "disambig"]
+        conditions = self.cfg.conditions
         bad = set(conditions) - {"ambig", "disambig"}
         if bad:
             raise CRLConfigError(f"Unknown BBQ context condition(s) {sorted(bad)}; valid: ambig, disambig")

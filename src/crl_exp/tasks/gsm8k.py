@@ -17,6 +17,7 @@ import torch
 from crl_exp.errors import CRLConfigError
 from crl_exp.tasks import splits as splitting
 from crl_exp.tasks.base import Task
+from crl_exp.tasks.config import GSM8KConfig
 from crl_exp.tasks.metrics import GroupedMean
 from crl_exp.tasks.parsing import gsm8k_gold, parse_gsm8k_completion
 from crl_exp.tasks.schema import Example
@@ -25,6 +26,7 @@ _CALC = re.compile(r"<<[^>]*>>")
 
 
 class GSM8KTask(Task):
+    config_class = GSM8KConfig  # the typed task/ node (tasks/config.py)
     name = "gsm8k"
     kind = "generation"
     folder = "gsm8k"
@@ -36,12 +38,12 @@ class GSM8KTask(Task):
         super().__init__(*args, **kwargs)
         self._shots: list[Example] = []
         self._prefix: str | None = None  # the exemplars block, built once (few_shot_prefix)
-        if self.cfg.get("reward", "exact") not in self.REWARDS:
+        if self.cfg.reward not in self.REWARDS:
             raise CRLConfigError(f"task.reward for gsm8k must be one of {self.REWARDS}, got {self.cfg.reward!r}")
 
     def reference_answers(self, batch: list[Example]) -> list[str] | None:
         """``#### <gold>``, the exemplars' answer line, when the reward is its likelihood (VeriFree)."""
-        if self.cfg.get("reward", "exact") != "reference_likelihood":
+        if self.cfg.reward != "reference_likelihood":
             return None
         return [f"#### {ex.answer}" for ex in batch]
 

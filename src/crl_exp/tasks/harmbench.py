@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from crl_exp.tasks import splits as splitting
+from crl_exp.tasks.config import HarmBenchConfig
 from crl_exp.tasks.refusal import RefusalTask
 from crl_exp.tasks.schema import Example
 
@@ -24,6 +25,7 @@ FUNCTIONAL = ("standard", "contextual", "copyright")
 
 
 class HarmBenchTask(RefusalTask):
+    config_class = HarmBenchConfig  # the typed task/ node (tasks/config.py)
     name = "harmbench"
     folder = "harmbench"
     subset_key = "functional_categories"
@@ -37,7 +39,7 @@ class HarmBenchTask(RefusalTask):
 
     def read_hub(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for config in FUNCTIONAL:
-            for pos, row in enumerate(self.hub_dataset(str(self.cfg.hub.get("split", "train")), name=config)):
+            for pos, row in enumerate(self.hub_dataset(str(self.cfg.hub.split or "train"), name=config)):
                 yield "test", {"Behavior": row["prompt"], "FunctionalCategory": config,
                                "SemanticCategory": row.get("category", ""), "ContextString": row.get("context") or "",
                                "BehaviorID": row.get("BehaviorID") or f"{config}_{pos}"}

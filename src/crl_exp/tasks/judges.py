@@ -15,6 +15,9 @@ from __future__ import annotations
 import re
 from typing import Protocol
 
+from crl_exp.structured import to_dataclass
+from crl_exp.tasks.config import JudgeConfig
+
 FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL = "full_compliance", "full_refusal", "partial_refusal"
 LABELS = (FULL_COMPLIANCE, FULL_REFUSAL, PARTIAL_REFUSAL)
 
@@ -164,13 +167,12 @@ def fit_prompt(tokenizer, template: str, prompt: str, completion: str, max_lengt
 
 JUDGES = {
     "string_match": lambda cfg: StringMatchRefusalJudge(),
-    "model": lambda cfg: ModelRefusalJudge(str(cfg.model), list(cfg.refusal_labels), int(cfg.get("batch_size", 16)),
-                                           str(cfg.get("device", "cpu"))),
+    "model": lambda cfg: ModelRefusalJudge(str(cfg.model), list(cfg.refusal_labels), int(cfg.batch_size),
+                                           str(cfg.device)),
 }
 
 
 def build_judge(cfg) -> RefusalJudge:
-    kind = cfg.get("kind", "string_match")
-    if kind not in JUDGES:
-        raise ValueError(f"Unknown judge kind {kind!r}; valid: {', '.join(JUDGES)}")
-    return JUDGES[kind](cfg)
+    """The judge a ``task.judge`` node names (typed as ``JudgeConfig``, which validates the kind)."""
+    cfg = to_dataclass(JudgeConfig, cfg, "task.judge")
+    return JUDGES[cfg.kind](cfg)

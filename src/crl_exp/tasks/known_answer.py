@@ -19,12 +19,14 @@ from typing import Any
 import torch
 
 from crl_exp.errors import CRLConfigError
+from crl_exp.tasks.config import KnownAnswerConfig
 from crl_exp.tasks.metrics import GroupedMean
 from crl_exp.tasks.mmlu import MMLUTask
 from crl_exp.tasks.schema import Example
 
 
 class KnownAnswerTask(MMLUTask):
+    config_class = KnownAnswerConfig  # the typed task/ node (tasks/config.py)
     name = "known_answer"
     kind = "known_answer"
     folder = "mmlu"
@@ -35,17 +37,17 @@ class KnownAnswerTask(MMLUTask):
         if len(self.classes) < 4:
             raise CRLConfigError(f"task=known_answer needs at least 4 classes (task.subjects), got {self.classes}")
         self.targets: list[list[int]] | None = None  # token ids of each class's target set (from the design)
-        self.pool: list[int] | None = None  # the action pool the design was made for
+        self.design_pool: list[int] | None = None  # the action pool the design was made for
 
     def set_design(self, targets: list[list[int]], pool: list[int]) -> None:
         if len(targets) != len(self.classes) or any(not t for t in targets):
             raise ValueError(f"{len(self.classes)} classes need one non-empty target set each, got {targets}")
-        self.targets, self.pool = [list(map(int, t)) for t in targets], list(map(int, pool))
+        self.targets, self.design_pool = [list(map(int, t)) for t in targets], list(map(int, pool))
 
     def require_design(self) -> list[list[int]]:
         if self.targets is None:
             raise CRLConfigError("task=known_answer has no design yet: it is made from the loaded model and SAE "
-                                 "(crl_exp.known_answer.design_task, called when the environment is built)")
+                                 "(crl_exp.known_answer_design.design_task, called when the environment is built)")
         return self.targets
 
     def cluster(self, ex: Example) -> str:
@@ -57,7 +59,7 @@ class KnownAnswerTask(MMLUTask):
         return self.classes.index(ex.group)
 
     def action_pool(self) -> list[int] | None:
-        return self.pool
+        return self.design_pool
 
     def scored_token_groups(self, tokenizer, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor] | None:
         targets = self.require_design()

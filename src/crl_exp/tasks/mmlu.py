@@ -15,11 +15,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from crl_exp.errors import CRLConfigError
+from crl_exp.tasks.config import MMLUConfig
 from crl_exp.tasks.multiple_choice import MultipleChoiceTask, options_block
 from crl_exp.tasks.schema import LETTERS, Example
 
 
 class MMLUTask(MultipleChoiceTask):
+    config_class = MMLUConfig  # the typed task/ node (tasks/config.py)
     name = "mmlu"
     folder = "mmlu"
 

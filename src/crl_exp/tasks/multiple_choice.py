@@ -29,7 +29,7 @@ class MultipleChoiceTask(Task):
 
     @property
     def reward_kind(self) -> str:
-        kind = self.cfg.get("reward", "exact")
+        kind = self.cfg.reward
         if kind not in ("exact", "dense", "margin"):
             raise ValueError(f"task.reward must be exact, dense or margin, got {kind!r}")
         return kind

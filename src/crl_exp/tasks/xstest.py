@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from crl_exp.tasks import splits as splitting
+from crl_exp.tasks.config import XSTestConfig
 from crl_exp.tasks.refusal import RefusalTask
 from crl_exp.tasks.schema import Example
 
 
 class XSTestTask(RefusalTask):
+    config_class = XSTestConfig  # the typed task/ node (tasks/config.py)
     name = "xstest"
     folder = "xstest"
     subset_key = "types"
@@ -26,7 +28,7 @@ class XSTestTask(RefusalTask):
             yield from with_contrast_pairs(csv.DictReader(fh))
 
     def read_hub(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        rows = self.hub_dataset(str(self.cfg.hub.get("split", "test")))
+        rows = self.hub_dataset(str(self.cfg.hub.split or "test"))
         yield from with_contrast_pairs({"id": row.get("id", pos + 1), **row} for pos, row in enumerate(rows))
 
     def cluster(self, ex: Example) -> str:
