@@ -254,8 +254,7 @@ def test_top_k_policy_steers_with_k_features_and_trains(tiny_lm, tmp_path):
     env = planted_env(tiny_lm)
     d = env.steerer.delta(torch.tensor([[1, 3]]), torch.tensor([4.0]))[0]
     assert torch.allclose(d, 2.0 * env.steerer.directions.unit[1] + 2.0 * env.steerer.directions.unit[3])
-    module = make_module(env, 2)
-    module.top_k = 2
+    module = make_module(env, 2, policy=PolicyConfig(hidden=32, top_k=2))
     fit_policy(module, PromptDataModule(env.task, 12, seed=0), build_trainer(2, tmp_path / "ckpt", progress_bar=False))
     features = module.last_rollout["trajectory"]["feature"]
     assert features.shape[-1] == 2 and bool((features[..., 0] != features[..., 1]).all())

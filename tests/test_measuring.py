@@ -330,7 +330,7 @@ def test_reward_scale_is_what_the_critic_targets_were_divided_by():
     module = CRLModule(8, 16, PolicyConfig(hidden=4), PPOConfig(norm_rewards=True), MaskingConfig(schedule="none"), 1)
     assert module.reward_scale() == 1.0  # before any rollout
     rewards = torch.tensor([0.1, 0.3, 0.2, 0.6])
-    scaled = module.scaled_rewards(rewards)
+    scaled = module.learner.scaled_rewards(rewards)
     assert torch.allclose(scaled * module.reward_scale(), rewards, atol=1e-6) and module.reward_scale() < 0.5
 
 

@@ -1,0 +1,344 @@
+"""The one CRL learner: what learns, and one iteration of learning from a source of episodes.
+
+``Learner`` owns the actor-critic (built only by ``Learner.from_config``: head, no-op, embedding size and top-k
+hold wherever a policy is built), its Adaptive Feature Mask, the running reward scale and the observation norm.
+``Learner.iterate(source, iteration)`` draws the iteration's episodes from a source, normalises their rewards once,
+runs the estimator's update, then updates the mask and the observation norm, in that order.
+
+Two sources behind one protocol (``EpisodeSource``):
+
+* ``RolloutSource``: steered rollouts of the environment (any task, a decision per generated token), what
+  ``mode=train`` runs through ``CRLModule``;
+* ``TableSource``: an exact reward table of a one-token task (``reward_table``): sampled actions are read off
+  it, or every action's reward is (``ppo.advantage=all_actions``), the unsteered column being the no-op. Learner
+  sweeps and benchmarks run on it in seconds.
+
+Both draw the same prompts for an iteration (``iteration_prompts``), sample actions from the same seeded stream
+(``iteration_seed``) and hand the update the same tensors, so a setting chosen on a table is the setting
+``mode=train`` runs (tests/test_learner.py checks that the first update is the same from both).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from crl_exp.crl.masking import AdaptiveFeatureMask, MaskingConfig
+from crl_exp.crl.policy import ActorCritic, PolicyConfig, RunningObsNorm
+from crl_exp.crl.ppo import (
+    Batch,
+    PPOConfig,
+    all_actions_update,
+    annealed_lr,
+    check_finite,
+    ppo_update,
+    resolve_advantage,
+)
+from crl_exp.errors import CRLConfigError
+
+MAX_ALL_ACTIONS = 512  # one model row per action and prompt: beyond this, restrict the action space
+
+
+def iteration_seed(seed: int, iteration: int) -> int:
+    """The seed of every random stream of one iteration (prompts, actions, minibatches): a resumed or replayed
+    iteration draws exactly what it drew the first time."""
+    return (seed * 1_000_003 + iteration) % (2**31)
+
+
+def iteration_prompts(n_available: int, n_prompts: int, seed: int, iteration: int) -> list[int]:
+    """Indices of the distinct prompts of one iteration (the same draw for rollouts and tables)."""
+    if n_available < 1:
+        raise ValueError("no training prompts to draw from")
+    g = torch.Generator().manual_seed(iteration_seed(seed, iteration))
+    return torch.randperm(n_available, generator=g)[:n_prompts].tolist()
+
+
+@dataclass
+class SampledEpisodes:
+    """Episodes whose actions the policy sampled: one terminal reward each, a trajectory of [B, T] steps."""
+
+    trajectory: dict[str, torch.Tensor]  # state [B, T, d], feature [B, T(, k)], logprob [B, T], value [B, T]
+    valid: torch.Tensor  # [B, T] bool
+    rewards: torch.Tensor  # [B] in the reward's units
+    correct: torch.Tensor  # [B]
+    groups: torch.Tensor  # [B] the prompt number of each episode
+    model_rows: int  # model rows spent (episodes rolled out; 0 when read off a cached table)
+    records: list[dict[str, Any]] | None = None  # rollouts: the scored records
+    extra: dict[str, Any] = field(default_factory=dict)  # what a source also keeps (a rollout's logged trajectory)
+
+
+@dataclass
+class ExactRewards:
+    """Every allowed action's reward for each of the iteration's prompts (one-token tasks)."""
+
+    states: torch.Tensor  # [P, d]
+    actions: torch.Tensor  # [A] action indices (the no-op, when the policy has one, as its index)
+    rewards: torch.Tensor  # [P, A]
+    correct: torch.Tensor  # [P, A]
+    model_rows: int
+
+
+class EpisodeSource(Protocol):
+    """Where an iteration's episodes come from."""
+
+    def sample(self, learner: Learner, iteration: int) -> SampledEpisodes: ...
+
+    def every_action(self, learner: Learner, iteration: int) -> ExactRewards: ...
+
+
+@dataclass
+class IterationResult:
+    """What one ``iterate`` did: the update's diagnostics and the learner's metrics (``train/`` keys without the
+    prefix), the episodes it learned from, and where the seconds went."""
+
+    metrics: dict[str, float]
+    episodes: SampledEpisodes | ExactRewards
+    draw_seconds: float
+    update_seconds: float
+
+
+class Learner:
+    def __init__(self, policy: ActorCritic, policy_cfg: PolicyConfig, ppo_cfg: PPOConfig, mask: AdaptiveFeatureMask,
+                 total_iterations: int, seed: int = 0):
+        self.policy, self.policy_cfg, self.ppo_cfg, self.mask = policy, policy_cfg, ppo_cfg, mask
+        self.total_iterations, self.seed, self.top_k = total_iterations, seed, policy_cfg.top_k
+        self.reward_stats = RunningObsNorm(1)  # running reward variance (ppo.norm_rewards)
+        self.model_rows = 0
+
+    @classmethod
+    def from_config(cls, d_model: int, d_sae: int, policy_cfg: PolicyConfig, ppo_cfg: PPOConfig,
+                    masking_cfg: MaskingConfig, total_iterations: int, seed: int = 0,
+                    action_directions: torch.Tensor | None = None,
+                    action_pool: list[int] | None = None) -> Learner:
+        """The one place an actor-critic is built. ``action_directions``: the SAE's decoder rows [d_sae, d_model]
+        (``policy.head=embedding``); ``action_pool``: restrict the action space to these features for good."""
+        top_k = policy_cfg.top_k
+        if not 1 <= top_k <= d_sae or (masking_cfg.schedule != "none" and top_k > masking_cfg.min_unmasked):
+            raise CRLConfigError(f"policy.top_k={top_k} must be in [1, d_sae] and <= masking.min_unmasked")
+        with torch.random.fork_rng():  # seeded init without touching the global RNG
+            torch.manual_seed(seed)
+            policy = ActorCritic(d_model, d_sae, policy_cfg.hidden, policy_cfg.shared_trunk, policy_cfg.obs_norm,
+                                 policy_cfg.noop_action, policy_cfg.head, action_directions, policy_cfg.embedding_dim)
+        mask = AdaptiveFeatureMask(d_sae, masking_cfg)
+        if action_pool is not None:
+            mask.restrict(list(action_pool))
+        return cls(policy, policy_cfg, ppo_cfg, mask, total_iterations, seed)
+
+    # ---------------------------------------------------------------- the action space
+    def action_space(self) -> torch.Tensor:
+        """Bool [actions]: the features this policy chooses among (``policy.action_pool`` or the dictionary),
+        plus the no-op when it has one; no evaluation may act outside it."""
+        return self.with_noop(self.mask.action_pool.clone())
+
+    def allowed_actions(self) -> torch.Tensor:
+        """Bool [actions]: the action space minus what Adaptive Feature Masking masks now (never the no-op)."""
+        return self.with_noop(self.mask.allowed())
+
+    def with_noop(self, features: torch.Tensor) -> torch.Tensor:
+        return features if self.policy.noop_index is None else torch.cat([features, torch.ones(1, dtype=torch.bool)])
+
+    def features_only(self, actions: torch.Tensor) -> torch.Tensor:
+        """The chosen actions that are features (the no-op dropped), for AFM's selection counts."""
+        noop = self.policy.noop_index
+        return actions if noop is None else actions[actions != noop]
+
+    def steered_share(self, actions: torch.Tensor) -> float:
+        noop = self.policy.noop_index
+        return 1.0 if noop is None else float((actions != noop).float().mean())
+
+    # ---------------------------------------------------------------- normalisers and the optimiser
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.policy.parameters(), lr=self.ppo_cfg.lr, eps=self.ppo_cfg.adam_eps)
+
+    @torch.no_grad()
+    def warm_up_obs_norm(self, states: torch.Tensor) -> None:
+        """Fold unsteered states in before the first iteration (``policy.obs_norm``): otherwise iteration 0 acts
+        and trains on raw inputs and the normaliser switches on at iteration 1, under the policy's feet."""
+        self.policy.update_obs_norm(states)
+
+    def scaled_rewards(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Episode rewards divided by their running std (``ppo.norm_rewards``), folding this batch in first: the one
+        reward normalisation of sampled episodes (``all_actions`` centres each prompt's exact rewards itself)."""
+        if not self.ppo_cfg.norm_rewards:
+            return rewards
+        self.reward_stats.update(rewards[:, None].double())
+        return rewards / self.reward_scale()
+
+    def reward_scale(self) -> float:
+        """sigma: what the critic's targets were divided by (1 without ``ppo.norm_rewards`` or before any
+        episode). V times sigma is in the reward's units: every comparison of values with rewards uses it."""
+        if not self.ppo_cfg.norm_rewards or float(self.reward_stats.count) == 0:
+            return 1.0
+        return float(torch.sqrt(self.reward_stats.var + 1e-8).item())
+
+    # ---------------------------------------------------------------- one iteration
+    def iterate(self, source: EpisodeSource, iteration: int, optimizer: torch.optim.Optimizer,
+                backward=None) -> IterationResult:
+        """One iteration: draw, normalise, update, then the mask and the observation norm. ``backward``: Lightning's
+        ``manual_backward`` (plain ``Tensor.backward`` otherwise)."""
+        cfg = self.ppo_cfg
+        for group in optimizer.param_groups:
+            group["lr"] = annealed_lr(cfg, iteration, self.total_iterations)
+        seed = iteration_seed(self.seed, iteration)
+        t0 = time.perf_counter()
+        if cfg.advantage == "all_actions":
+            exact = source.every_action(self, iteration)
+            t1 = time.perf_counter()
+            allowed = self.allowed_actions()
+            stats = all_actions_update(self.policy, optimizer, cfg, iteration, exact.states, exact.rewards,
+                                       exact.actions, allowed, backward=backward)
+            with torch.no_grad():  # what the policy chose: one sample per prompt (AFM) and the greedy choice
+                device = next(self.policy.parameters()).device
+                probs = self.policy(exact.states.to(device), allowed.to(device))[0].softmax(-1).cpu()
+                sampled = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).flatten()
+                greedy = probs.argmax(-1)
+            column = torch.full((len(probs[0]),), -1, dtype=torch.long)
+            column[exact.actions] = torch.arange(len(exact.actions))
+            rows = torch.arange(len(greedy))
+            chosen, states, episodes = greedy, exact.states, exact
+            metrics = {"reward_mean": stats["expected_reward_before"],
+                       "accuracy": float(exact.correct[rows, column[greedy]].mean())}
+            afm_picks = sampled
+        else:
+            episodes = source.sample(self, iteration)
+            t1 = time.perf_counter()
+            check_finite(iteration, rewards=episodes.rewards)
+            group_size = len(episodes.groups) // (int(episodes.groups.max()) + 1)
+            advantage = resolve_advantage(cfg.advantage, episodes.valid.shape[1] == 1, group_size)
+            batch = Batch.from_rollout(episodes.trajectory, episodes.valid, self.scaled_rewards(episodes.rewards),
+                                       cfg.gamma, cfg.gae_lambda, advantage=advantage, groups=episodes.groups)
+            stats = ppo_update(self.policy, optimizer, cfg, iteration, batch, self.allowed_actions(),
+                               torch.Generator().manual_seed(seed), backward=backward)
+            chosen = episodes.trajectory["feature"][episodes.valid]
+            states = episodes.trajectory["state"][episodes.valid]
+            metrics = {"reward_mean": float(episodes.rewards.mean()), "accuracy": float(episodes.correct.mean()),
+                       "reward_scale": self.reward_scale(),
+                       "steps_per_episode": float(episodes.valid.sum(1).float().mean())}
+            afm_picks = chosen
+        update_seconds = time.perf_counter() - t1
+        self.mask.update(self.features_only(afm_picks), entropy=stats["entropy"])
+        # after the update, so this iteration's stored log-probs and its PPO ratios used one normaliser
+        self.policy.update_obs_norm(states)
+        self.model_rows += episodes.model_rows
+        metrics.update(stats)
+        metrics.update({"distinct_features": float(self.features_only(chosen).unique().numel()),
+                        "steered_share": self.steered_share(chosen), "mask_size": float(self.mask.mask_size),
+                        "mask_threshold": float(self.mask.effective_threshold), "model_rows": float(self.model_rows),
+                        "lr": optimizer.param_groups[0]["lr"]})
+        return IterationResult(metrics, episodes, t1 - t0, update_seconds)
+
+
+# -------------------------------------------------------------------- sources
+class RolloutSource:
+    """Steered rollouts of ``env`` on the iteration's prompts (``batch``: each prompt ``group_size`` times in a row,
+    as ``PromptDataModule`` serves them)."""
+
+    def __init__(self, env, batch: list):
+        self.env, self.batch = env, batch
+
+    def sample(self, learner: Learner, iteration: int) -> SampledEpisodes:
+        from crl_exp.crl.rollout import PolicyController, policy_rollout
+
+        env = self.env
+        controller = PolicyController(learner.policy, allowed=learner.allowed_actions(), greedy=False,
+                                      seed=iteration_seed(learner.seed, iteration), sae=env.sae.sae,
+                                      top_k=learner.top_k)
+        first: dict[str, int] = {}
+        groups = torch.tensor([first.setdefault(ex.id, len(first)) for ex in self.batch])
+        rollout = policy_rollout(env.task, env.lm, self.batch, env.steerer, controller,
+                                 share_prefix=len(first) < len(self.batch))
+        records = rollout.records
+        return SampledEpisodes(rollout.trajectory, rollout.valid,
+                               torch.tensor([r["reward"] for r in records], dtype=torch.float),
+                               torch.tensor([float(r["correct"]) for r in records]), groups, len(records), records,
+                               {"logged": rollout.logged})
+
+    def every_action(self, learner: Learner, iteration: int) -> ExactRewards:
+        from crl_exp.reward_table import reward_table
+
+        prompts = list({ex.id: ex for ex in self.batch}.values())
+        features = learner.mask.allowed().nonzero().flatten()
+        if len(features) > MAX_ALL_ACTIONS:
+            raise CRLConfigError(f"ppo.advantage=all_actions scores every allowed action of every prompt; "
+                                 f"{len(features)} actions is more than {MAX_ALL_ACTIONS}: set policy.action_pool")
+        table = reward_table(self.env, prompts, features.tolist(), desc=f"all actions, iteration {iteration}",
+                             use_cache=False)
+        return exact_rewards(learner, table, torch.arange(len(prompts)), features, table.episodes)
+
+
+class TableSource:
+    """An exact reward table of a one-token task (``RewardTable``: every prompt under its features and unsteered),
+    ``prompts_per_iteration`` distinct prompts an iteration, each ``group_size`` times for sampled estimators.
+    Sampled actions read their reward off the table (the no-op reads the unsteered column); ``model_rows`` counts
+    the rows a rollout of the same episodes would have cost."""
+
+    def __init__(self, table, prompts_per_iteration: int, group_size: int = 1):
+        if group_size < 1:
+            raise CRLConfigError(f"group_size must be >= 1, got {group_size}")
+        self.table, self.prompts, self.group_size = table, prompts_per_iteration, group_size
+
+    def prompts_of(self, learner: Learner, iteration: int) -> torch.Tensor:
+        return torch.tensor(iteration_prompts(len(self.table.example_ids), self.prompts, learner.seed, iteration))
+
+    def columns(self, learner: Learner) -> torch.Tensor:
+        """Each action's column of ``[unsteered, *features]`` (-1 for a feature the table lacks)."""
+        n_actions = learner.policy.d_sae + int(learner.policy.noop_index is not None)
+        columns = torch.full((n_actions,), -1, dtype=torch.long)
+        columns[torch.tensor(self.table.features)] = torch.arange(1, len(self.table.features) + 1)
+        if learner.policy.noop_index is not None:
+            columns[learner.policy.noop_index] = 0
+        return columns
+
+    @torch.no_grad()
+    def sample(self, learner: Learner, iteration: int) -> SampledEpisodes:
+        table = self.table
+        prompts = self.prompts_of(learner, iteration)
+        rows = prompts.repeat_interleave(self.group_size)
+        states = table.states[rows]
+        if learner.top_k != 1:
+            raise CRLConfigError("a reward table holds one feature per row: policy.top_k must be 1 on a TableSource")
+        allowed = learner.allowed_actions()
+        not_in_table = allowed & (self.columns(learner) < 0)
+        if not_in_table.any():
+            raise ValueError(f"the policy may choose {int(not_in_table.sum())} actions the reward table does not hold "
+                             f"(restrict the action space to the table's features)")
+        device = next(learner.policy.parameters()).device
+        logits, values = learner.policy(states.to(device), allowed.to(device))
+        probs = logits.softmax(-1).cpu()
+        g = torch.Generator().manual_seed(iteration_seed(learner.seed, iteration))
+        actions = torch.multinomial(probs, learner.top_k, replacement=False, generator=g)  # as PolicyController
+        logprobs = probs.gather(1, actions).clamp_min(1e-30).log().sum(-1)
+        actions = actions[:, 0]
+        cells = self.columns(learner)[actions]
+        reward = torch.cat([table.unsteered_reward[:, None], table.reward], 1)[rows, cells]
+        correct = torch.cat([table.unsteered_correct[:, None], table.correct], 1)[rows, cells]
+        trajectory = {"state": states[:, None], "feature": actions[:, None], "logprob": logprobs[:, None],
+                      "value": values.cpu()[:, None]}
+        return SampledEpisodes(trajectory, torch.ones(len(rows), 1, dtype=torch.bool), reward.float(),
+                               correct.float(), torch.arange(len(prompts)).repeat_interleave(self.group_size),
+                               len(rows))
+
+    def every_action(self, learner: Learner, iteration: int) -> ExactRewards:
+        prompts = self.prompts_of(learner, iteration)
+        features = learner.mask.allowed().nonzero().flatten()
+        missing = set(features.tolist()) - set(self.table.features)
+        if missing:
+            raise ValueError(f"{len(missing)} allowed features are not in the reward table")
+        return exact_rewards(learner, self.table, prompts, features, len(prompts) * (len(features) + 1))
+
+
+def exact_rewards(learner: Learner, table, prompts: torch.Tensor, features: torch.Tensor,
+                  model_rows: int) -> ExactRewards:
+    """The ``prompts`` rows of ``table`` restricted to ``features`` (its columns), with the no-op's column (the
+    unsteered one) appended when the policy has a no-op."""
+    index = {f: j for j, f in enumerate(table.features)}
+    cols = torch.tensor([index[int(f)] for f in features], dtype=torch.long)
+    actions, rewards, correct = features, table.reward[prompts][:, cols], table.correct[prompts][:, cols]
+    if learner.policy.noop_index is not None:
+        actions = torch.cat([features, torch.tensor([learner.policy.noop_index])])
+        rewards = torch.cat([rewards, table.unsteered_reward[prompts][:, None]], 1)
+        correct = torch.cat([correct, table.unsteered_correct[prompts][:, None]], 1)
+    return ExactRewards(table.states[prompts], actions, rewards.float(), correct.float(), model_rows)

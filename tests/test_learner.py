@@ -1,0 +1,79 @@
+"""One learner, two sources: the first ``Learner.iterate`` on a planted one-token environment makes the same update
+whether its episodes are rolled out through the model (``RolloutSource``, what ``mode=train`` runs) or read off the
+exact reward table of the same prompts (``TableSource``, what sweeps and benchmarks run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from crl_exp.crl.learner import Learner, RolloutSource, TableSource, iteration_prompts
+from crl_exp.crl.masking import MaskingConfig
+from crl_exp.crl.module import PromptDataModule
+from crl_exp.crl.policy import PolicyConfig
+from crl_exp.crl.ppo import PPOConfig
+from crl_exp.errors import CRLConfigError
+from crl_exp.reward_table import reward_table
+
+from helpers import D_SAE, class_planted_env
+
+SEED = 3
+
+
+def make_learner(env, advantage: str, noop: bool, obs_norm: bool = True) -> Learner:
+    return Learner.from_config(env.lm.d_model, D_SAE, PolicyConfig(hidden=16, noop_action=noop, obs_norm=obs_norm),
+                               PPOConfig(advantage=advantage, lr=1e-2), MaskingConfig(schedule="none"), 5, SEED)
+
+
+@pytest.mark.parametrize("advantage, prompts, group_size, noop", [("group", 12, 4, False), ("gae", 24, 2, True),
+                                                                   ("all_actions", 6, 1, True)])
+def test_the_first_update_is_the_same_from_rollouts_and_from_the_reward_table(tiny_lm, advantage, prompts, group_size,
+                                                                             noop):
+    env = class_planted_env(tiny_lm)
+    train = env.task.split("train")
+    table = reward_table(env, train, list(range(D_SAE)), use_cache=False)
+    rewards_differ = table.reward.std(1) > 0
+    assert rewards_differ.any()  # a world where the choice matters
+    learners, results = [], []
+    for make_source in (lambda: RolloutSource(env, PromptDataModule(env.task, prompts * group_size, seed=SEED,
+                                                                    group_size=group_size).batch_for(0)),
+                        lambda: TableSource(table, prompts, group_size)):
+        learner = make_learner(env, advantage, noop)
+        learner.warm_up_obs_norm(table.states)
+        optimizer = learner.make_optimizer()
+        results.append(learner.iterate(make_source(), 0, optimizer))
+        learners.append(learner)
+    rolled, read = results
+    if advantage == "all_actions":
+        assert torch.equal(rolled.episodes.actions, read.episodes.actions)
+        assert torch.allclose(rolled.episodes.rewards, read.episodes.rewards, atol=1e-6)
+    else:
+        assert torch.equal(rolled.episodes.trajectory["feature"], read.episodes.trajectory["feature"])
+        assert torch.allclose(rolled.episodes.rewards, read.episodes.rewards, atol=1e-6)
+        assert rolled.episodes.rewards.std() > 0  # the update had something to learn from
+    assert rolled.episodes.model_rows == read.episodes.model_rows
+    after, other = learners[0].policy.state_dict(), learners[1].policy.state_dict()
+    for name, value in after.items():
+        assert torch.allclose(value, other[name], atol=1e-5), name
+    initial = make_learner(env, advantage, noop).policy.state_dict()
+    assert not torch.allclose(after["value_head.weight"], initial["value_head.weight"])  # the update changed the policy: the equality above is not two untouched copies
+    assert learners[0].reward_scale() == pytest.approx(learners[1].reward_scale())
+    assert rolled.metrics["reward_mean"] == pytest.approx(read.metrics["reward_mean"])
+
+
+def test_both_sources_draw_the_same_prompts_for_an_iteration(tiny_lm):
+    env = class_planted_env(tiny_lm)
+    train = env.task.split("train")
+    batch = PromptDataModule(env.task, 12, seed=7, group_size=3).batch_for(4)
+    drawn = iteration_prompts(len(train), 4, 7, 4)
+    assert [ex.id for ex in batch] == [train[i].id for i in drawn for _ in range(3)]
+
+
+def test_a_table_source_refuses_actions_its_table_does_not_hold(tiny_lm):
+    env = class_planted_env(tiny_lm)
+    table = reward_table(env, env.task.split("train")[:4], [1, 2, 3], use_cache=False)
+    learner = make_learner(env, "group", noop=False)  # the whole dictionary: more than the table's 3 features
+    with pytest.raises(ValueError, match="does not hold"):
+        learner.iterate(TableSource(table, 2, 2), 0, learner.make_optimizer())
+    with pytest.raises(CRLConfigError, match="top_k"):
+        Learner.from_config(8, 4, PolicyConfig(top_k=5), PPOConfig(), MaskingConfig(schedule="none"), 1)
