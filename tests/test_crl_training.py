@@ -79,7 +79,8 @@ def test_masking_state_schedules_and_refusal():
         AdaptiveFeatureMask(16, MaskingConfig(schedule="fixed", threshold=0.05, min_unmasked=4))
     with pytest.raises(CRLConfigError, match="min_unmasked"):
         AdaptiveFeatureMask(16, MaskingConfig(schedule="fixed", threshold=0.5, min_unmasked=16))
-    mask = AdaptiveFeatureMask(16, MaskingConfig(schedule="fixed", threshold=0.5, period=2, ema=0.0, min_unmasked=4))
+    mask = AdaptiveFeatureMask(16, MaskingConfig(schedule="fixed", threshold=0.5, period=2, ema=0.0, min_unmasked=4,
+                                                 significance=None))  # the share rule alone: 4 picks decide
     mask.update(torch.tensor([3, 3, 3, 1]), entropy=0.1)
     assert not mask.allowed()[3] and mask.allowed()[1] and mask.mask_size == 1
     mask.update(torch.tensor([1, 2]), entropy=0.1)
@@ -291,7 +292,8 @@ def test_group_rollouts_with_group_advantage_find_the_planted_feature(tiny_lm, t
 
 
 def test_candidate_action_space_restricts_the_policy_and_afm_works_within_it(tiny_lm, tmp_path):
-    mask = AdaptiveFeatureMask(16, MaskingConfig(schedule="fixed", threshold=0.5, period=2, ema=0.0, min_unmasked=2))
+    mask = AdaptiveFeatureMask(16, MaskingConfig(schedule="fixed", threshold=0.5, period=2, ema=0.0, min_unmasked=2,
+                                                 significance=None))
     with pytest.raises(CRLConfigError, match="must exceed masking.min_unmasked"):
         mask.restrict([1, 2])
     mask.restrict([1, 3, 5, 7])

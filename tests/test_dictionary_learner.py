@@ -111,3 +111,55 @@ def test_the_shipped_masking_presets_act_at_dictionary_scale():
         assert mask.effective_threshold < 0.01, name  # a share reachable near uniform over 4,096 features
         mask.restrict(list(range(32)))
         assert mask.effective_threshold == pytest.approx(float(cfg.masking.threshold) / 32)
+
+
+SHIPPED_MASKING = ("adaptive", "fixed", "decaying")
+
+
+def shipped_mask(name: str, d_sae: int):
+    from hydra import compose, initialize_config_dir
+
+    from crl_exp.crl.config import masking_config
+    from crl_exp.crl.masking import AdaptiveFeatureMask
+    from crl_exp.paths import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["mode=train", f"masking={name}"])
+    return AdaptiveFeatureMask(d_sae, masking_config(cfg.masking))
+
+
+@pytest.mark.parametrize("name", SHIPPED_MASKING)
+def test_afm_masks_nothing_for_a_uniform_policy_over_the_dictionary(name):
+    """A uniform policy's 64 picks an iteration over 4,096 features (a one-token run over the dictionary): every
+    feature sampled once had a share above each preset's threshold, so the share rule masked 63, 127, 191 features
+    after 1, 2, 3 iterations. Counted against what sampling gives, nothing is masked."""
+    mask = shipped_mask(name, 4096)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(13):
+        mask.update(torch.randint(0, 4096, (64,), generator=g), entropy=8.3)
+        assert mask.mask_size == 0, name
+
+
+@pytest.mark.parametrize("name", SHIPPED_MASKING)
+def test_afm_masks_a_collapsed_policy_at_dictionary_and_pool_scale(name):
+    g = torch.Generator().manual_seed(1)
+    for d_sae, pool in ((4096, None), (4096, list(range(32)))):
+        mask = shipped_mask(name, d_sae)
+        if pool is not None:
+            mask.restrict(pool)
+        space = pool or list(range(d_sae))
+        noise = torch.tensor(space)[torch.randint(0, len(space), (16,), generator=g)]
+        mask.update(torch.cat([torch.full((48,), space[5]), noise]), entropy=0.5)  # 3/4 of the picks on one
+        assert not mask.allowed()[space[5]] and mask.mask_size == 1, (name, d_sae, pool)
+
+
+def test_afm_significance_is_validated_and_null_keeps_the_share_rule():
+    from crl_exp.crl.masking import AdaptiveFeatureMask, MaskingConfig
+
+    with pytest.raises(CRLConfigError, match="significance"):
+        MaskingConfig(schedule="fixed", threshold=9.6, min_threshold=9.6, relative_to="uniform",
+                      significance=1.5).validate(4096)
+    share_rule = AdaptiveFeatureMask(4096, MaskingConfig(schedule="fixed", threshold=9.6, min_threshold=9.6,
+                                                         relative_to="uniform", significance=None))
+    share_rule.update(torch.randint(0, 4096, (64,), generator=torch.Generator().manual_seed(0)), entropy=8.3)
+    assert share_rule.mask_size >= 60  # what the shipped presets did before: every feature picked once

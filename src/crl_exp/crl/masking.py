@@ -12,6 +12,15 @@ threshold follows the schedule:
                 back up when above, within [``min_threshold``, ``threshold``];
 * ``module:function``  any threshold rule in its own module (see ARCHITECTURE.md, "add a masking schedule").
 
+A share above the threshold is not enough: selections are samples, and near uniform over a dictionary one pick
+of a feature is already a share far above any threshold (64 picks over 4,096 features: 1/128 against a uniform
+1/4,096). With ``significance`` set (the default), a feature is masked only when its count over the window is
+significantly more than a policy choosing it at exactly the threshold share would give: a one-sided binomial test,
+``P(X >= count | window picks, threshold share) < significance / |action space|`` (Bonferroni over the features
+tested, so a uniform policy masks nothing at any dictionary size, and a collapsed one is masked at once). The
+window is the EMA-weighted count: ``count <- ema * count + picks`` (and the same for all picks), whose ratio is the
+EMA selection share.
+
 ``relative_to`` sets the threshold's unit: ``share`` (a share of all selections, the paper's; 0.2 is unreachable
 near uniform over a dictionary: 1/4,096 is 0.00024) or ``uniform`` (a multiple of the uniform share
 1/|action space|: 8 masks a feature chosen 8x as often as uniform would, at any dictionary size). The logged
@@ -45,6 +54,9 @@ class MaskingConfig:
     target_entropy: float = 1.0
     adapt_rate: float = 0.8
     relative_to: str = "share"  # the unit of threshold/min_threshold: "share" or "uniform" (x 1/|action space|)
+    # family-wise rate of masking a feature on sampling noise alone, per update (binomial test, Bonferroni over the
+    # action space); null: the share alone decides (masks every feature picked once near uniform over 4,096)
+    significance: float | None = 0.05
     # The headline rule, fixed before any run it scores: held-out greedy CRL with the end-of-training mask off
     # (the mask is exploration pressure whose last contents depend on where training stopped in the masking
     # period). Greedy with the mask on is always reported beside it; both stay inside the action space.
@@ -69,6 +81,8 @@ class MaskingConfig:
             raise CRLConfigError(f"masking threshold {lowest} could mask all {d_sae} features (needs > 1/d_sae)")
         if self.period < 1 or not 0 <= self.ema < 1 or not 0 < self.decay <= 1:
             raise CRLConfigError("masking needs period >= 1, 0 <= ema < 1 and 0 < decay <= 1")
+        if self.significance is not None and not 0 < self.significance < 1:
+            raise CRLConfigError(f"masking.significance must be in (0, 1) or null, got {self.significance}")
 
     def check_action_pool(self, size: int, d_sae: int | None = None) -> None:
         """A restricted action pool must fit the dictionary and leave AFM something to keep unmasked (the one
@@ -122,7 +136,8 @@ class AdaptiveFeatureMask:
         cfg.validate(d_sae)
         self.cfg, self.d_sae = cfg, d_sae
         self.rule = threshold_rule(cfg.schedule)
-        self.share = torch.zeros(d_sae)
+        self.counts = torch.zeros(d_sae, dtype=torch.float64)  # EMA-weighted selections over the window
+        self.total = 0.0  # EMA-weighted selections of all features
         self.masked_until = torch.zeros(d_sae, dtype=torch.long)
         self.iteration = 0
         self.threshold = cfg.threshold
@@ -150,18 +165,39 @@ class AdaptiveFeatureMask:
         """Features of the action pool masked now."""
         return int((self.action_pool & ~self.allowed()).sum())
 
+    @property
+    def share(self) -> torch.Tensor:
+        """[d_sae] each feature's EMA selection share."""
+        return (self.counts / self.total).float() if self.total > 0 else torch.zeros(self.d_sae)
+
     def update(self, features: torch.Tensor, entropy: float) -> None:
         """Feed the features selected this iteration (any shape) and the mean policy entropy."""
-        counts = torch.bincount(features.flatten().long().cpu(), minlength=self.d_sae).float()
-        share = counts / counts.sum().clamp_min(1)
-        self.share = self.cfg.ema * self.share + (1 - self.cfg.ema) * share
+        picks = torch.bincount(features.flatten().long().cpu(), minlength=self.d_sae).double()
+        self.counts = self.cfg.ema * self.counts + picks
+        self.total = self.cfg.ema * self.total + float(picks.sum())
         self.iteration += 1
         if self.rule is None:
             return
         self.threshold = float(self.rule(self.cfg, self.threshold, self.iteration, entropy))
         over = (self.share > self.effective_threshold) & self.allowed()
+        if self.cfg.significance is not None and over.any():
+            over &= self.significantly_over()
         self.masked_until[over] = self.iteration + self.cfg.period
         self._keep_minimum_available()
+
+    def significantly_over(self) -> torch.Tensor:
+        """Bool [d_sae]: counts a policy choosing the feature at the threshold share would reach with probability
+        below ``significance / |action space|`` (one-sided binomial on the EMA-weighted window)."""
+        from scipy.special import betainc
+
+        p0 = min(self.effective_threshold, 1.0)
+        n = self.total
+        k = self.counts.numpy()
+        # P(X >= k) for X ~ Binomial(n, p0) = I_p0(k, n - k + 1), continuous in k and n (EMA-weighted counts)
+        tail = betainc(k.clip(1e-9, None), (n - k + 1).clip(1e-9, None), p0)
+        tail[k <= 0] = 1.0
+        alpha = self.cfg.significance / max(1, int(self.action_pool.sum()))
+        return torch.from_numpy(tail < alpha)
 
     def _keep_minimum_available(self) -> None:
         allowed = self.allowed()
@@ -172,11 +208,11 @@ class AdaptiveFeatureMask:
             self.masked_until[release] = self.iteration
 
     def state_dict(self) -> dict[str, Any]:
-        return {"share": self.share.clone(), "masked_until": self.masked_until.clone(), "iteration": self.iteration,
-                "threshold": self.threshold, "action_pool": self.action_pool.clone()}
+        return {"counts": self.counts.clone(), "total": self.total, "masked_until": self.masked_until.clone(),
+                "iteration": self.iteration, "threshold": self.threshold, "action_pool": self.action_pool.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.share = state["share"].clone()
+        self.counts, self.total = state["counts"].clone(), float(state["total"])
         self.masked_until = state["masked_until"].clone()
         self.iteration = int(state["iteration"])
         self.threshold = float(state["threshold"])
