@@ -26,7 +26,8 @@ def make_learner(env, advantage: str, noop: bool, obs_norm: bool = True) -> Lear
 
 
 @pytest.mark.parametrize("advantage, prompts, group_size, noop", [("group", 12, 4, False), ("gae", 24, 2, True),
-                                                                   ("all_actions", 6, 1, True)])
+                                                                   ("all_actions", 6, 1, True),
+                                                                   ("sampled_set", 6, 4, True)])
 def test_the_first_update_is_the_same_from_rollouts_and_from_the_reward_table(tiny_lm, advantage, prompts, group_size,
                                                                              noop):
     env = class_planted_env(tiny_lm)
@@ -44,9 +45,10 @@ def test_the_first_update_is_the_same_from_rollouts_and_from_the_reward_table(ti
         results.append(learner.iterate(make_source(), 0, optimizer))
         learners.append(learner)
     rolled, read = results
-    if advantage == "all_actions":
+    if advantage in ("all_actions", "sampled_set"):
         assert torch.equal(rolled.episodes.actions, read.episodes.actions)
         assert torch.allclose(rolled.episodes.rewards, read.episodes.rewards, atol=1e-6)
+        assert rolled.episodes.rewards.std() > 0
     else:
         assert torch.equal(rolled.episodes.trajectory["feature"], read.episodes.trajectory["feature"])
         assert torch.allclose(rolled.episodes.rewards, read.episodes.rewards, atol=1e-6)
@@ -77,3 +79,24 @@ def test_a_table_source_refuses_actions_its_table_does_not_hold(tiny_lm):
         learner.iterate(TableSource(table, 2, 2), 0, learner.make_optimizer())
     with pytest.raises(CRLConfigError, match="top_k"):
         Learner.from_config(8, 4, PolicyConfig(top_k=5), PPOConfig(), MaskingConfig(schedule="none"), 1)
+
+
+def test_gumbel_top_k_draws_distinct_actions_and_its_weights_estimate_the_expectation_without_bias():
+    from crl_exp.crl.ppo import gumbel_top_k
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 20, generator=g) * 2
+    logits[0, 3] = float("-inf")  # masked: never drawn
+    f = torch.randn(20, generator=g)
+    pi = logits.softmax(-1)[0]
+    exact = float((pi * f).sum())
+    draws = 4000
+    actions, q = gumbel_top_k(logits.expand(draws, -1), 5, g)
+    assert all(len(set(row)) == 5 for row in actions.tolist()) and not (actions == 3).any()
+    estimates = (pi[actions] / q * f[actions]).sum(1)
+    assert float(estimates.mean()) == pytest.approx(exact, abs=4 * float(estimates.std()) / draws ** 0.5)
+    excluded = torch.zeros(1, 20, dtype=torch.bool)
+    excluded[0, :17] = True  # three actions left, four asked: all three, certain, and one padding slot
+    rest, q_rest = gumbel_top_k(logits, 4, g, excluded)
+    assert sorted(rest[0, :3].tolist()) == [17, 18, 19] and rest[0, 3] == -1
+    assert torch.allclose(q_rest[0], torch.tensor([1.0, 1.0, 1.0, 0.0]))

@@ -34,8 +34,10 @@ from crl_exp.crl.ppo import (
     all_actions_update,
     annealed_lr,
     check_finite,
+    gumbel_top_k,
     ppo_update,
     resolve_advantage,
+    sampled_set_update,
 )
 from crl_exp.errors import CRLConfigError
 
@@ -81,12 +83,36 @@ class ExactRewards:
     model_rows: int
 
 
+@dataclass
+class ScoredSets:
+    """One-token tasks, ``ppo.advantage=sampled_set``: a set of distinct actions per prompt, each scored exactly."""
+
+    states: torch.Tensor  # [P, d]
+    actions: torch.Tensor  # [P, n] (-1: padding)
+    weights: torch.Tensor  # [P, n] pi(a) for screened actions, pi(a)/q(a) for sampled ones, 0 for padding
+    sampled: torch.Tensor  # [P, n] bool: drawn from the policy (not the screen)
+    rewards: torch.Tensor  # [P, n] in the reward's units
+    correct: torch.Tensor  # [P, n]
+    model_rows: int
+
+
 class EpisodeSource(Protocol):
     """Where an iteration's episodes come from."""
+
+    group_size: int  # episodes (sampled_set: distinct actions drawn from the policy) per prompt
 
     def sample(self, learner: Learner, iteration: int) -> SampledEpisodes: ...
 
     def every_action(self, learner: Learner, iteration: int) -> ExactRewards: ...
+
+    def prompt_states(self, learner: Learner, iteration: int) -> tuple[list, torch.Tensor]:
+        """The iteration's distinct prompts and their states, before any action."""
+
+    def score(self, learner: Learner, prompts: list, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(rewards, correct, model rows) of each prompt under each of its actions [P, n] (-1: padding)."""
+
+    def screen(self, prompts: list) -> torch.Tensor | None:
+        """[P, d_sae] each feature's predicted reward change (a first-order screen), or None."""
 
 
 @dataclass
@@ -95,7 +121,7 @@ class IterationResult:
     prefix), the episodes it learned from, and where the seconds went."""
 
     metrics: dict[str, float]
-    episodes: SampledEpisodes | ExactRewards
+    episodes: SampledEpisodes | ExactRewards | ScoredSets
     draw_seconds: float
     update_seconds: float
 
@@ -202,6 +228,21 @@ class Learner:
             metrics = {"reward_mean": stats["expected_reward_before"],
                        "accuracy": float(exact.correct[rows, column[greedy]].mean())}
             afm_picks = sampled
+        elif cfg.advantage == "sampled_set":
+            episodes = self.scored_sets(source, iteration, seed)
+            t1 = time.perf_counter()
+            drawn = episodes.actions >= 0
+            scaled = torch.zeros_like(episodes.rewards)
+            scaled[drawn] = self.scaled_rewards(episodes.rewards[drawn])
+            stats = sampled_set_update(self.policy, optimizer, cfg, iteration, episodes.states, episodes.actions,
+                                       scaled, episodes.weights, self.allowed_actions(), backward=backward)
+            w = episodes.weights * drawn
+            estimate = lambda x: float(((w * x).sum(-1) / w.sum(-1).clamp_min(1e-12)).mean())  # noqa: E731
+            chosen = episodes.actions[episodes.sampled]
+            states = episodes.states
+            metrics = {"reward_mean": estimate(episodes.rewards), "accuracy": estimate(episodes.correct),
+                       "reward_scale": self.reward_scale(), "set_size": float(drawn.sum(1).float().mean())}
+            afm_picks = chosen
         else:
             episodes = source.sample(self, iteration)
             t1 = time.perf_counter()
@@ -230,6 +271,33 @@ class Learner:
                         "lr": optimizer.param_groups[0]["lr"]})
         return IterationResult(metrics, episodes, t1 - t0, update_seconds)
 
+    @torch.no_grad()
+    def scored_sets(self, source: EpisodeSource, iteration: int, seed: int) -> ScoredSets:
+        """Each prompt's set: the screen's top ``ppo.screen_top`` features (when the source has a screen), then
+        ``source.group_size`` distinct actions drawn from the policy without replacement among the rest; all scored
+        exactly by the source."""
+        prompts, states = source.prompt_states(self, iteration)
+        allowed = self.allowed_actions()
+        device = next(self.policy.parameters()).device
+        logits = self.policy(states.to(device), allowed.to(device))[0].cpu()
+        probs = logits.softmax(-1)
+        screen = source.screen(prompts) if self.ppo_cfg.screen_top > 0 else None
+        screened = torch.zeros(len(states), 0, dtype=torch.long)
+        exclude = None
+        if screen is not None:
+            features = allowed[: self.policy.d_sae]
+            m = min(self.ppo_cfg.screen_top, int(features.sum()))
+            screened = screen.masked_fill(~features, float("-inf")).topk(m, dim=-1).indices
+            exclude = torch.zeros(logits.shape, dtype=torch.bool).scatter_(1, screened, True)
+        drawn, inclusion = gumbel_top_k(logits, source.group_size, torch.Generator().manual_seed(seed), exclude)
+        actions = torch.cat([screened, drawn], 1)
+        pi = probs.gather(1, actions.clamp_min(0))
+        weights = torch.cat([pi[:, : screened.shape[1]],
+                             pi[:, screened.shape[1]:] / inclusion.clamp_min(1e-12)], 1) * (actions >= 0)
+        sampled = torch.cat([torch.zeros(screened.shape, dtype=torch.bool), drawn >= 0], 1)
+        rewards, correct, rows = source.score(self, prompts, actions)
+        return ScoredSets(states, actions, weights, sampled, rewards.float(), correct.float(), rows)
+
 
 # -------------------------------------------------------------------- sources
 class RolloutSource:
@@ -238,6 +306,8 @@ class RolloutSource:
 
     def __init__(self, env, batch: list):
         self.env, self.batch = env, batch
+        self.prompts = list({ex.id: ex for ex in batch}.values())
+        self.group_size = len(batch) // len(self.prompts)
 
     def sample(self, learner: Learner, iteration: int) -> SampledEpisodes:
         from crl_exp.crl.rollout import PolicyController, policy_rollout
@@ -259,7 +329,7 @@ class RolloutSource:
     def every_action(self, learner: Learner, iteration: int) -> ExactRewards:
         from crl_exp.reward_table import reward_table
 
-        prompts = list({ex.id: ex for ex in self.batch}.values())
+        prompts = self.prompts
         features = learner.mask.allowed().nonzero().flatten()
         if len(features) > MAX_ALL_ACTIONS:
             raise CRLConfigError(f"ppo.advantage=all_actions scores every allowed action of every prompt; "
@@ -268,6 +338,34 @@ class RolloutSource:
                              use_cache=False)
         return exact_rewards(learner, table, torch.arange(len(prompts)), features, table.episodes)
 
+    def prompt_states(self, learner: Learner, iteration: int) -> tuple[list, torch.Tensor]:
+        from crl_exp.episodes import observed_states
+
+        return self.prompts, observed_states(self.env, self.prompts, len(self.prompts))
+
+    def score(self, learner: Learner, prompts: list, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One shared-prefix forward per prompt: its actions' rows (the no-op is the table's unsteered column)."""
+        from crl_exp.reward_table import reward_table
+
+        noop_index = learner.policy.noop_index
+        rewards, correct = torch.zeros(actions.shape), torch.zeros(actions.shape)
+        rows = 0
+        for p, (ex, row) in enumerate(zip(prompts, actions.tolist(), strict=True)):
+            features = [a for a in row if a >= 0 and a != noop_index] or [0]
+            table = reward_table(self.env, [ex], features, use_cache=False)
+            by_action = dict(zip(features, zip(table.reward[0].tolist(), table.correct[0].tolist(), strict=True),
+                                 strict=True))
+            if noop_index is not None:
+                by_action[noop_index] = (float(table.unsteered_reward[0]), float(table.unsteered_correct[0]))
+            for j, a in enumerate(row):
+                if a >= 0:
+                    rewards[p, j], correct[p, j] = by_action[a]
+            rows += sum(a >= 0 for a in row)
+        return rewards, correct, rows
+
+    def screen(self, prompts: list) -> torch.Tensor | None:
+        return None  # the first-order screen of a live model is not wired yet
+
 
 class TableSource:
     """An exact reward table of a one-token task (``RewardTable``: every prompt under its features and unsteered),
@@ -275,10 +373,11 @@ class TableSource:
     Sampled actions read their reward off the table (the no-op reads the unsteered column); ``model_rows`` counts
     the rows a rollout of the same episodes would have cost."""
 
-    def __init__(self, table, prompts_per_iteration: int, group_size: int = 1):
+    def __init__(self, table, prompts_per_iteration: int, group_size: int = 1, screen: torch.Tensor | None = None):
+        """``screen`` [table prompts, d_sae]: each feature's predicted reward change for each prompt (optional)."""
         if group_size < 1:
             raise CRLConfigError(f"group_size must be >= 1, got {group_size}")
-        self.table, self.prompts, self.group_size = table, prompts_per_iteration, group_size
+        self.table, self.prompts, self.group_size, self.screen_scores = table, prompts_per_iteration, group_size, screen
 
     def prompts_of(self, learner: Learner, iteration: int) -> torch.Tensor:
         return torch.tensor(iteration_prompts(len(self.table.example_ids), self.prompts, learner.seed, iteration))
@@ -320,6 +419,25 @@ class TableSource:
         return SampledEpisodes(trajectory, torch.ones(len(rows), 1, dtype=torch.bool), reward.float(),
                                correct.float(), torch.arange(len(prompts)).repeat_interleave(self.group_size),
                                len(rows))
+
+    def prompt_states(self, learner: Learner, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = self.prompts_of(learner, iteration)
+        return prompts, self.table.states[prompts]
+
+    def score(self, learner: Learner, prompts: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                            torch.Tensor, int]:
+        drawn = actions >= 0
+        cells = self.columns(learner)[actions.clamp_min(0)]
+        if (cells[drawn] < 0).any():
+            raise ValueError("the policy chose actions the reward table does not hold")
+        rows = prompts[:, None].expand(actions.shape)
+        full_r = torch.cat([self.table.unsteered_reward[:, None], self.table.reward], 1)
+        full_c = torch.cat([self.table.unsteered_correct[:, None], self.table.correct], 1)
+        cells = cells.clamp_min(0)
+        return full_r[rows, cells] * drawn, full_c[rows, cells] * drawn, int(drawn.sum())
+
+    def screen(self, prompts: torch.Tensor) -> torch.Tensor | None:
+        return None if self.screen_scores is None else self.screen_scores[prompts]
 
     def every_action(self, learner: Learner, iteration: int) -> ExactRewards:
         prompts = self.prompts_of(learner, iteration)

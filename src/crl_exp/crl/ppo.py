@@ -59,9 +59,14 @@ class PPOConfig:
     advantage: str = "auto"
     # divide episode rewards by their running std before GAE, so the critic's targets are on a unit scale
     norm_rewards: bool = True
+    # sampled_set (one-token tasks): each prompt's scored set is the first-order screen's top ``screen_top`` (when
+    # the source has a screen) plus budget.group_size distinct features drawn from the policy without replacement
+    # (Gumbel top-k); the policy moves towards softmax(log pi + improvement_scale * advantage / sigma) over the set
+    screen_top: int = 64
+    improvement_scale: float = 1.0
 
 
-ADVANTAGES = ("auto", "gae", "group", "all_actions")
+ADVANTAGES = ("auto", "gae", "group", "all_actions", "sampled_set")
 
 
 def validate_ppo(cfg: PPOConfig) -> None:
@@ -71,7 +76,8 @@ def validate_ppo(cfg: PPOConfig) -> None:
               ("num_minibatches", cfg.num_minibatches >= 1, ">= 1"), ("clip_coef", cfg.clip_coef > 0, "> 0"),
               ("ent_coef", cfg.ent_coef >= 0, ">= 0"), ("vf_coef", cfg.vf_coef >= 0, ">= 0"),
               ("max_grad_norm", cfg.max_grad_norm > 0, "> 0"), ("adam_eps", cfg.adam_eps > 0, "> 0"),
-              ("target_kl", cfg.target_kl is None or cfg.target_kl > 0, "> 0 or null")]
+              ("target_kl", cfg.target_kl is None or cfg.target_kl > 0, "> 0 or null"),
+              ("screen_top", cfg.screen_top >= 0, ">= 0"), ("improvement_scale", cfg.improvement_scale > 0, "> 0")]
     for key, ok, valid in checks:
         value = getattr(cfg, key)
         if not ok or (isinstance(value, float) and not math.isfinite(value)):
@@ -85,8 +91,8 @@ def resolve_advantage(advantage: str, one_token: bool, group_size: int) -> str:
     exists, i.e. one-token tasks with several episodes per prompt; GAE otherwise)."""
     if advantage not in ADVANTAGES:
         raise ValueError(f"ppo.advantage must be one of {', '.join(ADVANTAGES)}, got {advantage!r}")
-    if advantage == "all_actions" and not one_token:
-        raise ValueError("ppo.advantage=all_actions needs a one-token task (every action's reward from one forward)")
+    if advantage in ("all_actions", "sampled_set") and not one_token:
+        raise ValueError(f"ppo.advantage={advantage} needs a one-token task (every action's reward from one forward)")
     if advantage == "auto":
         return "group" if one_token and group_size > 1 else "gae"
     return advantage
@@ -292,4 +298,72 @@ def all_actions_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cf
             stats[k].append(v.item())
     out = {k: sum(v) / len(v) for k, v in stats.items()}
     out["expected_reward_before"] = stats["expected_reward"][0]
+    return out
+
+
+def gumbel_top_k(logits: torch.Tensor, k: int, generator: torch.Generator,
+                 exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """k distinct actions per row drawn from softmax(logits) without replacement (Gumbel top-k: the k largest of
+    log pi + Gumbel noise), and each drawn action's inclusion probability given the (k+1)-th perturbed value kappa,
+    ``q = 1 - exp(-exp(log pi - kappa))`` (Kool, van Hoof, Welling 2019-2020; priority sampling), so that
+    ``sum_{a in S} pi(a) / q(a) f(a)`` is an unbiased estimate of ``sum_a pi(a) f(a)``. ``exclude`` [P, A]: actions
+    already scored exactly (the screen's), drawn from the rest with pi renormalised over it. Rows with at most k
+    actions left return all of them (q = 1; the padding beyond them has q = 0 and index -1)."""
+    if exclude is not None:
+        logits = logits.masked_fill(exclude, float("-inf"))
+    logp = logits.log_softmax(-1)
+    u = torch.rand(logp.shape, generator=generator).clamp(1e-12, 1 - 1e-7).to(logp.device)
+    perturbed = logp - torch.log(-torch.log(u))
+    n = min(k + 1, logp.shape[1])
+    top = perturbed.topk(n, dim=-1)
+    actions = top.indices[:, :k]
+    kappa = top.values[:, k] if n > k else torch.full((len(logp),), float("-inf"), device=logp.device)
+    chosen = logp.gather(1, actions)
+    inclusion = -torch.expm1(-torch.exp(chosen - kappa[:, None]))  # 1 where kappa = -inf (every action drawn)
+    drawn = torch.isfinite(chosen)
+    return actions.masked_fill(~drawn, -1), inclusion.masked_fill(~drawn, 0.0)
+
+
+def sampled_set_update(policy: ActorCritic, optimizer: torch.optim.Optimizer, cfg: PPOConfig, iteration: int,
+                       states: torch.Tensor, actions: torch.Tensor, rewards: torch.Tensor, weights: torch.Tensor,
+                       allowed: torch.Tensor, backward=None) -> dict[str, float]:
+    """Policy improvement from a scored set of actions per prompt (one-token tasks), as Sampled/Gumbel MuZero do
+    at depth one. ``actions`` [P, n] (index -1: padding), their exact ``rewards`` [P, n] in units of the reward's
+    running sigma, and ``weights`` [P, n]: pi(a) for the screen's actions (summed exactly) and pi(a)/q(a) for the
+    sampled ones, so that ``v = sum w r / sum w`` estimates the policy's expected reward (the set's own baseline).
+    The target is ``pi'(a) ~ pi(a) exp(improvement_scale * (r_a - v))`` on the scored actions, ``pi'(a) ~ pi(a)``
+    elsewhere; ``update_epochs`` full-batch steps descend the cross-entropy to it (minus the entropy bonus), and the
+    critic learns v. A scored action's logit moves in proportion to its advantage whatever its probability: an
+    expected-reward gradient moves it in proportion to pi(a), about 1/K at a uniform start over K features."""
+    device = next(policy.parameters()).device
+    states, actions, rewards, weights, allowed = (t.to(device) for t in (states, actions, rewards, weights, allowed))
+    check_finite(iteration, rewards=rewards, weights=weights)
+    scored = actions >= 0
+    index = actions.clamp_min(0)
+    w = weights * scored
+    value = (w * rewards).sum(-1) / w.sum(-1).clamp_min(1e-12)
+    advantage = ((rewards - value[:, None]) * scored).clamp(-5, 5)
+    with torch.no_grad():
+        old_logp = policy(states, allowed)[0].log_softmax(-1)
+        boost = torch.zeros_like(old_logp).scatter_add_(1, index, cfg.improvement_scale * advantage)
+        target = (old_logp + boost).softmax(-1)
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl")}
+    for _epoch in range(cfg.update_epochs):
+        logits, values = policy(states, allowed)
+        logp = logits.log_softmax(-1)
+        finite = torch.isfinite(logp)
+        safe_logp = logp.masked_fill(~finite, 0.0)
+        cross_entropy = -(target * safe_logp).sum(-1).mean()
+        entropy = -(logp.exp() * safe_logp).sum(-1).mean()
+        v_loss = 0.5 * ((values - value) ** 2).mean()
+        loss = cross_entropy - cfg.ent_coef * entropy + cfg.vf_coef * v_loss
+        gradient_step(policy, optimizer, cfg, iteration, loss, backward)
+        with torch.no_grad():
+            new_logp = policy(states, allowed)[0].log_softmax(-1)
+            kl = (old_logp.exp() * (old_logp - new_logp).masked_fill(~finite, 0.0)).sum(-1).mean()
+        for k, v in (("policy_loss", cross_entropy), ("value_loss", v_loss), ("entropy", entropy), ("approx_kl", kl)):
+            stats[k].append(v.item())  # no target-KL stop: the target itself bounds the step (improvement_scale)
+    out = {k: sum(v) / len(v) for k, v in stats.items()}
+    out["set_value"] = float(value.mean())
+    out["explained_variance"] = explained_variance(values.detach(), value)
     return out

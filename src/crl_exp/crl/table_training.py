@@ -35,17 +35,18 @@ def greedy_reward(policy: ActorCritic, table: RewardTable, allowed: torch.Tensor
 def train_on_table(train: RewardTable, policy_cfg: PolicyConfig, ppo_cfg: PPOConfig, iterations: int,
                    prompts_per_iteration: int, group_size: int, d_sae: int, seed: int = 0,
                    evaluate: RewardTable | None = None, action_directions: torch.Tensor | None = None,
-                   masking_cfg: MaskingConfig | None = None) -> list[dict[str, float]]:
+                   masking_cfg: MaskingConfig | None = None,
+                   screen: torch.Tensor | None = None) -> list[dict[str, float]]:
     """Train a fresh learner on ``train`` (the action space = its features, plus the no-op if
     ``policy.noop_action``); after every iteration, record the model rows a rollout of the same episodes would have
     spent and the greedy reward on ``evaluate``. ``group_size`` episodes per prompt for gae/group. AFM is off unless
-    ``masking_cfg`` is given."""
+    ``masking_cfg`` is given. ``screen`` [train prompts, d_sae]: predicted reward changes (``ppo.screen_top``)."""
     cfg = replace(ppo_cfg, advantage=resolve_advantage(ppo_cfg.advantage, True, group_size))
     learner = Learner.from_config(train.states.shape[1], d_sae, policy_cfg, cfg,
                                   masking_cfg or MaskingConfig(schedule="none"), iterations, seed, action_directions,
                                   action_pool=None if len(train.features) == d_sae else train.features)
     optimizer = learner.make_optimizer()
-    source = TableSource(train, prompts_per_iteration, 1 if cfg.advantage == "all_actions" else group_size)
+    source = TableSource(train, prompts_per_iteration, 1 if cfg.advantage == "all_actions" else group_size, screen)
     learner.warm_up_obs_norm(train.states[:WARM_UP_STATES])
     history = []
     for iteration in range(iterations):
