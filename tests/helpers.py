@@ -268,3 +268,31 @@ def class_planted_env(tiny_lm) -> SteeringEnv:
     loaded = planted_sae(tiny_lm, {f: target_direction(tiny_lm, t, CLASS_PROMPTS) for t, f in CLASS_TARGETS.values()})
     steerer = ResidualSteerer(tiny_lm.model, LAYER, SteeringDirections.from_decoder(loaded.sae.W_dec))
     return SteeringEnv(tiny_lm, loaded, ClassPlantedTask(CLASS_PROMPTS), steerer, COEF)
+
+
+class DenseClassTask(ClassPlantedTask):
+    """The class-planted prompts, paid the probability of their class's target character (a dense reward over
+    scored token groups, as MMLU's and the known-answer task's)."""
+
+    name = "dense_class"
+    GROUPS = ("question", "exclaim")
+
+    def scored_token_groups(self, tokenizer, batch):
+        ids = [tokenizer(CLASS_TARGETS[g][0], add_special_tokens=False).input_ids[0] for g in self.GROUPS]
+        return torch.tensor(ids), torch.tensor([0, 1])
+
+    def score_batch(self, examples, prompts, completions, option_probs=None):
+        out = []
+        for i, ex in enumerate(examples):
+            k = self.GROUPS.index(ex.group)
+            mass = float(option_probs[i, k])
+            out.append({"parsed": "", "valid": True, "correct": float(int(option_probs[i].argmax()) == k),
+                        "reward": mass})
+        return out
+
+
+def dense_class_env(tiny_lm, coefficient: float = COEF) -> SteeringEnv:
+    env = class_planted_env(tiny_lm)
+    env.task = DenseClassTask(CLASS_PROMPTS)
+    env.coefficient = coefficient  # the steerer follows (SteeringEnv.__setattr__)
+    return env

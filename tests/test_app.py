@@ -348,7 +348,7 @@ def test_mode_eval_reports_the_primary_metric_with_the_interval_mode_train_uses(
         run_id = tracker.run_id
     table = json.loads(Path(MlflowClient(f"sqlite:///{db}").download_artifacts(
         run_id, "eval/bbq/validation/none/examples.json", str(tmp_path))).read_text())
-    records = [dict(zip(table["columns"], row)) for row in table["data"]] if "columns" in table else [
+    records = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]] if "columns" in table else [
         {k: table[k][i] for k in table} for i in range(len(table["id"]))]
     expected = proportion_interval([float(r["correct"]) > 0.5 for r in records], clusters_of(records))
     assert result["n"] == len(records) == 12

@@ -245,7 +245,7 @@ def test_compare_sweep_and_the_recorded_report_pool_seeds_the_same_way(grid):
     deltas, cis = [0.02, -0.01, 0.05], [(-0.03, 0.07), (-0.05, 0.04), (0.0, 0.09)]
     rows = [{"task": "bbq", "layer": "12", "masking": "none", "seed": s, "delta_vs_static": d,
              "delta_vs_static_ci_low": lo, "delta_vs_static_ci_high": hi}
-            for s, d, (lo, hi) in zip(range(3), deltas, cis)]
+            for s, d, (lo, hi) in zip(range(3), deltas, cis, strict=True)]
     (agg,) = seed_aggregate(rows)
     report = grid.pool_intervals(deltas, cis)
     assert agg["crl_minus_static"] == pytest.approx(report["delta"])

@@ -20,9 +20,10 @@ from helpers import D_SAE, class_planted_env
 SEED = 3
 
 
-def make_learner(env, advantage: str, noop: bool, obs_norm: bool = True) -> Learner:
+def make_learner(env, advantage: str, noop: bool, obs_norm: bool = True, screen_top: int = 0) -> Learner:
     return Learner.from_config(env.lm.d_model, D_SAE, PolicyConfig(hidden=16, noop_action=noop, obs_norm=obs_norm),
-                               PPOConfig(advantage=advantage, lr=1e-2), MaskingConfig(schedule="none"), 5, SEED)
+                               PPOConfig(advantage=advantage, lr=1e-2, screen_top=screen_top),
+                               MaskingConfig(schedule="none"), 5, SEED)
 
 
 @pytest.mark.parametrize("advantage, prompts, group_size, noop", [("group", 12, 4, False), ("gae", 24, 2, True),
@@ -100,3 +101,29 @@ def test_gumbel_top_k_draws_distinct_actions_and_its_weights_estimate_the_expect
     rest, q_rest = gumbel_top_k(logits, 4, g, excluded)
     assert sorted(rest[0, :3].tolist()) == [17, 18, 19] and rest[0, 3] == -1
     assert torch.allclose(q_rest[0], torch.tensor([1.0, 1.0, 1.0, 0.0]))
+
+
+def test_a_live_screen_and_a_table_screen_give_the_same_scored_sets(tiny_lm):
+    """``sampled_set`` with the screen's top 4: the rollout source screens the live model (one backward pass per
+    prompt), the table source reads the same screen off a tensor; both score the same sets and update alike."""
+    from crl_exp.first_order import first_order_screen
+
+    from helpers import dense_class_env
+
+    env = dense_class_env(tiny_lm)
+    train = env.task.split("train")
+    table = reward_table(env, train, list(range(D_SAE)), use_cache=False)
+    screen = first_order_screen(env, train)
+    results, learners = [], []
+    for source in (RolloutSource(env, PromptDataModule(env.task, 24, seed=SEED, group_size=4).batch_for(0)),
+                   TableSource(table, 6, 4, screen)):
+        learner = make_learner(env, "sampled_set", noop=True, screen_top=4)
+        learner.warm_up_obs_norm(table.states)
+        results.append(learner.iterate(source, 0, learner.make_optimizer()))
+        learners.append(learner)
+    rolled, read = (r.episodes for r in results)
+    assert rolled.actions.shape == (6, 8) and torch.equal(rolled.actions, read.actions)
+    assert torch.equal(rolled.sampled, read.sampled) and not rolled.sampled[:, :4].any()
+    assert torch.allclose(rolled.rewards, read.rewards, atol=1e-6)
+    for name, value in learners[0].policy.state_dict().items():
+        assert torch.allclose(value, learners[1].policy.state_dict()[name], atol=1e-5), name

@@ -364,7 +364,10 @@ class RolloutSource:
         return rewards, correct, rows
 
     def screen(self, prompts: list) -> torch.Tensor | None:
-        return None  # the first-order screen of a live model is not wired yet
+        """One backward pass per prompt (``first_order.first_order_screen``)."""
+        from crl_exp.first_order import first_order_screen
+
+        return first_order_screen(self.env, prompts)
 
 
 class TableSource:
