@@ -39,6 +39,7 @@ LEARNERS = {  # name -> (policy head, estimator, group size, screen_top)
 
 
 def run(args) -> dict:
+    commit = git_commit()  # the code that runs, read before it runs
     world = PlantedDictionary(args.features, seed=args.world_seed)
     train, heldout = world.table(args.train_prompts, seed=1), world.table(args.heldout_prompts, seed=2)
     static, optimum = world.static_reward(heldout), world.optimum_reward(heldout)
@@ -58,10 +59,12 @@ def run(args) -> dict:
             rows.append({"learner": name, "seed": seed, "final_greedy_reward": final,
                          "gap_recovered": (final - static) / (optimum - static), "model_rows": curve[-1][0],
                          "class_feature_share": float(picks.float().mean()),
+                         "rows_to_80_percent": next((n for n, v in curve if (v - static) / (optimum - static) >= 0.8),
+                                                    None),
                          "curve": curve, "entropy": history[-1]["entropy"], "seconds": time.perf_counter() - t0})
             print(f"{name:40s} seed {seed}: {final:.3f} ({rows[-1]['gap_recovered']:+.0%} of the gap) after "
                   f"{curve[-1][0]} rows, entropy {history[-1]['entropy']:.2f}, {rows[-1]['seconds']:.0f} s", flush=True)
-    return {"command": " ".join(["benchmarks/dictionary_bandit.py", *args.argv]), "commit": git_commit(),
+    return {"command": " ".join(["benchmarks/dictionary_bandit.py", *args.argv]), "commit": commit,
             "machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "platform": platform.platform()},
             "world": world.describe(), "static": static, "optimum": optimum, "rows": rows}
 

@@ -439,3 +439,48 @@ def test_a_policy_rollout_returns_records_generation_and_trajectory_in_one_objec
     assert first.trajectory["feature"].shape[:2] == first.valid.shape == second.valid.shape
     assert controller.steps == []  # nothing left over to stitch: the next batch starts clean
     assert torch.equal(first.logged["feature"], first.trajectory["feature"])  # no no-op action in this policy
+
+
+@pytest.mark.slow
+def test_known_answer_over_the_dictionary_trains_with_scored_sets_end_to_end(tmp_path, tiny_model_dir, data_dir):
+    """``+experiment=known_answer_dictionary`` on a tiny model: the design is checked against every feature, the
+    static baseline also tries the design's candidates, and training scores a screened and a sampled set per prompt
+    (the model rows it spent are what the sets cost)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    save_standard_sae(tmp_path / "sae", 64, resid_post_hook_name(1), d_sae=32)
+    db = tmp_path / "db"
+    cmd = [sys.executable, "-m", "crl_exp", "+experiment=known_answer_dictionary", "model=hf",
+           f"model.path={tiny_model_dir}", "sae=local", f"sae.path={tmp_path / 'sae'}", "sae.layer=1",
+           "task.design.candidates=16", "task.design.probe_prompts=4", "task.design.decode_train=8",
+           "task.design.decode_validation=8", "task.design.static_candidates=3", "ppo.screen_top=4",
+           "budget.iterations=2", "budget.episodes_per_iteration=6", "budget.group_size=3", "budget.eval_examples=8",
+           "budget.eval_sampled_seeds=2", "budget.static_feature.train_examples=4",
+           "budget.static_feature.validation_examples=4", "budget.static_feature.candidates=2",
+           "budget.reference_train_examples=6", "budget.static_feature.oracle_candidates=6",
+           "steering.coefficient_scale=absolute", "steering.coefficient=5", "eval.n_bootstrap=50",
+           f"logger.tracking_uri=sqlite:///{db}", f"hydra.run.dir={tmp_path / 'out'}", "trainer.progress_bar=false",
+           f"data_dir={data_dir}", f"cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("crl-known-answer-dictionary").experiment_id])
+    metrics = run.data.metrics
+    design = json.loads(Path(client.download_artifacts(run.info.run_id, "task/known_answer_design.json",
+                                                       tmp_path)).read_text())
+    check = design["dictionary"]
+    assert design["pool"] is None and check["probe_rows"] == 4 * 33  # 4 probes x (32 features + unsteered)
+    assert len(check["class_feature_rank_in_dictionary"]) == 4 and all(r >= 1 for r in
+                                                                        check["class_feature_rank_in_dictionary"])
+    extra = set(design["class_features"]) | set(check["static_candidates"])
+    static = json.loads(Path(client.download_artifacts(run.info.run_id, "heldout/static_feature.json",
+                                                       tmp_path)).read_text())
+    assert extra <= {int(f) for f in static["candidates"]}  # the static row was looked for over the dictionary
+    assert metrics["train/set_size"] == 4 + 3  # the screen's top 4 and 3 policy draws per prompt
+    assert metrics["crl/episodes_training"] == 2 * 2 * (4 + 3)  # iterations x prompts x scored actions
+    assert run.data.tags["advantage"] == "sampled_set" and run.data.tags["action_space"] == "full:32"

@@ -9,13 +9,12 @@ import sys
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 
 from crl_exp.cache_integrity import verify_manifest
 from crl_exp.generation import generate
 from crl_exp.models import load_language_model
 from crl_exp.models.loading import ensure_converted_gguf_package
-from crl_exp.paths import PROJECT_ROOT, default_cache_dir
+from crl_exp.paths import config_option, default_cache_dir
 from crl_exp.steering import ResidualSteerer, StaticController
 
 from helpers import STEER_PROMPTS as PROMPTS
@@ -23,7 +22,7 @@ from helpers import random_directions, resid_change
 
 pytestmark = pytest.mark.integration
 
-GEMMA_CFG = OmegaConf.load(PROJECT_ROOT / "conf" / "model" / "gemma3_270m.yaml")
+GEMMA_CFG = config_option("model", "gemma3_270m")
 
 
 @pytest.fixture(scope="module")

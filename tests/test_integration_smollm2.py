@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from crl_exp.cache_integrity import verify_manifest
 from crl_exp.generation import generate
 from crl_exp.models import load_language_model
-from crl_exp.paths import PROJECT_ROOT, default_cache_dir
+from crl_exp.paths import config_option, default_cache_dir
 
 pytestmark = pytest.mark.integration
 
-SMOL_CFG = OmegaConf.load(PROJECT_ROOT / "conf" / "model" / "smollm2_135m_instruct.yaml")
+SMOL_CFG = config_option("model", "smollm2_135m_instruct")
 
 
 def chat(lm, text: str) -> str:

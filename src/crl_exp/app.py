@@ -133,8 +133,8 @@ def check_budget(cfg: DictConfig) -> None:
     if group < 1 or int(budget.episodes_per_iteration) % group:
         raise CRLConfigError(f"budget.group_size={group} must divide budget.episodes_per_iteration="
                              f"{budget.episodes_per_iteration}")
-    if ppo.advantage == "all_actions" and int(cfg.task.max_new_tokens) != 1:
-        raise CRLConfigError(f"ppo.advantage=all_actions needs a one-token task (every action's reward from one "
+    if ppo.advantage in ("all_actions", "sampled_set") and int(cfg.task.max_new_tokens) != 1:
+        raise CRLConfigError(f"ppo.advantage={ppo.advantage} needs a one-token task (every action's reward from one "
                              f"forward); task={cfg.task.name} generates {cfg.task.max_new_tokens} tokens: use gae")
     if ppo.advantage == "group" and group < 2:
         raise CRLConfigError("ppo.advantage=group compares episodes of the same prompt: set budget.group_size >= 2")

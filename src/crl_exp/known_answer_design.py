@@ -13,6 +13,13 @@ Everything is measured on *train* prompts, at the run's coefficient:
 4. Checks, recorded with the design: the margins, the class oracle against the best single feature on the
    probes, and the linear decodability of the class from the policy's state (a logistic regression fitted on
    train states, scored on validation states).
+5. ``pool_size: null`` (``+experiment=known_answer_dictionary``): the action space is the whole dictionary. The
+   class features are still chosen as above, and then checked against *every* feature: the probes' exact reward
+   under each of the d_sae features (``reward_table``, chunks of rows reduced to the target-set masses at once,
+   never a [features x vocab] array) gives, per class, the dictionary's best feature on that class's probes and
+   the class feature's rank there, and the ``static_candidates`` features with the best mean probe reward, which
+   the static baseline tries on validation beside its own ranking (so the static row is found over the
+   dictionary, and its recall is stated: the probes' best single feature is among the features tried).
 
 The design is cached per (SAE, layer, coefficient, subjects, settings); it never reads validation or test
 answers (the decodability check reads validation *classes*, the task's visible subject headers).
@@ -105,7 +112,7 @@ def make_design(env, task, settings: dict) -> dict[str, Any]:
     gain = dist[1:] - dist[:1]
     targets = gain.topk(int(settings["n_targets"]), dim=1).indices  # [F, n]
     mass = torch.stack([dist[1:, t].sum(1) for t in targets], dim=1)  # mass[f, g]: f's steering on g's targets
-    pool_rows = mass.diagonal().topk(int(settings["pool_size"])).indices.tolist()
+    pool_rows = mass.diagonal().topk(int(settings["pool_size"] or len(candidates))).indices.tolist()
     pool = [candidates[j] for j in pool_rows]
     pool_targets = [targets[j].tolist() for j in pool_rows]
     pool_mass = mass[pool_rows][:, pool_rows]
@@ -118,12 +125,37 @@ def make_design(env, task, settings: dict) -> dict[str, Any]:
                           observed_states(env, validation, 16), torch.tensor([task.class_of(e) for e in validation]),
                           k)
     tok = env.lm.tokenizer
+    dictionary = settings.get("pool_size") is None
     return {"classes": task.classes, "class_features": class_features, "targets": class_targets,
-            "target_text": [[tok.decode([t]) for t in ts] for ts in class_targets], "pool": pool,
+            "target_text": [[tok.decode([t]) for t in ts] for ts in class_targets], "pool": None if dictionary else pool,
             "margins": margins, "class_oracle_mass_probes": float(on_targets.max(0).values.mean()),
             "best_static_mass_probes": float(on_targets.mean(1).max()),
             "unsteered_mass_probes": [float(dist[0, t].sum()) for t in class_targets],
             "linear_decodability_validation": decode, "settings": settings}
+
+
+def dictionary_check(env, task, design: dict[str, Any], settings: dict) -> dict[str, Any]:
+    """Step 5: the probes under every feature of the dictionary, exactly (one-time, cached with the design)."""
+    from crl_exp.reward_table import reward_table
+
+    probes = task.representative("train", int(settings["probe_prompts"]))
+    task.set_design(design["targets"], None)
+    table = reward_table(env, probes, list(range(env.sae.d_sae)), chunk=512, use_cache=False,
+                         desc="known-answer design: probes x dictionary")
+    classes = torch.tensor([task.class_of(e) for e in probes])
+    per_class = torch.stack([table.reward[classes == k].mean(0) for k in range(len(task.classes))])  # [K, d_sae]
+    mean = table.reward.mean(0)
+    own = per_class[torch.arange(len(task.classes)), torch.tensor(design["class_features"])]
+    return {"dictionary_best_features": per_class.argmax(1).tolist(),
+            "dictionary_best_mass_probes": per_class.max(1).values.tolist(),
+            "class_feature_mass_probes": own.tolist(),
+            "class_feature_rank_in_dictionary": [int((per_class[k] > own[k]).sum()) + 1
+                                                 for k in range(len(task.classes))],
+            "class_optimum_over_dictionary_probes": float(per_class.max(1).values.mean()),
+            "best_static_over_dictionary_probes": float(mean.max()),
+            "best_static_feature_probes": int(mean.argmax()),
+            "static_candidates": mean.topk(int(settings["static_candidates"])).indices.tolist(),
+            "probe_rows": table.episodes}
 
 
 def design_task(env, cfg=None, tracker=None) -> dict[str, Any]:
@@ -137,12 +169,22 @@ def design_task(env, cfg=None, tracker=None) -> dict[str, Any]:
     else:
         log.info("Designing the known-answer task from the model and SAE (one-time, cached at %s)", path)
         design = make_design(env, task, settings)
+        if design["pool"] is None:
+            design["dictionary"] = dictionary_check(env, task, design, settings)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(design, indent=1))
-    task.set_design(design["targets"], design["pool"])
+    extra = []
+    if "dictionary" in design:  # the class features and the probes' best single features, tried as static
+        extra = list(dict.fromkeys([*design["class_features"], *design["dictionary"]["static_candidates"]]))
+    task.set_design(design["targets"], design["pool"], extra)
     log.info("known_answer design: class features %s, targets %s, margins %s, linear decodability %.2f",
              design["class_features"], design["target_text"], [round(m, 3) for m in design["margins"]],
              design["linear_decodability_validation"])
+    if "dictionary" in design:
+        check = design["dictionary"]
+        log.info("known_answer over the dictionary: class features rank %s on their probes; class optimum %.3f vs "
+                 "best static %.3f (probes, every feature)", check["class_feature_rank_in_dictionary"],
+                 check["class_optimum_over_dictionary_probes"], check["best_static_over_dictionary_probes"])
     if tracker is not None:
         tracker.log_dict(design, "task/known_answer_design.json")
         tracker.log_metrics({"design/linear_decodability": design["linear_decodability_validation"],

@@ -17,6 +17,21 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = PROJECT_ROOT / "conf"
 
 
+def config_option(group: str, name: str):
+    """``conf/<group>/<name>.yaml`` read outside Hydra's composition (a model for a test, another task for an
+    analysis), its defaults list dropped: the typed dataclass behind ``base_<group>`` supplies those defaults when
+    the node is read. Unknown names are refused with the valid ones."""
+    from omegaconf import OmegaConf
+
+    path = CONFIG_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        valid = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        raise CRLConfigError(f"{group}={name!r} is not a {group}; valid: {', '.join(valid)}")
+    node = OmegaConf.load(path)
+    node.pop("defaults", None)
+    return node
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("CRL_CACHE_DIR")
     if env:

@@ -104,10 +104,11 @@ def try_features(env, features: list[int], examples, batch_size: int) -> dict[in
 @torch.no_grad()
 def select_static_feature(env, train_examples, validation_examples, candidates: int, batch_size: int,
                           pool_size: int = 0, ranking=None, exhaustive: bool = False,
-                          fixed_pool: list[int] | None = None) -> StaticSelection:
+                          fixed_pool: list[int] | None = None, extra: list[int] | None = None) -> StaticSelection:
     """``ranking``: a ``rank_features`` result to reuse (it does not depend on the coefficient).
     ``exhaustive``: one-token tasks, the top ``candidates`` tried through one reward table. ``fixed_pool``: a
-    task-defined action pool (no ranking; every feature of it is tried, exhaustively)."""
+    task-defined action pool (no ranking; every feature of it is tried, exhaustively). ``extra``: features the
+    task knows are worth trying (``Task.static_candidates``), tried first and first in the ranking."""
     table = None
     if fixed_pool is not None:
         if not exhaustive:
@@ -118,7 +119,9 @@ def select_static_feature(env, train_examples, validation_examples, candidates: 
     else:
         score, mean_act, unsteered = ranking or rank_features(env, train_examples, batch_size)
         pool = candidate_pool(score, mean_act, max(candidates, pool_size))
-        tried = pool[:candidates]
+        extra = list(extra or [])
+        pool = [*extra, *(f for f in pool if f not in extra)]
+        tried = pool[:candidates + len(extra)]
         ranked_cost = 0 if ranking is not None else len(train_examples)  # a reused ranking cost nothing here
     if exhaustive:
         table = reward_table(env, validation_examples, tried, desc=f"static feature: {len(tried)} candidates")
@@ -167,7 +170,8 @@ def measure_baselines(env, budget, action_pool: int | None, seed: int, tracker=N
     validation = task.representative("validation", int(sf.validation_examples if one_token else sf.train_examples))
     selection = select_static_feature(
         env, task.representative("train", int(sf.train_examples)), validation, n_tried, int(budget.eval_batch_size),
-        pool_size=max(n_pool or 0, sf.oracle_candidates), exhaustive=one_token, fixed_pool=fixed_pool)
+        pool_size=max(n_pool or 0, sf.oracle_candidates), exhaustive=one_token, fixed_pool=fixed_pool,
+        extra=task.static_candidates())
     pool = selection.ranking[:n_pool] if n_pool else None
     action_space = pool if pool is not None else list(range(sae.d_sae))  # the dictionary when unrestricted
     if selection.table is not None and selection.table.features == list(action_space):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from crl_exp.analysis.branch_report import analyse_branches
 from crl_exp.analysis.config import OffTaskConfig, TopFeaturesConfig, analysis_config
@@ -27,7 +27,7 @@ from crl_exp.episodes import build_env
 from crl_exp.errors import CRLConfigError
 from crl_exp.evaluation.config import eval_config
 from crl_exp.evaluation.off_task import format_off_task, score_off_task
-from crl_exp.paths import CONFIG_DIR, default_data_dir
+from crl_exp.paths import config_option, default_data_dir
 from crl_exp.saes.corpus import RESID_NORM_SOURCES, benchmark_corpus
 from crl_exp.tasks import build_task
 from crl_exp.tracking import RunTracker
@@ -100,11 +100,7 @@ def off_task(client: MlflowClient, src: DictConfig, cfg: DictConfig, acfg: OffTa
 def off_task_config(src: DictConfig, name: str, template: str | None) -> DictConfig:
     """``conf/task/<name>.yaml``, rendered with the source run's prompt template (chat for an instruct-model run)
     unless ``template`` says otherwise."""
-    path = CONFIG_DIR / "task" / f"{name}.yaml"
-    if not path.exists():
-        valid = sorted(p.stem for p in (CONFIG_DIR / "task").glob("*.yaml"))
-        raise CRLConfigError(f"analysis.task={name!r} is not a task; valid: {', '.join(valid)}")
-    task_cfg = OmegaConf.load(path)
+    task_cfg = config_option("task", name)
     with open_dict(task_cfg):
         task_cfg.template = template or src.task.get("template", "base")
     return task_cfg

@@ -15,10 +15,8 @@ from collections.abc import Iterator
 from itertools import zip_longest
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from crl_exp.errors import CRLConfigError
-from crl_exp.paths import CONFIG_DIR
+from crl_exp.paths import config_option
 
 _CALC = re.compile(r"<<[^>]*>>")
 
@@ -47,8 +45,7 @@ def _task_train(name: str):
     def read(root: Path) -> Iterator[str]:
         from crl_exp.tasks import build_task
 
-        cfg = OmegaConf.load(CONFIG_DIR / "task" / f"{name}.yaml")
-        cfg.pop("defaults", None)  # the typed node's default judge is enough to read prompts
+        cfg = config_option("task", name)  # the typed node's default judge is enough to read prompts
         task = build_task(cfg, root)
         for ex in task.split("train"):
             yield task.user_text(ex)

@@ -215,6 +215,10 @@ class Task(ABC):
         """A task-defined action space (features), when the task was designed for one (``known_answer``)."""
         return None
 
+    def static_candidates(self) -> list[int]:
+        """Features the static baseline tries on validation besides its own ranking (a task that knows them)."""
+        return []
+
     def scored_letters(self, batch: list[Example]) -> str:
         """Option letters whose first-step probabilities the rollout must return ("" = none needed)."""
         return ""

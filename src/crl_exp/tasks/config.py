@@ -143,16 +143,19 @@ class HarmBenchConfig(RefusalTaskConfig):
 @dataclass
 class KnownAnswerDesignConfig:
     """How the known-answer design is made (``known_answer_design.py``): ``pool_size`` features in the action
-    pool, ``n_targets`` tokens per class target set, ``candidates`` features considered (the most active on train
-    prompts), ``probe_prompts`` train prompts steering is probed on, and the train/validation prompts of the
-    class-decodability check."""
+    pool (null: the whole dictionary is the action space, and the design is checked against every feature),
+    ``n_targets`` tokens per class target set, ``candidates`` features considered (the most active on train
+    prompts), ``probe_prompts`` train prompts steering is probed on, the train/validation prompts of the
+    class-decodability check, and (dictionary designs) ``static_candidates`` features by mean probe reward over
+    the whole dictionary that the static baseline also tries on validation."""
 
-    pool_size: int = 32
+    pool_size: int | None = 32
     n_targets: int = 3
     candidates: int = 128
     probe_prompts: int = 8
     decode_train: int = 128
     decode_validation: int = 64
+    static_candidates: int = 16
 
 
 @dataclass

@@ -37,12 +37,15 @@ class KnownAnswerTask(MMLUTask):
         if len(self.classes) < 4:
             raise CRLConfigError(f"task=known_answer needs at least 4 classes (task.subjects), got {self.classes}")
         self.targets: list[list[int]] | None = None  # token ids of each class's target set (from the design)
-        self.design_pool: list[int] | None = None  # the action pool the design was made for
+        self.design_pool: list[int] | None = None  # the action pool the design was made for (None: the dictionary)
+        self.extra_static: list[int] = []  # features the static baseline also tries (dictionary designs)
 
-    def set_design(self, targets: list[list[int]], pool: list[int]) -> None:
+    def set_design(self, targets: list[list[int]], pool: list[int] | None, static_candidates=()) -> None:
         if len(targets) != len(self.classes) or any(not t for t in targets):
             raise ValueError(f"{len(self.classes)} classes need one non-empty target set each, got {targets}")
-        self.targets, self.design_pool = [list(map(int, t)) for t in targets], list(map(int, pool))
+        self.targets = [list(map(int, t)) for t in targets]
+        self.design_pool = None if pool is None else list(map(int, pool))
+        self.extra_static = list(map(int, static_candidates))
 
     def require_design(self) -> list[list[int]]:
         if self.targets is None:
@@ -60,6 +63,9 @@ class KnownAnswerTask(MMLUTask):
 
     def action_pool(self) -> list[int] | None:
         return self.design_pool
+
+    def static_candidates(self) -> list[int]:
+        return self.extra_static
 
     def scored_token_groups(self, tokenizer, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor] | None:
         targets = self.require_design()
