@@ -51,7 +51,8 @@ def train_on_table(train: RewardTable, policy_cfg: PolicyConfig, ppo_cfg: PPOCon
     history = []
     for iteration in range(iterations):
         result = learner.iterate(source, iteration, optimizer)
-        row = {"iteration": iteration, "episodes": learner.model_rows, "reward_mean": result.metrics["reward_mean"]}
+        row = {"iteration": iteration, "episodes": learner.model_rows, "reward_mean": result.metrics["reward_mean"],
+               "mask_size": result.metrics["mask_size"], "entropy_train": result.metrics["entropy"]}
         if evaluate is not None:
             allowed = learner.action_space()
             row["greedy_reward"] = greedy_reward(learner.policy, evaluate, allowed, source.columns(learner))
