@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -126,6 +126,18 @@ class IterationResult:
     update_seconds: float
 
 
+class StepOutcome(NamedTuple):
+    """What an estimator's step hands back to ``Learner.iterate``."""
+
+    episodes: SampledEpisodes | ExactRewards | ScoredSets
+    stats: dict[str, float]  # the update's diagnostics
+    metrics: dict[str, float]  # reward, accuracy and the estimator's own
+    chosen: torch.Tensor  # the actions the iteration's metrics count (greedy for all_actions)
+    afm_picks: torch.Tensor  # the policy's own picks, what AFM counts
+    states: torch.Tensor  # folded into the observation norm after the update
+    drawn_at: float  # perf_counter when drawing ended and the update began
+
+
 class Learner:
     def __init__(self, policy: ActorCritic, policy_cfg: PolicyConfig, ppo_cfg: PPOConfig, mask: AdaptiveFeatureMask,
                  total_iterations: int, seed: int = 0):
@@ -209,67 +221,77 @@ class Learner:
         for group in optimizer.param_groups:
             group["lr"] = annealed_lr(cfg, iteration, self.total_iterations)
         seed = iteration_seed(self.seed, iteration)
+        step = {"all_actions": self._exact_step, "sampled_set": self._set_step}.get(cfg.advantage, self._sampled_step)
         t0 = time.perf_counter()
-        if cfg.advantage == "all_actions":
-            exact = source.every_action(self, iteration)
-            t1 = time.perf_counter()
-            allowed = self.allowed_actions()
-            stats = all_actions_update(self.policy, optimizer, cfg, iteration, exact.states, exact.rewards,
-                                       exact.actions, allowed, backward=backward)
-            with torch.no_grad():  # what the policy chose: one sample per prompt (AFM) and the greedy choice
-                device = next(self.policy.parameters()).device
-                probs = self.policy(exact.states.to(device), allowed.to(device))[0].softmax(-1).cpu()
-                sampled = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).flatten()
-                greedy = probs.argmax(-1)
-            column = torch.full((len(probs[0]),), -1, dtype=torch.long)
-            column[exact.actions] = torch.arange(len(exact.actions))
-            rows = torch.arange(len(greedy))
-            chosen, states, episodes = greedy, exact.states, exact
-            metrics = {"reward_mean": stats["expected_reward_before"],
-                       "accuracy": float(exact.correct[rows, column[greedy]].mean())}
-            afm_picks = sampled
-        elif cfg.advantage == "sampled_set":
-            episodes = self.scored_sets(source, iteration, seed)
-            t1 = time.perf_counter()
-            drawn = episodes.actions >= 0
-            scaled = torch.zeros_like(episodes.rewards)
-            scaled[drawn] = self.scaled_rewards(episodes.rewards[drawn])
-            stats = sampled_set_update(self.policy, optimizer, cfg, iteration, episodes.states, episodes.actions,
-                                       scaled, episodes.weights, self.allowed_actions(), backward=backward)
-            w = episodes.weights * drawn
-            estimate = lambda x: float(((w * x).sum(-1) / w.sum(-1).clamp_min(1e-12)).mean())  # noqa: E731
-            chosen = episodes.actions[episodes.sampled]
-            states = episodes.states
-            metrics = {"reward_mean": estimate(episodes.rewards), "accuracy": estimate(episodes.correct),
-                       "reward_scale": self.reward_scale(), "set_size": float(drawn.sum(1).float().mean())}
-            afm_picks = chosen
-        else:
-            episodes = source.sample(self, iteration)
-            t1 = time.perf_counter()
-            check_finite(iteration, rewards=episodes.rewards)
-            group_size = len(episodes.groups) // (int(episodes.groups.max()) + 1)
-            advantage = resolve_advantage(cfg.advantage, episodes.valid.shape[1] == 1, group_size)
-            batch = Batch.from_rollout(episodes.trajectory, episodes.valid, self.scaled_rewards(episodes.rewards),
-                                       cfg.gamma, cfg.gae_lambda, advantage=advantage, groups=episodes.groups)
-            stats = ppo_update(self.policy, optimizer, cfg, iteration, batch, self.allowed_actions(),
-                               torch.Generator().manual_seed(seed), backward=backward)
-            chosen = episodes.trajectory["feature"][episodes.valid]
-            states = episodes.trajectory["state"][episodes.valid]
-            metrics = {"reward_mean": float(episodes.rewards.mean()), "accuracy": float(episodes.correct.mean()),
-                       "reward_scale": self.reward_scale(),
-                       "steps_per_episode": float(episodes.valid.sum(1).float().mean())}
-            afm_picks = chosen
-        update_seconds = time.perf_counter() - t1
-        self.mask.update(self.features_only(afm_picks), entropy=stats["entropy"])
+        done = step(source, iteration, seed, optimizer, backward)
+        episodes, metrics, chosen = done.episodes, done.metrics, done.chosen
+        update_seconds = time.perf_counter() - done.drawn_at
+        self.mask.update(self.features_only(done.afm_picks), entropy=done.stats["entropy"])
         # after the update, so this iteration's stored log-probs and its PPO ratios used one normaliser
-        self.policy.update_obs_norm(states)
+        self.policy.update_obs_norm(done.states)
         self.model_rows += episodes.model_rows
-        metrics.update(stats)
+        metrics.update(done.stats)
         metrics.update({"distinct_features": float(self.features_only(chosen).unique().numel()),
                         "steered_share": self.steered_share(chosen), "mask_size": float(self.mask.mask_size),
                         "mask_threshold": float(self.mask.effective_threshold), "model_rows": float(self.model_rows),
                         "lr": optimizer.param_groups[0]["lr"]})
-        return IterationResult(metrics, episodes, t1 - t0, update_seconds)
+        return IterationResult(metrics, episodes, done.drawn_at - t0, update_seconds)
+
+    def _exact_step(self, source, iteration, seed, optimizer, backward):
+        """``all_actions``: every allowed action's exact reward, the exact expected-reward update."""
+        exact = source.every_action(self, iteration)
+        t1 = time.perf_counter()
+        allowed = self.allowed_actions()
+        stats = all_actions_update(self.policy, optimizer, self.ppo_cfg, iteration, exact.states, exact.rewards,
+                                   exact.actions, allowed, backward=backward)
+        with torch.no_grad():  # what the policy chose: one sample per prompt (AFM) and the greedy choice
+            device = next(self.policy.parameters()).device
+            probs = self.policy(exact.states.to(device), allowed.to(device))[0].softmax(-1).cpu()
+            sampled = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(seed)).flatten()
+            greedy = probs.argmax(-1)
+        column = torch.full((probs.shape[1],), -1, dtype=torch.long)
+        column[exact.actions] = torch.arange(len(exact.actions))
+        metrics = {"reward_mean": stats["expected_reward_before"],
+                   "accuracy": float(exact.correct[torch.arange(len(greedy)), column[greedy]].mean())}
+        return StepOutcome(exact, stats, metrics, greedy, sampled, exact.states, t1)
+
+    def _set_step(self, source, iteration, seed, optimizer, backward):
+        """``sampled_set``: a screened and a sampled set of distinct actions per prompt, each scored exactly, and
+        the policy-improvement update."""
+        sets = self.scored_sets(source, iteration, seed)
+        t1 = time.perf_counter()
+        drawn = sets.actions >= 0
+        scaled = torch.zeros_like(sets.rewards)
+        scaled[drawn] = self.scaled_rewards(sets.rewards[drawn])
+        stats = sampled_set_update(self.policy, optimizer, self.ppo_cfg, iteration, sets.states, sets.actions,
+                                   scaled, sets.weights, self.allowed_actions(), backward=backward)
+        w = sets.weights * drawn
+
+        def estimate(x: torch.Tensor) -> float:  # the policy's expected value of x, from the weighted set
+            return float(((w * x).sum(-1) / w.sum(-1).clamp_min(1e-12)).mean())
+
+        metrics = {"reward_mean": estimate(sets.rewards), "accuracy": estimate(sets.correct),
+                   "reward_scale": self.reward_scale(), "set_size": float(drawn.sum(1).float().mean())}
+        chosen = sets.actions[sets.sampled]
+        return StepOutcome(sets, stats, metrics, chosen, chosen, sets.states, t1)
+
+    def _sampled_step(self, source, iteration, seed, optimizer, backward):
+        """``gae``/``group``: episodes whose actions the policy sampled, and the clipped PPO update."""
+        cfg = self.ppo_cfg
+        episodes = source.sample(self, iteration)
+        t1 = time.perf_counter()
+        check_finite(iteration, rewards=episodes.rewards)
+        group_size = len(episodes.groups) // (int(episodes.groups.max()) + 1)
+        advantage = resolve_advantage(cfg.advantage, episodes.valid.shape[1] == 1, group_size)
+        batch = Batch.from_rollout(episodes.trajectory, episodes.valid, self.scaled_rewards(episodes.rewards),
+                                   cfg.gamma, cfg.gae_lambda, advantage=advantage, groups=episodes.groups)
+        stats = ppo_update(self.policy, optimizer, cfg, iteration, batch, self.allowed_actions(),
+                           torch.Generator().manual_seed(seed), backward=backward)
+        chosen = episodes.trajectory["feature"][episodes.valid]
+        metrics = {"reward_mean": float(episodes.rewards.mean()), "accuracy": float(episodes.correct.mean()),
+                   "reward_scale": self.reward_scale(),
+                   "steps_per_episode": float(episodes.valid.sum(1).float().mean())}
+        return StepOutcome(episodes, stats, metrics, chosen, chosen, episodes.trajectory["state"][episodes.valid], t1)
 
     @torch.no_grad()
     def scored_sets(self, source: EpisodeSource, iteration: int, seed: int) -> ScoredSets:
