@@ -174,8 +174,11 @@ def design_task(env, cfg=None, tracker=None) -> dict[str, Any]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(design, indent=1))
     extra = []
-    if "dictionary" in design:  # the class features and the probes' best single features, tried as static
-        extra = list(dict.fromkeys([*design["class_features"], *design["dictionary"]["static_candidates"]]))
+    if "dictionary" in design:  # the class features, each class's best feature over the dictionary and the probes'
+        # best single features: tried as static, and first among the group oracle's candidates (the class optimum)
+        check = design["dictionary"]
+        extra = list(dict.fromkeys([*design["class_features"], *check["dictionary_best_features"],
+                                    *check["static_candidates"]]))
     task.set_design(design["targets"], design["pool"], extra)
     log.info("known_answer design: class features %s, targets %s, margins %s, linear decodability %.2f",
              design["class_features"], design["target_text"], [round(m, 3) for m in design["margins"]],

@@ -130,7 +130,7 @@ def compute_reward_table(env, examples: list, features: list[int], chunk: int, d
     rewards, correct, states, kept = [], [], [], []
     env.steerer.record_states = True
     try:
-        for ex in tqdm(examples, desc=desc, unit="prompt", disable=len(examples) < 16):
+        for ex in tqdm(examples, desc=desc, unit="prompt", disable=len(examples) * len(columns) < 2048):
             row_r, row_c, row_records = [], [], []
             for start in range(0, len(columns), chunk):
                 part = columns[start:start + chunk]
