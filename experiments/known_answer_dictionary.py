@@ -54,9 +54,18 @@ def run_seed(seed: int, extra: list[str]) -> dict:
     t0 = time.time()
     proc = subprocess.run(full, cwd=ROOT, capture_output=not capped.exists(), text=True)
     wall = time.time() - t0
+    keep_tail(log)
     if proc.returncode != 0:
         raise SystemExit(f"seed {seed} failed (exit {proc.returncode}); see {log}")
     return collect(seed, " ".join(command[1:]), code, wall)
+
+
+def keep_tail(log: Path, lines: int = 120) -> None:
+    """The log without progress-bar redraws, its last ``lines`` lines (what is worth committing)."""
+    if log.is_file():
+        text = [line for line in log.read_text(errors="replace").replace("\r", "\n").splitlines()
+                if line.strip() and "it/s]" not in line and "prompt/s]" not in line and "batch/s]" not in line]
+        log.write_text("\n".join(text[-lines:]) + "\n")
 
 
 def collect(seed: int, command: str, code: str, wall: float) -> dict:
