@@ -563,3 +563,21 @@ def test_gap_recovered_is_stated_only_where_the_gap_exceeds_the_mde():
     assert "%" not in gap_sentence("group-oracle", 0.001, -2.29, 0.006)
     assert "CRL recovered 88% of the static-to-group-oracle reward gap" in gap_sentence("group-oracle", 0.25, 0.88, 0.01)
     assert "no share" in gap_sentence("ceiling", float("nan"), float("nan"), 0.01)
+
+
+def test_a_pick_counts_when_it_is_the_groups_best_or_at_least_as_good_on_validation():
+    """The dictionary learner's pick is judged by exact validation reward on its group: the best train feature, an
+    equally good one, or not; the no-op by the unsteered reward."""
+    from crl_exp.evaluation.ceiling import at_least_as_good, group_means
+    from crl_exp.reward_table import RewardTable
+
+    # validation: group a has features 10 (0.8), 11 (0.8), 12 (0.5); group b 10 (0.1), 11 (0.2), 12 (0.9)
+    reward = torch.tensor([[0.7, 0.9, 0.5], [0.9, 0.7, 0.5], [0.1, 0.2, 0.9], [0.1, 0.2, 0.9]])
+    table = RewardTable([10, 11, 12], ["a0", "a1", "b0", "b1"], reward, (reward > 0.5).float(),
+                        torch.tensor([0.85, 0.85, 0.0, 0.0]), torch.zeros(4), torch.zeros(4, 3))
+    means = group_means(table, ["a", "a", "b", "b"])
+    assert means["a"][11] == pytest.approx(0.8) and means["a"][-1] == pytest.approx(0.85)
+    best = {"a": 10, "b": 12}
+    picks = [10, 11, 12, -1, 12, 11, 10]
+    groups = ["a", "a", "a", "a", "b", "b", "c"]
+    assert at_least_as_good(picks, groups, best, means) == [True, True, False, True, True, False, False]

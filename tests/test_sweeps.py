@@ -194,7 +194,8 @@ def test_sweep_logs_through_a_real_mlflow_server_without_loss_or_duplicates(swee
 
 
 def test_the_confirmation_ledger_does_not_make_the_checkout_dirty(tmp_path):
-    """Each confirmation run appends to the ledger inside the checkout; the next run's commit must stay clean."""
+    """Each confirmation run appends to the ledger inside the checkout, and record scripts write results between
+    seeds; the next run's commit must stay clean (code changes still make it dirty)."""
     import subprocess
 
     from crl_exp.tracking.provenance import git_commit
@@ -210,6 +211,9 @@ def test_the_confirmation_ledger_does_not_make_the_checkout_dirty(tmp_path):
     git("add", "code.py")
     git("commit", "-qm", "code")
     (tmp_path / "experiments" / "confirmation_ledger.jsonl").write_text('{"seed": 0}\n')
+    for record in ("results/run_s0.json", "figures/curve.png", "report.md"):  # records written between seeds
+        (tmp_path / "experiments" / record).parent.mkdir(exist_ok=True)
+        (tmp_path / "experiments" / record).write_text("{}")
     clean = git_commit(tmp_path)
     assert "dirty" not in clean and len(clean) == 40
     (tmp_path / "code.py").write_text("x = 2\n")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from crl_exp.reward_table import RewardTable
+from crl_exp.steering.hook import NO_FEATURE
 
 # (kind, L2 strength on the weights): "bias" learns one logit per action (a state-independent policy); "linear" and
 # "mlp" read the standardised state, shrunk towards the static policy by the penalty (1e2: almost bias-only).
@@ -46,6 +47,30 @@ def group_oracle(train: RewardTable, train_groups: list[str], heldout: RewardTab
                 for g in sorted(set(heldout_groups))}
     return {"reward": float(paid.mean()), "accuracy": float(heldout.correct[rows, columns].mean()),
             "best_feature": {g: heldout.features[c] for g, c in best.items()}, "reward_by_group": by_group}
+
+
+def group_means(table: RewardTable, groups: list[str]) -> dict[str, dict[int, float]]:
+    """Each group's mean reward under each feature of ``table`` (and, as ``NO_FEATURE``, unsteered)."""
+    out: dict[str, dict[int, float]] = {}
+    for g in sorted(set(groups)):
+        rows = torch.tensor([i for i, x in enumerate(groups) if x == g])
+        means = table.reward[rows].mean(0).tolist()
+        out[g] = {**dict(zip(table.features, means, strict=True)),
+                  NO_FEATURE: float(table.unsteered_reward[rows].mean())}
+    return out
+
+
+def at_least_as_good(picks: list[int], groups: list[str], best: dict[str, int],
+                     validation_means: dict[str, dict[int, float]]) -> list[bool]:
+    """Per prompt: is its pick its group's best train feature, or one whose exact validation reward on that group
+    is at least the best feature's? (A learner over a whole dictionary may find an equally good feature the train
+    table ranked lower.) Groups without validation prompts count only the best feature itself."""
+    out = []
+    for f, g in zip(picks, groups, strict=True):
+        means = validation_means.get(g)
+        out.append(f == best.get(g) or (means is not None and g in best and f in means
+                                        and means[f] >= means[best[g]]))
+    return out
 
 
 class SoftmaxPolicy(nn.Module):

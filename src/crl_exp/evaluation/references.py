@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 
-from crl_exp.evaluation.ceiling import ceiling, group_oracle
+from crl_exp.evaluation.ceiling import at_least_as_good, ceiling, group_means, group_oracle
 from crl_exp.evaluation.comparison import paired_delta
 from crl_exp.evaluation.headroom import per_prompt_oracle
 from crl_exp.reward_table import RewardTable, reward_table
 from crl_exp.stats import share_of_gap
+from crl_exp.steering.hook import NO_FEATURE
 
 
 def one_token_references(env, task, selection, ref_pool: list[int], validation: list, test_pool: list,
@@ -39,11 +40,21 @@ def one_token_references(env, task, selection, ref_pool: list[int], validation: 
     groups = group_oracle(train_table, [e.group for e in train_examples], heldout_table, [e.group for e in test_pool])
     static_column = list(ref_pool).index(selection.feature) if selection.feature in ref_pool else None
     ceiling_row = ceiling(train_table, val_table, heldout_table, seed=seed, static_column=static_column)
-    picks = [f == groups["best_feature"].get(ex.group) for f, ex in zip(greedy_first, test_pool, strict=True)]
+    held_groups = [ex.group for ex in test_pool]
+    picks = [f == groups["best_feature"].get(g) for f, g in zip(greedy_first, held_groups, strict=True)]
+    # picks that are not the group's best train feature are judged by exact validation reward on their group
+    judged = sorted({f for f in greedy_first if f != NO_FEATURE} | set(groups["best_feature"].values()))
+    judged_table = (val_table.select(judged) if set(judged) <= set(val_table.features)
+                    else reward_table(env, validation, judged, desc="validation reward of CRL's picks"))
+    validation_means = group_means(judged_table, [ex.group for ex in validation])
+    as_good = at_least_as_good(greedy_first, held_groups, groups["best_feature"], validation_means)
     static, crl = results["static"]["metrics"]["reward"], results["crl"]["metrics"]["reward"]
     gap = groups["reward"] - static
     learner = {"gap_recovered": share_of_gap(crl - static, gap),
                "group_best_pick_rate": sum(picks) / len(picks) if picks else float("nan"),
+               "as_good_pick_rate": sum(as_good) / len(as_good) if as_good else float("nan"),
+               "validation_reward_by_group": {g: {str(f): v for f, v in m.items()}
+                                              for g, m in validation_means.items()},
                "ceiling_gap_recovered": share_of_gap(crl - static, ceiling_row["reward"] - static)}
     if records is not None:  # per group: the pass mark's gap, class by class (the pooled one hides the class mix)
         learner["gap_recovered_by_group"] = {}
@@ -95,7 +106,8 @@ def references_table(refs: dict[str, Any], results: dict, key: str, mde_reward: 
     lines += ["", f"{gap_sentence('group-oracle', g['reward'] - static, learner['gap_recovered'], mde_reward)}; "
                   f"{gap_sentence('ceiling', c['reward'] - static, learner['ceiling_gap_recovered'], mde_reward)}; "
                   f"CRL's greedy action was its group's best train feature on {learner['group_best_pick_rate']:.0%} "
-                  f"of held-out prompts."]
+                  f"of held-out prompts, its best or one at least as good by exact validation reward on "
+                  f"{learner['as_good_pick_rate']:.0%}."]
     for name, d in refs.get("paired", {}).items():
         cells = [f"{metric} {v['delta']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]" for metric, v in d.items()
                  if metric != "power"]

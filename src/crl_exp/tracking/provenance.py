@@ -16,14 +16,17 @@ TRACKED_PACKAGES = ("crl-exp", "torch", "transformers", "sae-lens", "hydra-core"
 
 # Files runs write into the checkout by design: appending to them does not make the code another version (the
 # confirmation ledger gains a line per confirmation run; without this every run after the first says "dirty").
-RUN_OUTPUTS = ("experiments/confirmation_ledger.jsonl",)
+# What runs and record scripts write inside the checkout: records, never code, so they leave the commit clean (a
+# record written between two seeds must not change the next seed's commit, nor the reward-table cache key).
+RUN_OUTPUTS = ("experiments/confirmation_ledger.jsonl", "experiments/results", "experiments/figures",
+               "experiments/*.md")
 
 
 @functools.cache
 def git_commit(root: Path = PROJECT_ROOT) -> str:
     """``<sha>`` of the checkout, ``<sha>-dirty-<hash of the uncommitted diff>`` if it has uncommitted changes
     (``RUN_OUTPUTS`` aside)."""
-    outside = [f":(exclude){p}" for p in RUN_OUTPUTS]
+    outside = [f":(exclude,glob){p}" for p in RUN_OUTPUTS]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                              check=True).stdout.strip()
