@@ -39,6 +39,7 @@ from crl_exp.analysis.training_curve import plot_training_curves
 from crl_exp.crl.config import BudgetConfig
 from crl_exp.crl.policy import PolicyConfig
 from crl_exp.evaluation.comparison import side_effects as against_none
+from crl_exp.evaluation.ledger import ANSWER_LEDGER, read_ledger
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.stats import pool_seed_intervals, share_of_gap
 from crl_exp.tracking.artifacts import read_examples
@@ -546,7 +547,6 @@ def off_task_section(answer: dict[str, list[dict]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------- the pre-registered answer (issue 27)
-LEDGER = HERE / "confirmation_ledger.jsonl"
 STEERED = ("random", "random_dictionary", "static", "untrained", "crl")
 
 
@@ -670,10 +670,10 @@ def answer_section(groups: dict[str, list[dict]]) -> list[str]:
     answer = {label: members for label, members in groups.items() if members[0].get("heldout_part") == "confirm"}
     if not answer:
         return []
-    ledger = [json.loads(x) for x in LEDGER.read_text().splitlines() if x.strip()] if LEDGER.exists() else []
+    ledger = read_ledger(ANSWER_LEDGER)
     out = ["## The pre-registered answer (confirmation part of the test splits)", "",
            "Pre-registered in `experiments/preregistration.md` (committed before these runs); every run below scored the "
-           f"confirmation part once, as `experiments/confirmation_ledger.jsonl` shows ({len(ledger)} lines). Deltas: "
+           f"confirmation part once, as `{ANSWER_LEDGER}` shows ({len(ledger)} lines). Deltas: "
            "CRL greedy (inside its action space) minus each row, in the task's primary metric, per seed by Newcombe's "
            "paired interval on the cluster-adjusted counts, pooled over seeds with Student's t (the shared example "
            "noise not divided by the seeds); decision by the pre-registered rule (win: the interval above 0).", "",

@@ -231,21 +231,57 @@ def test_the_held_out_subset_is_stratified_not_a_plain_hash_sample(data_dir):
     assert len(counts) == len({e.group for e in task.heldout("dev")}) and counts.max() - counts.min() <= 1
 
 
-def test_train_scores_the_dev_part_unless_the_confirmation_part_is_asked_for(tmp_path):
+def test_the_confirmation_part_is_refused_without_confirm_and_without_a_ledger(data_dir, tmp_path):
+    """``eval.heldout=confirm`` needs ``+confirm=true`` on the command line and a ledger; dev runs score dev."""
     from hydra import compose, initialize_config_dir
 
-    from crl_exp.evaluation.ledger import read_ledger, record_confirmation
+    from crl_exp.evaluation.config import eval_config
+    from crl_exp.evaluation.heldout_comparison import heldout_examples
     from crl_exp.paths import CONFIG_DIR
+    from crl_exp.tasks import build_task
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["+experiment=bbq_layer12"])
-    assert cfg.eval.heldout == "dev"
-    ledger = tmp_path / "ledger.jsonl"
+        dev = compose("config", overrides=["+experiment=bbq_layer12"])
+        answer = compose("config", overrides=["+experiment=answer_bbq", f"eval.ledger={tmp_path / 'l.jsonl'}"])
+        with pytest.raises(CRLConfigError, match="needs eval.ledger"):
+            eval_config(compose("config", overrides=["+experiment=bbq_layer12", "eval.heldout=confirm"]).eval)
+    assert dev.eval.heldout == "dev"
+    task = build_task(answer.task, data_dir)
+    with pytest.raises(CRLConfigError, match=r"\+confirm=true"):
+        heldout_examples(task, eval_config(answer.eval), 10, confirmed=bool(answer.get("confirm", False)),
+                         provenance={})
+    assert not (tmp_path / "l.jsonl").exists()  # refused before anything was scored or written
+
+
+def test_a_confirmation_scoring_appends_one_line_to_the_ledger_its_config_names(data_dir, tmp_path, monkeypatch):
+    """The answer's configs name ``experiments/confirmation_ledger.jsonl``, resolved against the project root (not
+    the working directory Hydra runs in), and each confirmation scoring appends exactly one line to it."""
+    from hydra import compose, initialize_config_dir
+
+    from crl_exp.evaluation import ledger
+    from crl_exp.evaluation.config import eval_config
+    from crl_exp.evaluation.heldout_comparison import heldout_examples
+    from crl_exp.paths import CONFIG_DIR, PROJECT_ROOT
+    from crl_exp.tasks import build_task
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for name in ("answer_bbq", "answer_mmlu", "answer_gsm8k", "answer_xstest", "answer_harmbench",
+                     "answer_known_answer", "answer_bbq_dictionary", "answer_mmlu_pool128"):
+            cfg = compose("config", overrides=[f"+experiment={name}"])
+            assert cfg.eval.heldout == "confirm" and cfg.eval.ledger == ledger.ANSWER_LEDGER, name
+        answer = compose("config", overrides=["+experiment=answer_bbq", "+confirm=true"])
+    monkeypatch.chdir(tmp_path)  # a run folder elsewhere must not move the ledger
+    assert ledger.ledger_path(answer.eval.ledger) == PROJECT_ROOT / "experiments" / "confirmation_ledger.jsonl"
+    monkeypatch.setattr(ledger, "PROJECT_ROOT", tmp_path / "checkout")  # the test writes to a copy of the root
+    task = build_task(answer.task, data_dir)
     for seed in (0, 1):
-        record_confirmation(ledger, task="bbq", config_hash="abc", commit="deadbeef", seed=seed, n=1480,
-                            run_id=f"run{seed}", mode="train")
-    lines = read_ledger(ledger)
-    assert [line["seed"] for line in lines] == [0, 1] and all(line["task"] == "bbq" for line in lines)
+        examples = heldout_examples(task, eval_config(answer.eval), 12, confirmed=bool(answer.confirm),
+                                    provenance={"config_hash": "abc", "commit": "deadbeef", "seed": seed,
+                                                "run_id": f"run{seed}", "mode": "train"})
+        assert len(examples) == 12 and {e.id for e in examples} <= {e.id for e in task.heldout("confirm")}
+    lines = ledger.read_ledger(answer.eval.ledger)
+    assert (tmp_path / "checkout" / ledger.ANSWER_LEDGER).is_file()
+    assert [(x["seed"], x["task"], x["n"]) for x in lines] == [(0, "bbq", 12), (1, "bbq", 12)]
 
 
 def test_bbq_bias_scores_are_reported_per_category(data_dir):

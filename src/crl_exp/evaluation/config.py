@@ -29,8 +29,8 @@ class EvalConfig:
         heldout: the part of the test split scored: ``dev`` (every run, sweep and ``make train``), ``confirm``
             (kept for the recorded answer; refused without ``+confirm=true``, and each scoring appends a line to the
             ledger) or ``all``.
-        ledger: the confirmation ledger (None = ``<cache_dir>/confirmation_ledger.jsonl``; the recorded answer's
-            configs name ``experiments/confirmation_ledger.jsonl``).
+        ledger: the confirmation ledger, a path relative to the project root (required by ``heldout=confirm``;
+            the recorded answer's configs name ``experiments/confirmation_ledger.jsonl``).
         assumed_discordance: the MDE planning figure: the share of discordant pairs assumed when computing what a
             held-out n can detect (the observed share is reported beside it).
         table_scoring: ``auto``: one-token tasks over a pool of at most ``table_max_features`` read every condition
@@ -62,6 +62,9 @@ class EvalConfig:
             problems.append(f"eval.split={self.split!r} must be one of {SPLITS}")
         if self.heldout not in HELDOUT_PARTS:
             problems.append(f"eval.heldout={self.heldout!r} must be one of {HELDOUT_PARTS}")
+        if self.heldout == "confirm" and not self.ledger:
+            problems.append("eval.heldout=confirm needs eval.ledger, the file each confirmation scoring is appended "
+                            "to (the recorded answer's configs name experiments/confirmation_ledger.jsonl)")
         if self.table_scoring not in TABLE_SCORING:
             problems.append(f"eval.table_scoring must be auto or false, got {self.table_scoring!r}")
         if not 0 < float(self.assumed_discordance) <= 1:

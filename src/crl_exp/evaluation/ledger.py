@@ -11,19 +11,24 @@ import json
 import time
 from pathlib import Path
 
-from crl_exp.paths import default_cache_dir
+from crl_exp.paths import PROJECT_ROOT
+
+# The recorded answer's ledger, named by every ``answer_*`` config (``eval.ledger``) and read by its report.
+ANSWER_LEDGER = "experiments/confirmation_ledger.jsonl"
 
 
-def default_ledger() -> Path:
-    """Where a run records its confirmation scorings when ``eval.ledger`` names no file: the cache folder, never
-    the checkout (the recorded answer's configs name ``experiments/confirmation_ledger.jsonl`` themselves)."""
-    return default_cache_dir() / "confirmation_ledger.jsonl"
+def ledger_path(path: str | Path) -> Path:
+    """The ledger a config names, a relative path resolved against the project root (never Hydra's run folder, so
+    every run of an answer config appends to the one file its report reads). There is no default: a confirmation
+    scoring that named no ledger would land where no report looks (``EvalConfig`` refuses it)."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
 
 
-def record_confirmation(path: str | Path | None, *, task: str, config_hash: str, commit: str, seed: int, n: int,
+def record_confirmation(path: str | Path, *, task: str, config_hash: str, commit: str, seed: int, n: int,
                         run_id: str | None, mode: str) -> dict:
-    """Append one line to the ledger (created if missing) and return it."""
-    ledger = Path(path) if path else default_ledger()
+    """Append one line to the ledger ``path`` names (created if missing) and return it."""
+    ledger = ledger_path(path)
     ledger.parent.mkdir(parents=True, exist_ok=True)
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "task": task, "mode": mode,
              "config_hash": config_hash, "commit": commit, "seed": seed, "n": n, "run_id": run_id}
@@ -32,8 +37,9 @@ def record_confirmation(path: str | Path | None, *, task: str, config_hash: str,
     return entry
 
 
-def read_ledger(path: str | Path | None = None) -> list[dict]:
-    ledger = Path(path) if path else default_ledger()
+def read_ledger(path: str | Path = ANSWER_LEDGER) -> list[dict]:
+    """Every line of the ledger ``path`` names (the recorded answer's by default); none if it does not exist."""
+    ledger = ledger_path(path)
     if not ledger.exists():
         return []
     return [json.loads(line) for line in ledger.read_text().splitlines() if line.strip()]
