@@ -32,7 +32,7 @@ def tiny_model_dir(tmp_path) -> Path:
 
 
 @pytest.fixture
-def data_dir() -> Path:
+def data_dir(monkeypatch) -> Path:
     """The benchmark files. Absent, a contributor's run skips these tests with the reason; CI (``CI=true``, what
     ``.ci/run`` runs under) fails instead, so a missing folder can never pass CI silently."""
     if not DATA_DIR.is_dir():
@@ -40,6 +40,7 @@ def data_dir() -> Path:
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail(message)
         pytest.skip(message)
+    monkeypatch.setenv("CRL_DATA_DIR", str(DATA_DIR))  # the code under test reads the same folder the test checked
     return DATA_DIR
 
 
@@ -51,3 +52,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
         if "data_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.data)
+
+
+FAST_TIER_COMMANDS = ("git",)  # what a fast test may run in a subprocess: provenance reads the checkout's commit
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_starts_no_subprocess(request, monkeypatch):
+    """The fast tier (``-m "not slow"``) must stay fast and self-contained: a test that starts the app, a server or a
+    browser in a subprocess carries the ``slow`` marker; otherwise it fails here with the command it tried."""
+    if request.node.get_closest_marker("slow"):
+        return
+    import subprocess
+
+    real = subprocess.Popen
+
+    class FastTierPopen(real):
+        def __init__(self, args, *a, **kw):
+            program = Path(str(args[0] if isinstance(args, (list, tuple)) else str(args).split()[0])).name
+            if program not in FAST_TIER_COMMANDS:
+                raise AssertionError(f"a fast-tier test started a subprocess ({args!r}): mark it slow")
+            super().__init__(args, *a, **kw)
+
+    monkeypatch.setattr(subprocess, "Popen", FastTierPopen)

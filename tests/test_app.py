@@ -206,7 +206,7 @@ SMALL_SAE = ["sae.training.d_sae=64", "sae.training.k=4", "sae.training.train_to
              "sae.training.batch_size=64", "sae.training.harvest_batch_size=8"]
 
 
-def test_train_sae_mode_trains_several_layers_in_one_pass(tmp_path, tiny_model_dir):
+def test_train_sae_mode_trains_several_layers_in_one_pass(tmp_path, tiny_model_dir, data_dir):  # corpus: benchmarks
     db = tmp_path / "db"
     cfg = compose_cfg(["mode=train_sae", "model=hf", f"model.path={tiny_model_dir}", "sae.layers=[0,2]", "sae.layer=0",
                        f"cache_dir={tmp_path / 'cache'}", f"logger.tracking_uri=sqlite:///{db}", *SMALL_SAE])
@@ -223,7 +223,7 @@ def test_train_sae_mode_trains_several_layers_in_one_pass(tmp_path, tiny_model_d
         preflight(compose_cfg(["mode=train_sae", "sae.layers=[3,30]"]))
 
 
-def test_a_layer_sweep_prepares_its_saes_once_before_its_jobs(tmp_path, tiny_model_dir):
+def test_a_layer_sweep_prepares_its_saes_once_before_its_jobs(tmp_path, tiny_model_dir, data_dir):
     from crl_exp.modes.train_sae import SweepSAEs, swept_layers
 
     assert swept_layers(["task=mmlu", "sae.layer=4,8,12"]) == [4, 8, 12]
@@ -263,6 +263,7 @@ def test_safety_experiments_on_the_instruct_model_compose_and_pass_preflight(tmp
         preflight(cfg)
 
 
+@pytest.mark.slow  # starts the app in a subprocess
 @pytest.mark.parametrize("override, message", [
     ("sae.layer=30", "sae.layer=30 is out of range: the model has 18 layers, valid 0..17"),
     ("model.package=no-such-model-pkg", "pip install no-such-model-pkg"),

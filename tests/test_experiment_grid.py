@@ -51,7 +51,7 @@ def record(seed: int, crl: float, static: float, ci_half: float) -> dict:
             "crl_variants": {"crl_sampled": {"seeds": 5, "mean": crl, "sd": 0.01, "reward_mean": crl / 2}}}
 
 
-def test_report_recomputes_clustered_newcombe_intervals_and_pools_seeds_with_t(grid, tmp_path):
+def test_report_recomputes_clustered_newcombe_intervals_and_pools_seeds_with_t(grid, tmp_path, data_dir):
     from crl_exp.stats import mde_paired_binary, newcombe_paired_interval, pool_seeds, t_975
 
     for seed, crl in enumerate((0.40, 0.44)):
@@ -81,7 +81,7 @@ def test_report_recomputes_clustered_newcombe_intervals_and_pools_seeds_with_t(g
     assert high - 0.04 > t_975(1) * 0.02 / math.sqrt(2)  # Student's t with 1 degree of freedom, not z
 
 
-def test_stale_rows_are_marked_with_their_reason(grid, tmp_path):
+def test_stale_rows_are_marked_with_their_reason(grid, tmp_path, data_dir):
     pooled = {**record(0, 0.40, 0.38, 0.04), "action_space": "candidates:32", "masked_action_share": 1.0}
     (grid.RESULTS / "bbq_s0.json").write_text(json.dumps(pooled))
     text = grid.write_report(tmp_path / "out.md")
@@ -90,7 +90,7 @@ def test_stale_rows_are_marked_with_their_reason(grid, tmp_path):
 
 
 def test_obs_norm_group_size_dtype_top_k_and_advantage_runs_are_reported_apart_from_the_default_configuration(
-        grid, tmp_path):
+        grid, tmp_path, data_dir):
     (grid.RESULTS / "bbq_s0.json").write_text(json.dumps(record(0, 0.40, 0.38, 0.04)))
     (grid.RESULTS / "bbq_obsnorm_s0.json").write_text(json.dumps({**record(0, 0.50, 0.38, 0.04), "obs_norm": True,
                                                                   "key": "bbq_obsnorm_s0"}))
@@ -149,7 +149,7 @@ def test_state_diversity_separates_a_shared_direction_from_prompt_specific_energ
     assert spread["mean_pairwise_cosine"] < 0.2 and spread["prompt_specific_energy_share"] > 0.85
 
 
-def test_the_answer_reports_mmlu_under_each_safety_policy_from_its_off_task_analysis(grid, tmp_path):
+def test_the_answer_reports_mmlu_under_each_safety_policy_from_its_off_task_analysis(grid, tmp_path, data_dir):
     rec = record(0, 0.40, 0.38, 0.04)
     rec["examples"]["untrained"] = outcomes(0.30)
     rec.update(key="xstest_s0", task="xstest", group="answer_xstest", heldout_part="confirm")
@@ -180,7 +180,7 @@ def test_files_sharing_an_mlflow_experiment_record_only_their_own_runs(grid):
     assert layers.match("bbq_gemma3_cand32_layer6_s0") and not layers.match("bbq_gemma3_l12_cand32_s0")
 
 
-def test_a_single_seed_answer_row_keeps_newcombes_asymmetric_interval_at_the_floor(grid, tmp_path):
+def test_a_single_seed_answer_row_keeps_newcombes_asymmetric_interval_at_the_floor(grid, tmp_path, data_dir):
     """GSM8K at 270M: CRL solves 0 of 64 and static 1. Rebuilding a symmetric interval from the Newcombe interval's
     width (what pooling over seeds does) would put its upper end above what 1 discordant pair allows."""
     from crl_exp.stats import newcombe_paired_interval
