@@ -44,6 +44,17 @@ def test_runs_are_named_after_what_they_ran():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         train = compose("config", overrides=["+experiment=bbq_layer12", "policy.action_pool=32", "seed=3"])
         steer = compose("config", overrides=["mode=steer"])
-    name = descriptive_run_name(train)
-    assert name.startswith("train-bbq-gemma3_270m-L12-pool32-") and name.endswith("-s3")
+    assert descriptive_run_name(train) == "train-bbq-gemma3_270m-L12-pool32-independent-auto-s3"
     assert descriptive_run_name(steer).startswith("steer-")
+    # what the app names them: the estimator auto resolved to, the known-answer design's pool
+    from crl_exp.app import run_name
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        bbq = compose("config", overrides=["+experiment=bbq_layer12", "policy.action_pool=32", "seed=3"])
+        known = compose("config", overrides=["+experiment=known_answer_layer12"])
+        dictionary = compose("config", overrides=["+experiment=known_answer_dictionary", "seed=1"])
+        gsm8k = compose("config", overrides=["+experiment=gsm8k_layer12"])
+    assert run_name(bbq) == f"train-bbq-gemma3_270m-L12-pool32-independent-{'group' if bbq.budget.group_size > 1 else 'gae'}-s3"
+    assert "-pool32-" in run_name(known) and "auto" not in run_name(known)
+    assert run_name(dictionary).endswith("-dict-independent-sampled_set-s1")
+    assert "-gae-" in run_name(gsm8k) and "auto" not in run_name(gsm8k)

@@ -19,13 +19,14 @@ from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from crl_exp.crl.ppo import resolve_advantage
 from crl_exp.errors import CRLConfigError
 from crl_exp.models.loading import package_folder
 from crl_exp.models.memory import ModelShape, rollout_memory, shape_from_hf_config
 from crl_exp.paths import default_cache_dir, ensure_writable_dir
 from crl_exp.saes.loading import preflight_sae, validate_layer
 from crl_exp.tracking import RunTracker, start_tracked_run
-from crl_exp.tracking.mlflow_run import current_sweep
+from crl_exp.tracking.mlflow_run import current_sweep, descriptive_run_name
 from crl_exp.tracking.sweep import config_hash, finished_run_with_hash
 
 log = logging.getLogger(__name__)
@@ -228,6 +229,17 @@ def peek_n_layers(model_cfg: DictConfig) -> int | None:
     return int((getattr(hf_cfg, "text_config", None) or hf_cfg).num_hidden_layers)
 
 
+def run_name(cfg: DictConfig) -> str:
+    """``logger.run_name``, or a name that says what ran, with the estimator ``ppo.advantage`` resolves to."""
+    if cfg.logger.get("run_name"):
+        return str(cfg.logger.run_name)
+    estimator = None
+    if cfg.mode == "train":
+        estimator = resolve_advantage(str(cfg.ppo.advantage), int(cfg.task.max_new_tokens) == 1,
+                                      int(cfg.budget.group_size))
+    return descriptive_run_name(cfg, estimator)
+
+
 def run(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
     torch.manual_seed(int(cfg.seed))
@@ -245,7 +257,8 @@ def run(cfg: DictConfig) -> None:
                 Path(output_dir, "SKIPPED").write_text(done)
             return
     try:
-        with start_tracked_run(cfg, output_dir=output_dir, tags=tags, resume_run_id=resume_run_id) as tracker:
+        with start_tracked_run(cfg, run_name=run_name(cfg), output_dir=output_dir, tags=tags,
+                               resume_run_id=resume_run_id) as tracker:
             runner(cfg.mode)(cfg, tracker)
     except Exception:
         if sweep is None:

@@ -108,9 +108,11 @@ def existing_run(client: MlflowClient, run_id: str | None):
         return None
 
 
-def descriptive_run_name(cfg: DictConfig) -> str:
+def descriptive_run_name(cfg: DictConfig, estimator: str | None = None) -> str:
     """A run named after what it ran (``logger.run_name`` overrides it): mode, task, model, layer, and for
-    training the action space, estimator and seed, e.g. ``train-bbq-gemma3_270m-L12-pool32-auto-s0``."""
+    training the action space (``pool32``, the known-answer design's pool, or ``dict``), the actor head, the
+    estimator (``estimator``: the one ``ppo.advantage`` resolved to; the config's own word when not given) and
+    the seed, e.g. ``train-bbq-gemma3_270m-L12-pool32-independent-group-s0``."""
     def pick(key: str):
         return OmegaConf.select(cfg, key, default=None)
 
@@ -118,8 +120,9 @@ def descriptive_run_name(cfg: DictConfig) -> str:
     layer = pick("sae.layer")
     parts.append(f"L{layer}" if layer is not None else None)
     if str(pick("mode")) == "train":
-        pool = pick("policy.action_pool")
-        parts += [f"pool{pool}" if pool else "dict", pick("ppo.advantage"), f"s{pick('seed')}"]
+        pool = pick("policy.action_pool") or pick("task.design.pool_size")
+        parts += [f"pool{pool}" if pool else "dict", pick("policy.head"), estimator or pick("ppo.advantage"),
+                  f"s{pick('seed')}"]
     return "-".join(str(p) for p in parts if p not in (None, ""))
 
 
