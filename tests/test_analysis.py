@@ -202,6 +202,7 @@ def test_report_shows_a_bbq_episode_with_its_context_options_and_the_features_to
     assert episode_context(None) == {} and "options" not in episode_context(Example("g", "gsm8k", "1+1?", "2", "all"))
 
 
+@pytest.mark.slow  # starts a browser
 def test_html_report_renders_in_headless_chromium(tmp_path):
     log, _ = synthetic_log()
     log.loc[log["episode"] == 1, "token_text"] = ["Al", "pha", "!"]

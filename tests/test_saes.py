@@ -234,3 +234,33 @@ def test_sparse_topk_step_matches_sae_lens_dense_step(n_dead, rescale):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
     with pytest.raises(ValueError, match="use_sparse_activations"):
         SparseTopKTrainingSAE(TopKTrainingSAEConfig(d_in=8, d_sae=16, k=2, use_sparse_activations=True))
+
+
+def test_features_of_catalogue_saes_link_to_their_neuronpedia_pages(tmp_path, tiny_lm):
+    """Gemma Scope's id comes from sae-lens' offline catalogue; a local copy names its own; a trained SAE has none,
+    and every view of features (report, branch points, top-features table) links only where a page exists."""
+    import pandas as pd
+
+    from crl_exp.analysis.report import render_report
+    from crl_exp.analysis.top_features import FeatureEffect, effects_table
+    from crl_exp.saes.neuronpedia import feature_url, neuronpedia_id
+
+    np_id = neuronpedia_id("gemma-scope-2b-pt-res-canonical", "layer_12/width_16k/canonical")
+    assert np_id == "gemma-2-2b/12-gemmascope-res-16k"
+    assert feature_url(np_id, 42) == "https://www.neuronpedia.org/gemma-2-2b/12-gemmascope-res-16k/42"
+    assert neuronpedia_id("no-such-release", "x") is None and feature_url(None, 3) is None
+    assert feature_url(np_id, -1) is None  # the no-op has no page
+    save_standard_sae(tmp_path / "sae", tiny_lm.d_model, resid_post_hook_name(1))
+    assert load_sae(local_cfg(tmp_path / "sae", 1), tiny_lm).neuronpedia_id is None
+    assert load_sae(local_cfg(tmp_path / "sae", 1, neuronpedia_id=np_id), tiny_lm).neuronpedia_id == np_id
+
+    log = pd.DataFrame([{"episode": 0, "prompt_id": "p0", "position": 0, "token_id": 5, "token_text": "A",
+                         "feature": 7, "features": "7", "feature_prob": 0.5, "feature_act": 1.0, "value": 0.1,
+                         "value_scale": 1.0, "reward": 1.0, "correct": 1.0}])
+    points = {0: [{"position": 0, "chosen_feature": 7, "chosen_correct": True, "flipping_alternatives": [9]}]}
+    linked = render_report(log, {}, "t", branch_points=points, neuronpedia=np_id)
+    assert f"href='{feature_url(np_id, 7)}'" in linked and f"href='{feature_url(np_id, 9)}'" in linked
+    assert "href=" not in render_report(log, {}, "t", branch_points=points)
+    effect = FeatureEffect(feature=7, steered_tokens=1, episodes=1, url=feature_url(np_id, 7))
+    assert f"| [7]({feature_url(np_id, 7)}) |" in effects_table([effect])
+    assert "| 7 |" in effects_table([FeatureEffect(feature=7, steered_tokens=1, episodes=1)])

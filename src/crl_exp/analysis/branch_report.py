@@ -58,7 +58,8 @@ def analyse_branches(env, module, task, acfg: DictConfig, tracker, title: str = 
     used = [int(f) for f in log["feature"].value_counts().index if int(f) >= 0] if len(log) else []
     contexts = task_top_contexts(env.lm, env.sae.sae, env.sae.layer, task, used)
     (out / "report.html").write_text(render_report(log, episodes, f"Branch points: {task.name} {title}",
-                                                   branch_points=points, feature_contexts=contexts))
+                                                   branch_points=points, feature_contexts=contexts,
+                                                   neuronpedia=env.sae.neuronpedia_id))
     n_points = sum(len(v) for v in points.values())
     n_controls = sum(r["control"] for r in all_rows)
     tracker.log_metrics({"branch/episodes": len(examples), "branch/points": n_points,

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from crl_exp.saes.neuronpedia import feature_url
 from crl_exp.tasks.schema import LETTERS
 
 STYLE = """
@@ -58,15 +59,17 @@ def episode_context(ex) -> dict[str, Any]:
 
 def render_report(log: pd.DataFrame, episodes: dict[int, dict[str, Any]], title: str,
                   branch_points: dict[int, list[dict[str, Any]]] | None = None, inline_ids: bool = True,
-                  top_features: int = 15, feature_contexts: dict[int, list] | None = None) -> str:
+                  top_features: int = 15, feature_contexts: dict[int, list] | None = None,
+                  neuronpedia: str | None = None) -> str:
     """HTML text; ``episodes[e]`` holds the question (not the few-shot exemplars), its context and options when the
     task has them (``episode_context``), the gold answer, the unsteered completion of the same prompt (optional)
     and correct; ``branch_points[e]`` lists branch dicts; ``feature_contexts[f]``: (activation, text) pairs, each
-    used feature's top activating train contexts."""
+    used feature's top activating train contexts; ``neuronpedia``: the SAE's Neuronpedia id (every feature shown
+    links to its page), None for an SAE without pages."""
     branch_points = branch_points or {}
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
-    parts.append(summary_section(log, top_features, feature_contexts or {}))
+    parts.append(summary_section(log, top_features, feature_contexts or {}, neuronpedia))
     for ep, rows in log.groupby("episode", sort=True):
         info = episodes.get(int(ep), {})
         marks = {b["position"]: b for b in branch_points.get(int(ep), [])}
@@ -94,9 +97,9 @@ def render_report(log: pd.DataFrame, episodes: dict[int, dict[str, Any]], title:
         else:
             parts.append(f"<p>{steered}</p>")
         if marks:
-            items = "".join(f"<li>step {p}: chosen feature {b['chosen_feature']} "
+            items = "".join(f"<li>step {p}: chosen feature {feature_link(b['chosen_feature'], neuronpedia)} "
                             f"({'correct' if b['chosen_correct'] else 'wrong'}); flips with "
-                            f"{html.escape(', '.join(str(a) for a in b['flipping_alternatives']))}</li>"
+                            f"{', '.join(feature_link(a, neuronpedia) for a in b['flipping_alternatives'])}</li>"
                             for p, b in sorted(marks.items()))
             parts.append(f"<p><b>Branch points</b></p><ul class='branches'>{items}</ul>")
         parts.append("</div>")
@@ -104,7 +107,15 @@ def render_report(log: pd.DataFrame, episodes: dict[int, dict[str, Any]], title:
     return "".join(parts)
 
 
-def summary_section(log: pd.DataFrame, top: int, feature_contexts: dict[int, list]) -> str:
+def feature_link(feature, neuronpedia: str | None) -> str:
+    """A feature id, linked to its Neuronpedia page where the SAE has pages."""
+    url = feature_url(neuronpedia, int(feature)) if str(feature).lstrip("-").isdigit() else None
+    text = html.escape(str(feature))
+    return f"<a href='{html.escape(url)}' target='_blank'>{text}</a>" if url else text
+
+
+def summary_section(log: pd.DataFrame, top: int, feature_contexts: dict[int, list],
+                    neuronpedia: str | None = None) -> str:
     if log.empty:
         return "<p>No steered tokens.</p>"
     counts = Counter(log["feature"].tolist())
@@ -113,7 +124,8 @@ def summary_section(log: pd.DataFrame, top: int, feature_contexts: dict[int, lis
         sub = log[log["feature"] == feature]
         contexts = Counter(sub["token_text"].tolist()).most_common(5)
         ctx = ", ".join(f"{html.escape(repr(t))}&times;{c}" for t, c in contexts)
-        rows.append(f"<tr><td><span class='tok' style='background:{feature_colour(feature)}'>{feature}</span></td>"
+        rows.append(f"<tr><td><span class='tok' style='background:{feature_colour(feature)}'>"
+                    f"{feature_link(feature, neuronpedia)}</span></td>"
                     f"<td>{n}</td><td>{n / len(log):.1%}</td><td>{sub['feature_act'].mean():.2f}</td>"
                     f"<td>{sub['correct'].mean():.2f}</td><td>{ctx}</td><td>{top_contexts(feature_contexts, feature)}</td></tr>")
     return ("<h2>Most-used features</h2><table><tr><th>feature</th><th>tokens</th><th>share</th>"

@@ -35,6 +35,7 @@ class FeatureEffect:
     reward_unsteered: float = float("nan")
     fixed: int = 0  # wrong unsteered -> right under CRL
     broke: int = 0  # right unsteered -> wrong under CRL
+    url: str | None = None  # its Neuronpedia page (``saes/neuronpedia.py``), where the SAE has pages
 
 
 def _mean(xs: list[float]) -> float:
@@ -116,7 +117,8 @@ def effects_table(effects: list[FeatureEffect]) -> str:
 
     for e in effects:
         contexts = "<br>".join(f"{v:.1f}: `{clean(c)[-60:]}`" for v, c in e.top_contexts[:3]) or "(silent on 16k tokens)"
-        lines.append(f"| {e.feature} | {e.steered_tokens} | {e.episodes} | {', '.join(repr(t) for t in e.produced)} | "
+        name = f"[{e.feature}]({e.url})" if e.url else str(e.feature)
+        lines.append(f"| {name} | {e.steered_tokens} | {e.episodes} | {', '.join(repr(t) for t in e.produced)} | "
                      f"{contexts} | {e.correct_steered:.3f} vs {e.correct_unsteered:.3f} | {e.fixed} / {e.broke} | "
                      f"{e.reward_steered:.3f} vs {e.reward_unsteered:.3f} |")
     return "\n".join(lines)

@@ -123,7 +123,8 @@ def heldout_comparison(env, module, initial_policy, examples: list, scorer: Scor
     usage = dict(Counter(f for f in greedy.tolist() if f != NO_FEATURE).most_common(50))
     contexts = task_top_contexts(lm, sae.sae, sae.layer, task, list(usage))
     write_interpretability_outputs(tracker, task.name, scored.log_rows, scored.logged_records(), out_dir,
-                                   examples={ex.id: ex for ex in examples}, feature_contexts=contexts)
+                                   examples={ex.id: ex for ex in examples}, feature_contexts=contexts,
+                                   neuronpedia=sae.neuronpedia_id)
     syntactic, per_feature = usage_weighted_syntactic_share(usage, contexts)
     tracker.log_metrics({"features/syntactic_share": syntactic, "features/distinct_heldout": float(len(usage))})
     tracker.log_dict({str(k): v for k, v in per_feature.items()}, "interventions/feature_profiles.json")

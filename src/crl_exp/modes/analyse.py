@@ -29,6 +29,7 @@ from crl_exp.evaluation.config import eval_config
 from crl_exp.evaluation.off_task import format_off_task, score_off_task
 from crl_exp.paths import config_option, default_data_dir
 from crl_exp.saes.corpus import RESID_NORM_SOURCES, benchmark_corpus
+from crl_exp.saes.neuronpedia import feature_url
 from crl_exp.tasks import build_task
 from crl_exp.tracking import RunTracker
 from crl_exp.tracking.artifacts import read_examples
@@ -126,6 +127,7 @@ def top_features(client: MlflowClient, src: DictConfig, cfg: DictConfig, acfg: T
                                    n_tokens=acfg.corpus_tokens)
     for f, e in effects.items():
         e.top_contexts = contexts[f]
+        e.url = feature_url(env.sae.neuronpedia_id, f)
     ordered = [effects[f] for f in features]
     table = (f"Top {len(ordered)} features of run {run_id} ({src.task.name}, layer {src.sae.layer}, "
              f"{len(log)} steered held-out tokens):\n\n" + effects_table(ordered))

@@ -27,6 +27,7 @@ from crl_exp.cache_integrity import commit, read_manifest, staging_dir, verify_m
 from crl_exp.errors import CRLConfigError
 from crl_exp.paths import default_cache_dir, default_data_dir, ensure_writable_dir
 from crl_exp.saes import gemma_scope_2
+from crl_exp.saes.neuronpedia import neuronpedia_id
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class LoadedSAE:
     source: str
     metrics: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    neuronpedia_id: str | None = None  # feature pages (``saes/neuronpedia.py``): catalogue releases, or named by config
 
     @property
     def d_sae(self) -> int:
@@ -125,15 +127,18 @@ def load_sae(cfg: Any, lm=None, data_dir: str | Path | None = None, cache_dir: s
         release, sae_id = (gemma_scope_2.resolve(cfg) if cfg.get("family") == gemma_scope_2.FAMILY
                            else (str(cfg.release), str(cfg.sae_id)))
         sae = SAE.from_pretrained(release, sae_id, device=device)
-        loaded = LoadedSAE(sae, layer, sae.cfg.metadata.hook_name, f"pretrained:{release}/{sae_id}")
+        loaded = LoadedSAE(sae, layer, sae.cfg.metadata.hook_name, f"pretrained:{release}/{sae_id}",
+                           neuronpedia_id=neuronpedia_id(release, sae_id))
     elif source == "local" and cfg.get("format") == "gemma_scope_2":
         preflight_sae(cfg, lm.d_model if lm is not None else None)
         sae = gemma_scope_2.load_folder(cfg.path, layer, device=device)
-        loaded = LoadedSAE(sae, layer, sae.cfg.metadata.hook_name, f"local:{cfg.path}")
+        loaded = LoadedSAE(sae, layer, sae.cfg.metadata.hook_name, f"local:{cfg.path}",
+                           neuronpedia_id=cfg.get("neuronpedia_id"))
     elif source == "local":
         preflight_sae(cfg, lm.d_model if lm is not None else None)
         sae = SAE.load_from_disk(str(Path(cfg.path).expanduser()), device=device)
-        loaded = LoadedSAE(sae, layer, sae.cfg.metadata.hook_name, f"local:{cfg.path}")
+        loaded = LoadedSAE(sae, layer, sae.cfg.metadata.hook_name, f"local:{cfg.path}",
+                           neuronpedia_id=cfg.get("neuronpedia_id"))
     elif source == "trained":
         if lm is None:
             raise ValueError("Training an SAE needs the language model")
