@@ -27,7 +27,9 @@ def static_reward(env, feature: int) -> float:
 
 
 def make_module(env, iterations, masking=None, policy=None, **ppo):
-    ppo_cfg = PPOConfig(**{"lr": 3e-3, "ent_coef": 0.0, "update_epochs": 4, "num_minibatches": 2, **ppo})
+    # the clipped-PPO path (the planted tests below are its checks); ppo.advantage=auto would pick sampled_set here
+    ppo_cfg = PPOConfig(**{"advantage": "gae", "lr": 3e-3, "ent_coef": 0.0, "update_epochs": 4, "num_minibatches": 2,
+                           **ppo})
     module = CRLModule(env.lm.d_model, D_SAE, policy or PolicyConfig(hidden=32), ppo_cfg, masking or MaskingConfig(),
                        iterations, seed=0)
     return module.attach(env)
@@ -194,7 +196,8 @@ def test_train_mode_end_to_end_logs_iterations_baselines_and_deltas(tmp_path, ti
            "budget.static_feature.validation_examples=4", "budget.static_feature.candidates=2",
            "budget.reference_train_examples=6", "budget.static_feature.oracle_candidates=6", "masking.min_unmasked=4", "steering.coefficient_scale=absolute",
            "steering.coefficient=5", "eval.n_bootstrap=50", f"logger.tracking_uri=sqlite:///{db}",
-           f"hydra.run.dir={tmp_path / 'out'}", "trainer.progress_bar=false", f"data_dir={data_dir}", *variant]
+           f"hydra.run.dir={tmp_path / 'out'}", "trainer.progress_bar=false", f"data_dir={data_dir}",
+           "ppo.advantage=group", *variant]  # the PPO path's logging (sampled_set: the known-answer e2e test)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| crl |" in proc.stdout and "| static |" in proc.stdout

@@ -161,3 +161,17 @@ def test_the_critic_cannot_throttle_the_actor_and_starts_near_zero():
         return float(torch.sqrt(sum((q.grad ** 2).sum() for q in p.actor_parameters())))
 
     assert actor_grad_norm(1000.0) == pytest.approx(actor_grad_norm(0.0), rel=1e-5)
+
+
+def test_auto_resolves_to_the_scored_set_on_one_token_tasks_and_gae_on_generating_ones():
+    """The default estimator (issue 45): sampled_set wherever a prompt's set costs one shared-prefix forward (one
+    token, one feature a step); the per-prompt group baseline with top-k steering; GAE for generating tasks."""
+    from crl_exp.crl.ppo import resolve_advantage
+
+    assert resolve_advantage("auto", one_token=True, group_size=16) == "sampled_set"
+    assert resolve_advantage("auto", one_token=True, group_size=1) == "sampled_set"
+    assert resolve_advantage("auto", one_token=True, group_size=4, top_k=2) == "group"
+    assert resolve_advantage("auto", one_token=False, group_size=4) == "gae"
+    assert resolve_advantage("group", one_token=True, group_size=4) == "group"
+    with pytest.raises(ValueError, match="one-token"):
+        resolve_advantage("sampled_set", one_token=False, group_size=4)

@@ -54,7 +54,7 @@ def test_runs_are_named_after_what_they_ran():
         known = compose("config", overrides=["+experiment=known_answer_layer12"])
         dictionary = compose("config", overrides=["+experiment=known_answer_dictionary", "seed=1"])
         gsm8k = compose("config", overrides=["+experiment=gsm8k_layer12"])
-    assert run_name(bbq) == f"train-bbq-gemma3_270m-L12-pool32-independent-{'group' if bbq.budget.group_size > 1 else 'gae'}-s3"
+    assert run_name(bbq) == "train-bbq-gemma3_270m-L12-pool32-independent-sampled_set-s3"
     assert "-pool32-" in run_name(known) and "auto" not in run_name(known)
     assert run_name(dictionary).endswith("-dict-independent-sampled_set-s1")
     assert "-gae-" in run_name(gsm8k) and "auto" not in run_name(gsm8k)

@@ -236,7 +236,7 @@ def run_name(cfg: DictConfig) -> str:
     estimator = None
     if cfg.mode == "train":
         estimator = resolve_advantage(str(cfg.ppo.advantage), int(cfg.task.max_new_tokens) == 1,
-                                      int(cfg.budget.group_size))
+                                      int(cfg.budget.group_size), int(cfg.policy.top_k))
     return descriptive_run_name(cfg, estimator)
 
 

@@ -100,6 +100,7 @@ class EpisodeSource(Protocol):
     """Where an iteration's episodes come from."""
 
     group_size: int  # episodes (sampled_set: distinct actions drawn from the policy) per prompt
+    one_token: bool  # one decision per episode (what ppo.advantage=auto resolves by)
 
     def sample(self, learner: Learner, iteration: int) -> SampledEpisodes: ...
 
@@ -221,7 +222,8 @@ class Learner:
         for group in optimizer.param_groups:
             group["lr"] = annealed_lr(cfg, iteration, self.total_iterations)
         seed = iteration_seed(self.seed, iteration)
-        step = {"all_actions": self._exact_step, "sampled_set": self._set_step}.get(cfg.advantage, self._sampled_step)
+        advantage = resolve_advantage(cfg.advantage, source.one_token, source.group_size, self.top_k)
+        step = {"all_actions": self._exact_step, "sampled_set": self._set_step}.get(advantage, self._sampled_step)
         t0 = time.perf_counter()
         done = step(source, iteration, seed, optimizer, backward)
         episodes, metrics, chosen = done.episodes, done.metrics, done.chosen
@@ -282,7 +284,7 @@ class Learner:
         t1 = time.perf_counter()
         check_finite(iteration, rewards=episodes.rewards)
         group_size = len(episodes.groups) // (int(episodes.groups.max()) + 1)
-        advantage = resolve_advantage(cfg.advantage, episodes.valid.shape[1] == 1, group_size)
+        advantage = resolve_advantage(cfg.advantage, episodes.valid.shape[1] == 1, group_size, self.top_k)
         batch = Batch.from_rollout(episodes.trajectory, episodes.valid, self.scaled_rewards(episodes.rewards),
                                    cfg.gamma, cfg.gae_lambda, advantage=advantage, groups=episodes.groups)
         stats = ppo_update(self.policy, optimizer, cfg, iteration, batch, self.allowed_actions(),
@@ -330,6 +332,7 @@ class RolloutSource:
         self.env, self.batch = env, batch
         self.prompts = list({ex.id: ex for ex in batch}.values())
         self.group_size = len(batch) // len(self.prompts)
+        self.one_token = env.task.max_new_tokens == 1
 
     def sample(self, learner: Learner, iteration: int) -> SampledEpisodes:
         from crl_exp.crl.rollout import PolicyController, policy_rollout
@@ -403,6 +406,7 @@ class TableSource:
         if group_size < 1:
             raise CRLConfigError(f"group_size must be >= 1, got {group_size}")
         self.table, self.prompts, self.group_size, self.screen_scores = table, prompts_per_iteration, group_size, screen
+        self.one_token = True
 
     def prompts_of(self, learner: Learner, iteration: int) -> torch.Tensor:
         return torch.tensor(iteration_prompts(len(self.table.example_ids), self.prompts, learner.seed, iteration))

@@ -51,7 +51,10 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     target_kl: float | None = 0.05
     adam_eps: float = 1e-5
-    # auto: group on one-token tasks with groups of episodes per prompt, else gae | gae: GAE with the critic (the
+    # auto: sampled_set on one-token tasks with policy.top_k=1 (the estimator that found a planted answer among
+    # 4,096 features and most of the real known-answer gap over the dictionary; all_actions is its k = K case),
+    # group (G > 1) or gae with top_k > 1, gae on generating tasks |
+    # gae: GAE with the critic (the
     # paper's per-token PPO; what generating tasks use) | group: each episode's reward minus the mean reward of the
     # episodes of the same prompt (budget.group_size > 1), on every step of the episode | all_actions: one-token
     # tasks with a finite action space: every action's exact reward per prompt (one shared-prefix forward) and the
@@ -86,14 +89,17 @@ def validate_ppo(cfg: PPOConfig) -> None:
         raise CRLConfigError(f"ppo.advantage must be one of {', '.join(ADVANTAGES)}, got {cfg.advantage!r}")
 
 
-def resolve_advantage(advantage: str, one_token: bool, group_size: int) -> str:
-    """The estimator ``ppo.advantage`` means for this task (``auto``: the exact per-prompt baseline where it
-    exists, i.e. one-token tasks with several episodes per prompt; GAE otherwise)."""
+def resolve_advantage(advantage: str, one_token: bool, group_size: int, top_k: int = 1) -> str:
+    """The estimator ``ppo.advantage`` means for this task (``auto``: ``sampled_set`` on one-token tasks with one
+    feature per step, where a prompt's scored set costs one shared-prefix forward; with ``policy.top_k`` > 1 the
+    per-prompt group baseline (or GAE without groups); GAE on generating tasks)."""
     if advantage not in ADVANTAGES:
         raise ValueError(f"ppo.advantage must be one of {', '.join(ADVANTAGES)}, got {advantage!r}")
     if advantage in ("all_actions", "sampled_set") and not one_token:
         raise ValueError(f"ppo.advantage={advantage} needs a one-token task (every action's reward from one forward)")
     if advantage == "auto":
+        if one_token and top_k == 1:
+            return "sampled_set"
         return "group" if one_token and group_size > 1 else "gae"
     return advantage
 

@@ -55,7 +55,8 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     tracker.set_tags({"heldout_part": settings.heldout})
     env = build_env(cfg, task, tracker)
     ppo_cfg, policy_cfg = config_dataclass(PPOConfig, cfg.ppo), config_dataclass(PolicyConfig, cfg.policy)
-    ppo_cfg.advantage = resolve_advantage(ppo_cfg.advantage, task.max_new_tokens == 1, int(budget.group_size))
+    ppo_cfg.advantage = resolve_advantage(ppo_cfg.advantage, task.max_new_tokens == 1, int(budget.group_size),
+                                          policy_cfg.top_k)
     tracker.set_tags({"advantage": ppo_cfg.advantage})
     baselines = measure_baselines(env, budget, policy_cfg.action_pool, seed, tracker)
     module = CRLModule(env.lm.d_model, env.sae.d_sae, policy_cfg, ppo_cfg, masking_config(cfg.masking),
