@@ -34,8 +34,9 @@ LEARNER_PARAMS = ("policy.head", "ppo.advantage", "ppo.screen_top", "budget.grou
                   "budget.episodes_per_iteration")
 
 
-def record_path(seed: int) -> Path:
-    return RESULTS / f"{EXPERIMENT}_s{seed}.json"
+def record_path(seed: int, label: str | None = None) -> Path:
+    """A pass-mark seed's record, or (``label``) one kept apart: the dev seed that chose settings, an earlier round."""
+    return RESULTS / (f"{EXPERIMENT}_{label}_s{seed}.json" if label else f"{EXPERIMENT}_s{seed}.json")
 
 
 def commit() -> str:
@@ -70,7 +71,7 @@ def keep_tail(log: Path, lines: int = 120) -> None:
         log.write_text("\n".join(text[-lines:]) + "\n")
 
 
-def collect(seed: int, command: str, code: str, wall: float) -> dict:
+def collect(seed: int, command: str, code: str | None, wall: float, label: str | None = None) -> dict:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(TRACKING)
@@ -81,6 +82,9 @@ def collect(seed: int, command: str, code: str, wall: float) -> dict:
         raise SystemExit(f"no MLflow run of seed {seed} in {MLFLOW_EXPERIMENT}")
     run = runs[0]
     m = run.data.metrics
+    code = code or run.data.tags.get("git_commit", "unknown")
+    if wall != wall and run.info.end_time:  # recorded afterwards: the run's own start-to-end time
+        wall = (run.info.end_time - run.info.start_time) / 1000
     design = json.loads(Path(client.download_artifacts(run.info.run_id, "task/known_answer_design.json",
                                                        str(RESULTS))).read_text())
     rows = {name: m.get(f"heldout/{name}/reward") for name in ROWS}
@@ -99,7 +103,8 @@ def collect(seed: int, command: str, code: str, wall: float) -> dict:
               "design": {k: design.get(k) for k in ("class_features", "target_text", "margins",
                                                     "linear_decodability_validation", "dictionary")}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    record_path(seed).write_text(json.dumps(record, indent=1))
+    record["label"] = label
+    record_path(seed, label).write_text(json.dumps(record, indent=1))
     return record
 
 
@@ -118,6 +123,7 @@ def report() -> str:
     records = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{EXPERIMENT}_s*.json"))]
     if not records:
         raise SystemExit("no records yet: run `... run --seeds 0 1 2` first")
+    kept = [json.loads(p.read_text()) for p in sorted(RESULTS.glob(f"{EXPERIMENT}_*_s*.json"))]
     lines = ["# Known-answer task over the whole dictionary (issue 45)", "",
              "Command per seed: `python -m crl_exp +experiment=known_answer_dictionary seed=S` "
              "(recorded by `experiments/known_answer_dictionary.py`). Split: the dev part of the test split. "
@@ -128,13 +134,16 @@ def report() -> str:
              "| seed | commit | MLflow run | n | none | static | untrained | CRL | class optimum | gap recovered | "
              "class pick | or as good | model rows | minutes | learner |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
+    def cell(x):
+        return "-" if x is None else f"{x:.3f}"
+
+    for r in records + kept:
+        if r is (kept[0] if kept else None):
+            lines.append("| **kept apart** (label: dev = used to choose settings, round1 = the first settings) "
+                         "| | | | | | | | | | | | | | |")
         h = r["heldout_reward"]
 
-        def cell(x):
-            return "-" if x is None else f"{x:.3f}"
-
-        lines.append(f"| {r['seed']} | `{r['commit'][:12]}` | `{r['mlflow_run_id'][:12]}` | {r['n_heldout']} | "
+        lines.append(f"| {r['seed']}{' (' + r['label'] + ')' if r.get('label') else ''} | `{r['commit'][:12]}` | `{r['mlflow_run_id'][:12]}` | {r['n_heldout']} | "
                      f"{cell(h['none'])} | {cell(h['static'])} | {cell(h['untrained'])} | {cell(h['crl'])} | "
                      f"{cell(h['group_oracle'])} | {cell(r['gap_recovered'] if r['gap_recovered'] is None else 100 * r['gap_recovered'])}% | "
                      f"{cell(r['class_pick_rate'])} | {cell(r.get('as_good_pick_rate'))} | "
@@ -175,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("overrides", nargs="*")
     record = sub.add_parser("record", help="record a finished run of a seed (no rerun)")
     record.add_argument("seed", type=int)
+    record.add_argument("--label", default=None, help="file label, e.g. dev (used for a choice) or round1")
     sub.add_parser("report")
     args = parser.parse_args(argv)
     if args.what == "run":
@@ -187,8 +197,8 @@ def main(argv: list[str] | None = None) -> None:
             rec = run_seed(seed, args.overrides)
             print(f"seed {seed}: gap recovered {rec['gap_recovered']}, class pick {rec['class_pick_rate']}")
         print(report())
-    elif args.what == "record":
-        print(json.dumps(collect(args.seed, "(recorded afterwards)", commit(), float("nan")), indent=1)[:2000])
+    elif args.what == "record":  # a run made outside ``run`` (e.g. the dev seed): its own commit and wall time
+        print(json.dumps(collect(args.seed, "(recorded afterwards)", None, float("nan"), args.label), indent=1)[:2000])
     else:
         print(report())
 
