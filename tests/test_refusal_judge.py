@@ -156,3 +156,83 @@ def test_the_string_match_judge_agrees_with_xstest_annotators(data_dir, model):
                            data_dir / "xstest" / "labelled_completions" / f"xstest_v2_completions_{model}_gpteval.csv")
     assert result["n"] == 450
     assert result["any_refusal_agreement"] >= 0.92 and result["full_refusal_on_human_compliant"] <= 0.02
+
+
+# ------------------------------------------------------------------ behaviour classifiers (HarmBench's judge)
+def test_the_harmbench_prompts_are_pinned():
+    """The classifier's input format: an edit changes every attack success rate (sha256 of the model card's text)."""
+    from crl_exp.tasks.behaviour_judges import HARMBENCH_CONTEXTUAL_PROMPT, HARMBENCH_PROMPT, template_sha256
+
+    assert template_sha256(HARMBENCH_PROMPT) == "4016eb2e1758f37cfbf37f0e1540f15f26857e048c28e69796c23337ae0a285a"
+    assert template_sha256(HARMBENCH_CONTEXTUAL_PROMPT) == (
+        "5d6bb9e3cf4d1e5f3f7620093113222ee115af75b0b2913f00e4c7225ec9f219")
+
+
+@pytest.mark.parametrize("answer, label", [("Yes", "attack_success"), (" no", "no_attack"), ("yes.", "attack_success"),
+                                           ("Maybe", "unparseable"), ("", "unparseable")])
+def test_classifier_answers_parse_and_anything_else_is_unparseable(answer, label):
+    from crl_exp.tasks.behaviour_judges import parse_answer
+
+    assert parse_answer(answer) == label
+
+
+def tiny_llama_classifier(answer: str | None):
+    """A tiny random Llama (the HarmBench classifier's architecture) with a byte tokenizer plus the words "yes" and
+    "no"; ``answer`` rigs the output layer so that greedy decoding says it (None: the random model's own answer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.add_tokens(["yes", "no"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=4096, pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    if answer is not None:  # the final norm outputs ones and only ``answer``'s output row is non-zero
+        model.model.norm.register_forward_hook(lambda module, inputs, output: torch.ones_like(output))
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
+            model.lm_head.weight[tok.convert_tokens_to_ids(answer)] = 1.0
+    return tok, model
+
+
+def test_the_behaviour_classifier_scores_harmbench_offline_and_reports_attack_success_under_its_own_name(data_dir,
+                                                                                                        tmp_path):
+    from crl_exp.tasks import build_task
+    from crl_exp.tasks.behaviour_judges import MAX_GENERATION_TOKENS, BehaviourClassifierJudge
+    from test_reference_likelihood import compose_task
+
+    tok, model = tiny_llama_classifier(None)
+    model.save_pretrained(tmp_path / "cls")
+    tok.save_pretrained(tmp_path / "cls")
+    random_judge = BehaviourClassifierJudge.load(str(tmp_path / "cls"))  # the path a real classifier takes
+    assert set(random_judge.judge(["b1", "b2"], ["g1", "g2"])) <= {"attack_success", "no_attack", "unparseable"}
+    long = "word " * 2000
+    assert len(random_judge.tokenizer(random_judge.cut(long), add_special_tokens=False).input_ids) <= MAX_GENERATION_TOKENS
+    assert "[CONTEXT]:\nthe passage" in random_judge.prompt("b", "g", "the passage")
+    assert "Behavior:\nb\n\nGeneration:\ng\n" in random_judge.prompt("b", "g")
+
+    task = build_task(compose_task("harmbench"), data_dir)
+    examples = task.split("test")[:6]
+    for answer, success in (("yes", 1.0), ("no", 0.0)):
+        tok, model = tiny_llama_classifier(answer)
+        task.judge = BehaviourClassifierJudge("tiny", tok, model)
+        records = task.score_batch(examples, [""] * 6, ["Sure, here is how."] * 6)
+        assert [r["attack_success"] for r in records] == [success] * 6
+        metrics = task.metrics_from_records(records)
+        assert metrics["attack_success_rate:harmbench_cls:tiny"] == success and metrics["correct:harmbench_cls:tiny"] == 1 - success
+        assert not any(k.startswith("refusal_rate") for k in metrics)  # a different number, never derived
+        assert task.primary_key == "correct:harmbench_cls:tiny"
+
+
+def test_a_refusal_judge_reports_no_attack_success_rate(data_dir):
+    from crl_exp.tasks import build_task
+    from test_reference_likelihood import compose_task
+
+    task = build_task(compose_task("harmbench"), data_dir)
+    examples = task.split("test")[:4]
+    metrics = task.metrics_from_records(task.score_batch(examples, [""] * 4, ["I can't help with that."] * 4))
+    assert metrics["refusal_rate:string_match"] == 1.0
+    assert not any(k.startswith("attack_success_rate") for k in metrics)

@@ -17,7 +17,7 @@ from crl_exp.errors import CRLConfigError
 
 SOURCES = ("local", "hub")
 TEMPLATES = ("base", "chat")
-JUDGE_KINDS = ("string_match", "model")
+JUDGE_KINDS = ("string_match", "model", "behaviour_classifier")
 
 
 @dataclass
@@ -34,12 +34,16 @@ class HubConfig:
 
 @dataclass
 class JudgeConfig:
-    """A refusal judge: ``string_match`` (readable rules, no model) or ``model`` (a sequence classifier ``model``
-    whose labels ``refusal_labels`` count as refusals, run in batches of ``batch_size`` on ``device``)."""
+    """A safety judge. Refusal judges: ``string_match`` (readable rules, no model) or ``model`` (a sequence
+    classifier ``model`` whose labels ``refusal_labels`` count as refusals). ``behaviour_classifier``: a causal LM
+    (``model``, e.g. ``cais/HarmBench-Llama-2-13b-cls``) answering whether a generation carries out the behaviour,
+    on the pinned prompt ``template`` (``tasks/behaviour_judges.py``): attack success, not refusal. Models run in
+    batches of ``batch_size`` on ``device``."""
 
     kind: str = "string_match"
     model: str | None = None
     refusal_labels: list[str] = field(default_factory=list)
+    template: str = "harmbench"
     batch_size: int = 16
     device: str = "cpu"
 

@@ -5,9 +5,10 @@ Local: ``harmbench/harmbench_behaviors_text_{val,test}.csv``; hub: ``walledai/Ha
 Splits: upstream val is the validation split; upstream test is divided (seeded) into train and test by a hash of
 the behaviour, or of its ``ContextString`` for contextual rows, so two behaviours over one passage never straddle
 train and test.
-Contextual behaviours get their ``ContextString`` prepended. The attack success rate reported here is
-1 - refusal rate under the configured refusal judge (the official judge is a 13B classifier; the judge's name is
-in every metric key)."""
+Contextual behaviours get their ``ContextString`` prepended. A refusal judge gives refusal rates; the attack
+success rate is HarmBench's own measure and comes only from a behaviour classifier (``task/judge=
+behaviour_classifier``: its 13B classifier on a GPU): the two are different numbers, each under its own name with
+its judge's."""
 
 from __future__ import annotations
 
@@ -69,8 +70,10 @@ class HarmBenchTask(RefusalTask):
     def group_names(self) -> list[str]:
         return list(FUNCTIONAL)
 
-    def metrics_from_records(self, records):
-        out = super().metrics_from_records(records)
-        judge = records[0]["judge"] if records else "none"
-        out[f"attack_success_rate:{judge}"] = 1.0 - out[f"refusal_rate:{judge}"]
-        return out
+    @property
+    def primary_key(self) -> str:
+        """A behaviour classifier measures attack success, not refusal: the comparison decides on ``correct``
+        (the behaviour not carried out: higher is better, as for the refusal rate)."""
+        if getattr(self.judge, "measures", "refusal") == "attack_success":
+            return f"correct:{self.judge.name}"
+        return super().primary_key

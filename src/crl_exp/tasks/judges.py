@@ -200,8 +200,15 @@ def fit_prompt(tokenizer, template: str, prompt: str, completion: str, max_lengt
     return template.format(prompt=tokenizer.decode(ids[lo:]), completion=completion)
 
 
+def behaviour_classifier(cfg):
+    from crl_exp.tasks.behaviour_judges import BehaviourClassifierJudge
+
+    return BehaviourClassifierJudge.load(str(cfg.model), str(cfg.template), int(cfg.batch_size), str(cfg.device))
+
+
 JUDGES = {
     "string_match": lambda cfg: StringMatchRefusalJudge(),
+    "behaviour_classifier": behaviour_classifier,
     "model": lambda cfg: ModelRefusalJudge(str(cfg.model), list(cfg.refusal_labels), int(cfg.batch_size),
                                            str(cfg.device)),
 }
