@@ -30,7 +30,7 @@ from omegaconf import open_dict
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.crl.rollout import PolicyController
 from crl_exp.episodes import render_prompt, rollout_batch, run_episodes
-from crl_exp.generation import prefix_store
+from crl_exp.kv_cache import prefix_store
 from crl_exp.models.hardware import with_machine
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.runtime import load_model_and_sae

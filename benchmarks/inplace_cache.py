@@ -17,7 +17,8 @@ from pathlib import Path
 
 from greedy_head import agreement, steered_setup
 
-import crl_exp.generation as generation
+import crl_exp.kv_cache as kv_cache
+from crl_exp.generation import generate
 from crl_exp.models.hardware import with_machine
 
 
@@ -31,15 +32,15 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     lm, _, steerer, controller, prompts, prefixes = steered_setup(args.feature, args.prompts, args.group)
-    adopt = generation.adopt_inplace_layers
+    adopt = kv_cache.adopt_inplace_layers  # the caches left_padded_cache lays out adopt in-place layers
 
     def decode(inplace: bool):
-        generation.adopt_inplace_layers = adopt if inplace else (lambda cache: None)
+        kv_cache.adopt_inplace_layers = adopt if inplace else (lambda cache: None)
         try:
-            return generation.generate(lm, prompts, args.max_new_tokens, steerer, controller, share_prefix=True,
+            return generate(lm, prompts, args.max_new_tokens, steerer, controller, share_prefix=True,
                                        prefixes=prefixes)
         finally:
-            generation.adopt_inplace_layers = adopt
+            kv_cache.adopt_inplace_layers = adopt
 
     decode(True)  # warm-up: the prefix store, the screened head's bf16 copy
     seconds = {"stock": 0.0, "inplace": 0.0}

@@ -20,7 +20,8 @@ from greedy_head import agreement  # benchmarks/ is the script's folder, so on s
 from hydra import compose, initialize_config_dir
 
 from crl_exp.episodes import prompt_prefix, render_prompt
-from crl_exp.generation import generate, prompt_prefix_cache
+from crl_exp.generation import generate
+from crl_exp.kv_cache import prompt_prefix_cache
 from crl_exp.models.hardware import with_machine
 from crl_exp.paths import CONFIG_DIR
 from crl_exp.runtime import load_model_and_sae

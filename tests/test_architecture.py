@@ -17,7 +17,7 @@ LAYERS = {
     "errors": 0, "structured": 0, "paths": 0, "cache_integrity": 0, "tracking": 0, "stats": 0,
     "tasks": 1,
     "models": 2, "saes": 2, "steering": 2,
-    "generation": 3, "episodes": 3, "runtime": 3, "reward_table": 3, "known_answer_design": 3, "first_order": 3,
+    "generation": 3, "kv_cache": 3, "stopping": 3, "reference_likelihood": 3, "episodes": 3, "runtime": 3, "reward_table": 3, "known_answer_design": 3, "first_order": 3,
     "crl": 4,
     "analysis": 5,
     "evaluation": 6,

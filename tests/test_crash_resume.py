@@ -28,7 +28,8 @@ def train_cmd(tmp_path, tiny_model_dir, data_dir, name: str, *extra: str, run_di
             "budget.eval_sampled_seeds=2", "budget.static_feature.train_examples=4", "budget.static_feature.candidates=2",
             "budget.static_feature.oracle_candidates=4", "masking.min_unmasked=4", "steering.coefficient_scale=absolute",
             "steering.coefficient=5", "eval.n_bootstrap=20", f"logger.tracking_uri=sqlite:///{tmp_path / name}.db",
-            f"hydra.run.dir={tmp_path / (run_dir or name)}", "trainer.progress_bar=false", f"data_dir={data_dir}", *extra]
+            f"hydra.run.dir={tmp_path / (run_dir or name)}", "trainer.progress_bar=false", f"data_dir={data_dir}",
+            "ppo.advantage=group", *extra]  # the resume mechanics as recorded with PPO (auto: sampled_set)
 
 
 def train_metrics(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:

@@ -6,7 +6,8 @@ import torch
 
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.crl.rollout import PolicyController
-from crl_exp.generation import PrefixStore, generate, prefix_key, prefix_store
+from crl_exp.generation import generate
+from crl_exp.kv_cache import PrefixStore, prefix_key, prefix_store
 from crl_exp.steering import ResidualSteerer
 
 from helpers import random_directions
@@ -71,7 +72,7 @@ def test_prefix_key_keeps_only_tokens_the_prompt_shares_and_never_its_last():
 
 def test_memory_estimate_kv_part_equals_a_real_cache(tiny_lm):
     """The pre-load estimate's KV term is exactly the cache a generate holds (prompts inside the window)."""
-    from crl_exp.generation import cache_tensors, tensors_bytes
+    from crl_exp.kv_cache import cache_tensors, tensors_bytes
     from crl_exp.models.memory import rollout_memory, shape_from_hf_config
 
     prompts = ["abcdefgh"] * 3  # 8 tokens + BOS, under the 16-token sliding window
@@ -86,7 +87,7 @@ def test_memory_estimate_kv_part_equals_a_real_cache(tiny_lm):
 
 def test_left_padded_cache_keeps_one_window_per_sliding_layer(tiny_lm):
     """Memory: a sliding-window layer holds window - 1 columns (not the full width) yet counts the full length."""
-    from crl_exp.generation import cache_tensors, left_padded_cache
+    from crl_exp.kv_cache import cache_tensors, left_padded_cache
 
     rows, lengths = [], []
     for text in ("a" * 39, "b" * 29):  # + BOS: 40 and 30 tokens, beyond the 16-token window
@@ -152,7 +153,7 @@ def test_long_generations_through_the_inplace_cache_match_the_stock_cache(tiny_l
 
 def test_prefill_skips_the_output_head_and_keeps_the_same_cache(tiny_lm):
     """A prefill's logits are never read: its cache comes from the model's body alone, equal to the full model's."""
-    from crl_exp.generation import cache_tensors, prefill
+    from crl_exp.kv_cache import cache_tensors, prefill
 
     ids = tiny_lm.tokenizer(["The quick brown fox jumps over"], return_tensors="pt").input_ids
     calls = []

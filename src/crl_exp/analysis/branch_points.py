@@ -27,10 +27,12 @@ import torch
 
 from crl_exp.crl.policy import ActorCritic
 from crl_exp.episodes import render_prompt
-from crl_exp.generation import cache_tensors, generate, left_padded_cache, stop_criteria
+from crl_exp.generation import generate
+from crl_exp.kv_cache import cache_tensors, left_padded_cache
 from crl_exp.models.greedy_head import screened_greedy_head
 from crl_exp.steering.controllers import StaticController
 from crl_exp.steering.hook import NO_FEATURE, ResidualSteerer
+from crl_exp.stopping import stop_criteria
 from crl_exp.tasks import Task
 from crl_exp.tasks.schema import Example
 
@@ -237,6 +239,6 @@ def _state_by_replay(lm, steerer, prompt, chat, policy, coefficient, actions: li
     finally:
         steerer.record_states = False
 def _cut(text: str, stops: list[str]) -> str:
-    from crl_exp.generation import cut_at_stop_strings
+    from crl_exp.stopping import cut_at_stop_strings
 
     return cut_at_stop_strings(text, stops) if stops else text
