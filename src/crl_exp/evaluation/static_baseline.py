@@ -165,14 +165,15 @@ def measure_baselines(env, budget, action_pool: int | None, seed: int, tracker=N
     if fixed_pool is not None and action_pool not in (None, len(fixed_pool)):
         raise CRLConfigError(f"task={task.name} defines its action pool ({len(fixed_pool)} features): leave "
                              f"policy.action_pool unset")
-    n_pool = len(fixed_pool) if fixed_pool is not None else action_pool
-    n_tried = n_pool if one_token and n_pool else int(sf.candidates)  # one-token tasks try the whole pool
+    action_pool_size = len(fixed_pool) if fixed_pool is not None else action_pool
+    # one-token tasks try the whole action pool
+    n_tried = action_pool_size if one_token and action_pool_size else int(sf.candidates)
     validation = task.representative("validation", int(sf.validation_examples if one_token else sf.train_examples))
     selection = select_static_feature(
         env, task.representative("train", int(sf.train_examples)), validation, n_tried, int(budget.eval_batch_size),
-        pool_size=max(n_pool or 0, sf.oracle_candidates), exhaustive=one_token, fixed_pool=fixed_pool,
+        pool_size=max(action_pool_size or 0, sf.oracle_candidates), exhaustive=one_token, fixed_pool=fixed_pool,
         extra=task.static_candidates())
-    pool = selection.ranking[:n_pool] if n_pool else None
+    pool = selection.ranking[:action_pool_size] if action_pool_size else None
     action_space = pool if pool is not None else list(range(sae.d_sae))  # the dictionary when unrestricted
     if selection.table is not None and selection.table.features == list(action_space):
         random_reward = float(selection.table.reward.mean())  # uniform over the pool, exactly, from the table

@@ -68,8 +68,9 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
     if policy_cfg.obs_norm:
         train_states = task.representative("train", int(budget.static_feature.train_examples) * 2)
         module.warm_up_obs_norm(observed_states(env, train_states, int(budget.eval_batch_size)))
-    n_pool = len(baselines.action_pool) if baselines.action_pool is not None else None
-    tracker.set_tags({"action_space": f"action_pool:{n_pool}" if n_pool else f"full:{env.sae.d_sae}"})
+    action_pool_size = len(baselines.action_pool) if baselines.action_pool is not None else None
+    space = f"action_pool:{action_pool_size}" if action_pool_size else f"full:{env.sae.d_sae}"
+    tracker.set_tags({"action_space": space})
     out_dir = output_dir(tracker)
     logger = RunOwnedMLFlowLogger(experiment_name=cfg.logger.experiment_name, tracking_uri=tracker.tracking_uri,
                                   run_id=tracker.run_id, resumed=bool(cfg.trainer.get("ckpt_path")))
@@ -97,7 +98,7 @@ def run(cfg: DictConfig, tracker: RunTracker) -> dict[str, Any]:
                            f"validation episodes): {curve}"],
         notes_at_end=[f"Episodes spent: CRL training {module.episodes_seen}; static selection {baselines.episodes} "
                       f"({len(sel.candidates)} candidates on {len(baselines.validation)} validation prompts"
-                      f"{', exhaustive over the action space' if one_token and n_pool else ''})."],
+                      f"{', exhaustive over the action space' if one_token and action_pool_size else ''})."],
         extra_summary={"episodes": {"crl_training": module.episodes_seen, "static_selecting": baselines.episodes},
                        "train_history": module.history, "config": OmegaConf.to_container(cfg, resolve=True)})
     scorer = choose_scorer(settings, env, module.top_k, baselines.action_pool, setup.batch_size)
