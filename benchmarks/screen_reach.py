@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=12, help="train prompts per class")
     ap.add_argument("--features", type=int, nargs="+", default=DEFAULT_FEATURES)
     args = ap.parse_args()
+    commit = git_commit()  # the code that runs, read before it runs
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["+experiment=known_answer_dictionary"])
     task = build_task(cfg.task, cfg.get("data_dir"))
@@ -58,7 +59,6 @@ def main() -> None:
         rows = torch.tensor([i for i, ex in enumerate(validation) if ex.group == group])
         result[group]["validation_reward"] = {f: float(table.reward[rows, i].mean()) for i, f in enumerate(feats)}
         result[group]["validation_prompts"] = len(rows)
-    commit = git_commit()
     record = with_machine({"command": "python benchmarks/screen_reach.py " + " ".join(sys.argv[1:]), "commit": commit,
                            "features": feats, "classes": result})
     out = Path(__file__).resolve().parent / "results" / f"screen_reach_{commit[:7]}.json"
