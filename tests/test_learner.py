@@ -127,3 +127,22 @@ def test_a_live_screen_and_a_table_screen_give_the_same_scored_sets(tiny_lm):
     assert torch.allclose(rolled.rewards, read.rewards, atol=1e-6)
     for name, value in learners[0].policy.state_dict().items():
         assert torch.allclose(value, learners[1].policy.state_dict()[name], atol=1e-5), name
+
+
+def test_a_screen_that_would_hold_the_whole_action_space_is_skipped(tiny_lm):
+    """With ``ppo.screen_top`` at least the action space (a 32-feature pool under the default 64) every feature is
+    scored without the screen's backward passes; the scored set is the same."""
+    env = class_planted_env(tiny_lm)
+    train = env.task.split("train")
+    table = reward_table(env, train, list(range(D_SAE)), use_cache=False)
+
+    class NoScreenCalls(TableSource):
+        def screen(self, prompts):
+            raise AssertionError("the screen was computed although its top held every feature")
+
+    learner = make_learner(env, "sampled_set", noop=False, screen_top=D_SAE)
+    learner.warm_up_obs_norm(table.states)
+    result = learner.iterate(NoScreenCalls(table, 6, 4, screen=torch.zeros(len(train), D_SAE)), 0,
+                             learner.make_optimizer())
+    assert result.metrics["set_size"] == D_SAE  # every feature scored, nothing left to draw
+    assert sorted(a for a in result.episodes.actions[0].tolist() if a >= 0) == list(range(D_SAE))  # -1: no draw left

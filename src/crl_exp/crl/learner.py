@@ -115,6 +115,8 @@ class EpisodeSource(Protocol):
     def screen(self, prompts: list) -> torch.Tensor | None:
         """[P, d_sae] each feature's predicted reward change (a first-order screen), or None."""
 
+    has_screen: bool  # whether ``screen`` gives scores (then a screen covering the action space is skipped)
+
 
 @dataclass
 class IterationResult:
@@ -305,13 +307,15 @@ class Learner:
         device = next(self.policy.parameters()).device
         logits = self.policy(states.to(device), allowed.to(device))[0].cpu()
         probs = logits.softmax(-1)
-        screen = source.screen(prompts) if self.ppo_cfg.screen_top > 0 else None
+        features = allowed[: self.policy.d_sae]
         screened = torch.zeros(len(states), 0, dtype=torch.long)
         exclude = None
-        if screen is not None:
-            features = allowed[: self.policy.d_sae]
-            m = min(self.ppo_cfg.screen_top, int(features.sum()))
-            screened = screen.masked_fill(~features, float("-inf")).topk(m, dim=-1).indices
+        if self.ppo_cfg.screen_top > 0 and source.has_screen:
+            if self.ppo_cfg.screen_top >= int(features.sum()):  # the screen's top holds every feature: no backward
+                screened = features.nonzero().flatten().expand(len(states), -1)
+            else:
+                screen = source.screen(prompts)
+                screened = screen.masked_fill(~features, float("-inf")).topk(self.ppo_cfg.screen_top, dim=-1).indices
             exclude = torch.zeros(logits.shape, dtype=torch.bool).scatter_(1, screened, True)
         drawn, inclusion = gumbel_top_k(logits, source.group_size, torch.Generator().manual_seed(seed), exclude)
         actions = torch.cat([screened, drawn], 1)
@@ -333,6 +337,7 @@ class RolloutSource:
         self.prompts = list({ex.id: ex for ex in batch}.values())
         self.group_size = len(batch) // len(self.prompts)
         self.one_token = env.task.max_new_tokens == 1
+        self.has_screen = True
 
     def sample(self, learner: Learner, iteration: int) -> SampledEpisodes:
         from crl_exp.crl.rollout import PolicyController, policy_rollout
@@ -407,6 +412,7 @@ class TableSource:
             raise CRLConfigError(f"group_size must be >= 1, got {group_size}")
         self.table, self.prompts, self.group_size, self.screen_scores = table, prompts_per_iteration, group_size, screen
         self.one_token = True
+        self.has_screen = screen is not None
 
     def prompts_of(self, learner: Learner, iteration: int) -> torch.Tensor:
         return torch.tensor(iteration_prompts(len(self.table.example_ids), self.prompts, learner.seed, iteration))
