@@ -30,21 +30,24 @@ CEILING_CHECKPOINTS = (0, 10, 25, 50, 100, 200, 400)  # early stopping: validati
 STATIC_INIT_LOGIT = 2.0  # the static action's starting logit: greedy = static at step 0, gradients not saturated
 
 
+def group_rows(groups: list[str]) -> dict[str, torch.Tensor]:
+    """Each group's row indices, groups in sorted order."""
+    return {g: torch.tensor([i for i, x in enumerate(groups) if x == g]) for g in sorted(set(groups))}
+
+
 def group_oracle(train: RewardTable, train_groups: list[str], heldout: RewardTable,
                  heldout_groups: list[str]) -> dict[str, Any]:
     """Each group's best train feature applied to its held-out prompts (groups unseen in train: the best
     overall train feature)."""
     overall = train.best_column()
     best: dict[str, int] = {}
-    for g in sorted(set(train_groups)):
-        rows = torch.tensor([i for i, x in enumerate(train_groups) if x == g])
+    for g, rows in group_rows(train_groups).items():
         means = train.reward[rows].mean(0)
         best[g] = int((means == means.max()).nonzero()[0])
     columns = torch.tensor([best.get(g, overall) for g in heldout_groups])
     rows = torch.arange(len(heldout_groups))
     paid = heldout.reward[rows, columns]
-    by_group = {g: float(paid[torch.tensor([i for i, x in enumerate(heldout_groups) if x == g])].mean())
-                for g in sorted(set(heldout_groups))}
+    by_group = {g: float(paid[rows].mean()) for g, rows in group_rows(heldout_groups).items()}
     return {"reward": float(paid.mean()), "accuracy": float(heldout.correct[rows, columns].mean()),
             "best_feature": {g: heldout.features[c] for g, c in best.items()}, "reward_by_group": by_group}
 
@@ -52,8 +55,7 @@ def group_oracle(train: RewardTable, train_groups: list[str], heldout: RewardTab
 def group_means(table: RewardTable, groups: list[str]) -> dict[str, dict[int, float]]:
     """Each group's mean reward under each feature of ``table`` (and, as ``NO_FEATURE``, unsteered)."""
     out: dict[str, dict[int, float]] = {}
-    for g in sorted(set(groups)):
-        rows = torch.tensor([i for i, x in enumerate(groups) if x == g])
+    for g, rows in group_rows(groups).items():
         means = table.reward[rows].mean(0).tolist()
         out[g] = {**dict(zip(table.features, means, strict=True)),
                   NO_FEATURE: float(table.unsteered_reward[rows].mean())}
